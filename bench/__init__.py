@@ -1,0 +1,1 @@
+"""procqueue's bench suite (run from the repository root)."""

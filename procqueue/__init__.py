@@ -1,0 +1,58 @@
+"""procqueue: a crash-proof, bounded, prioritised process pool for CPU-heavy batches.
+
+    import procqueue as pq
+
+    with pq.Pool() as pool:
+        for y in pool.map(fn, huge_iterable):
+            ...
+
+See README.md; the wiring of the processes is drawn in `procqueue/_engine.py`.
+"""
+
+from ._errors import (
+    Dropped,
+    InitializerFailed,
+    PoolBroken,
+    PoolClosed,
+    ProcQueueError,
+    QueueFull,
+    SerializationError,
+    TaskFailed,
+    TaskTimeout,
+    WorkerCrashed,
+)
+from ._messages import TaskState
+from ._monitor import Stats, WorkerStats
+from ._pool import Future, Options, Pool
+from ._taskqueue import Result, Task, TaskQueue
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Dropped",
+    "Future",
+    "InitializerFailed",
+    "Options",
+    "Pool",
+    "PoolBroken",
+    "PoolClosed",
+    "ProcQueueError",
+    "QueueFull",
+    "Result",
+    "SerializationError",
+    "Stats",
+    "Task",
+    "TaskFailed",
+    "TaskQueue",
+    "TaskState",
+    "TaskTimeout",
+    "WorkerCrashed",
+    "WorkerStats",
+    "__version__",
+]
+
+for _name in __all__:
+    _obj = globals()[_name]
+    if isinstance(_obj, type):
+        _obj.__module__ = "procqueue"
+del _name, _obj

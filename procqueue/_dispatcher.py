@@ -1,0 +1,308 @@
+"""The parent's dispatcher: the pending heap, retries waiting out their backoff,
+and the cutting of batches for workers.
+
+Pure bookkeeping, no processes: `_pool.py` calls it under the pool's lock and
+sends what it returns. The heap orders *runs* (consecutive tasks of one call
+with one priority), so a `map` of a million items costs one heap entry per
+chunk, not per item.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import cloudpickle
+
+from . import _messages as m
+from ._errors import SerializationError
+from ._results import Later, Sink
+from ._serialization import describe, dumps, name_bad_argument
+
+TARGET_BATCH_NS = 20_000_000  # auto chunksize aims at batches of about 20 ms
+MAX_BATCH = 4096
+EWMA = 0.3  # weight of the newest batch in a handler's per-item estimate
+HANDLER_REGISTRY = 256
+
+
+@dataclass(eq=False)
+class Handler:
+    """One distinct handler object, its wire form and its measured cost per item."""
+
+    fn: Callable[..., Any]
+    id: int
+    blob: bytes | None = None
+    error: SerializationError | None = None
+    est_ns: float | None = None
+
+    def wire(self) -> bytes:
+        """The cloudpickled handler, made once; raises SerializationError if it will not pickle."""
+        if self.blob is None and self.error is None:
+            try:
+                self.blob = cloudpickle.dumps(self.fn)
+            except Exception as exc:
+                self.error = SerializationError(
+                    f"the handler {getattr(self.fn, '__qualname__', repr(self.fn))} ({describe(self.fn)}) "
+                    f"could not be pickled: {type(exc).__name__}: {exc}; pass a module-level function, "
+                    "or a callable whose state pickles",
+                    stage="handler",
+                    what=repr(self.fn),
+                    task_id=None,
+                )
+        if self.error is not None:
+            raise self.error
+        assert self.blob is not None
+        return self.blob
+
+    def measured(self, total_ns: int, count: int) -> None:
+        per = total_ns / count
+        self.est_ns = per if self.est_ns is None else (1 - EWMA) * self.est_ns + EWMA * per
+
+
+class Handlers:
+    """Handler objects by identity, newest kept (strong references, so ids stay unique)."""
+
+    def __init__(self) -> None:
+        self._by_fn: OrderedDict[int, Handler] = OrderedDict()
+        self._ids = itertools.count(1)
+
+    def get(self, fn: Callable[..., Any]) -> Handler:
+        key = id(fn)
+        h = self._by_fn.get(key)
+        if h is not None and h.fn is fn:
+            self._by_fn.move_to_end(key)
+            return h
+        h = Handler(fn, next(self._ids))
+        self._by_fn[key] = h
+        if len(self._by_fn) > HANDLER_REGISTRY:
+            self._by_fn.popitem(last=False)
+        return h
+
+
+@dataclass(eq=False)
+class Run:
+    """Consecutive tasks of one call: same handler, options and priority.
+
+    Item `j` is task `first_id + j` and lands at index `base + j` of `sink`.
+    """
+
+    handler: Handler
+    items: list[Any]
+    call: m.Call
+    sink: Sink
+    first_id: int
+    priority: int = 0
+    seq: int = 0
+    attempt: int = 1
+    retries: int = 0
+    timeout: float | None = None
+    chunksize: int | None = None
+    base: int = 0
+    pos: int = 0  # items before this were dispatched
+    solo: bool = False  # never merge with other runs (its batch once failed to unpickle)
+
+    def key(self) -> tuple[int, int, int, int, float | None]:
+        return (self.handler.id, self.call, self.attempt, self.retries, self.timeout)
+
+    def single(self, j: int, attempt: int, solo: bool = False) -> Run:
+        """Item `j` alone, as a retry or a requeue keeps it: same task id, sink slot and place in line."""
+        return Run(
+            self.handler, [self.items[j]], self.call, self.sink, self.first_id + j, self.priority,
+            self.seq, attempt, self.retries, self.timeout, 1, self.base + j, 0, solo,
+        )  # fmt: skip
+
+
+@dataclass(eq=False)
+class Batch:
+    """What one worker was sent: `segments` of runs, `count` items in all."""
+
+    batch_id: int
+    segments: list[tuple[Run, int, int]]  # (run, first item, how many)
+    count: int
+    slot: int = -1
+    done: int = 0  # items reported so far (workers report in order)
+
+    @property
+    def head(self) -> Run:
+        return self.segments[0][0]
+
+    def locate(self, lo: int, hi: int) -> Iterator[tuple[Run, int, int, int]]:
+        """For batch items `lo..hi-1`: `(run, first item in run, lo', hi')` per segment touched."""
+        offset = 0
+        for run, start, count in self.segments:
+            a, b = max(lo, offset), min(hi, offset + count)
+            if a < b:
+                yield run, start + a - offset, a, b
+            offset += count
+            if offset >= hi:
+                return
+
+    def item(self, index: int) -> tuple[Run, int]:
+        for run, j, _, _ in self.locate(index, index + 1):
+            return run, j
+        raise IndexError(index)
+
+
+@dataclass
+class Dispatcher:
+    """The pending heap (bounded by `capacity`) and the delayed retries."""
+
+    capacity: int
+    heap: list[tuple[int, int, Run]] = field(default_factory=list)
+    delayed: list[tuple[float, int, Run]] = field(default_factory=list)
+    pending: int = 0  # tasks in the heap: the queue depth `capacity` bounds
+    waiting: int = 0  # tasks waiting out a backoff
+    ledger: m.Ledger | None = None  # validate mode
+    seq: Iterator[int] = field(default_factory=itertools.count)
+    batch_ids: Iterator[int] = field(default_factory=lambda: itertools.count(1))
+
+    def room(self) -> int:
+        return self.capacity - self.pending
+
+    def push(self, run: Run, *, fresh: bool = True) -> None:
+        if fresh:
+            run.seq = next(self.seq)
+        heapq.heappush(self.heap, (-run.priority, run.seq, run))
+        self.pending += len(run.items) - run.pos
+
+    def push_delayed(self, run: Run, due: float) -> None:
+        heapq.heappush(self.delayed, (due, next(self.seq), run))
+        self.waiting += 1
+
+    def next_due(self) -> float | None:
+        return self.delayed[0][0] if self.delayed else None
+
+    def promote(self, now: float) -> None:
+        """Retries whose backoff is over rejoin the heap at their priority and place."""
+        delayed = self.delayed
+        while delayed and delayed[0][0] <= now:
+            run = heapq.heappop(delayed)[2]
+            self.waiting -= 1
+            if self.ledger is not None:
+                self.ledger.move(run.first_id, m.TaskState.PENDING)
+            self.push(run, fresh=False)
+
+    def size_for(self, run: Run, workers: int) -> int:
+        if run.chunksize is not None:
+            return run.chunksize
+        est = run.handler.est_ns
+        if est is None:
+            return 1  # measure first: a long task must not be batched blindly
+        size = int(TARGET_BATCH_NS / max(est, 1.0))
+        return max(1, min(size, MAX_BATCH, self.pending // max(workers, 1)))
+
+    def feed_size(self, handler: Handler) -> int:
+        """How many items a map feeds as one run: about one batch."""
+        est = handler.est_ns
+        if est is None:
+            return 1
+        return max(1, min(int(TARGET_BATCH_NS / max(est, 1.0)), MAX_BATCH))
+
+    def take(
+        self, workers: int, limit: int | None, on_cancel: Callable[[Run, int, int], None]
+    ) -> list[tuple[Run, int, int]]:
+        """Cut the next batch off the top of the heap: at most `limit` items.
+
+        Runs whose sink was cancelled are dropped here (`on_cancel`). Runs of
+        the same handler and options merge into one batch, so many `submit`s
+        travel together.
+        """
+        heap = self.heap
+        segments: list[tuple[Run, int, int]] = []
+        want = 0
+        key = None
+        while heap:
+            run = heap[0][2]
+            if not run.sink.claim():
+                heapq.heappop(heap)
+                n = len(run.items) - run.pos
+                self.pending -= n
+                on_cancel(run, run.pos, n)
+                continue
+            if not segments:
+                want = self.size_for(run, workers)
+                if limit is not None:
+                    want = min(want, limit)
+                key = run.key()
+            elif run.solo or segments[0][0].solo or run.key() != key:
+                break
+            n = min(want, len(run.items) - run.pos)
+            segments.append((run, run.pos, n))
+            run.pos += n
+            self.pending -= n
+            want -= n
+            if run.pos == len(run.items):
+                heapq.heappop(heap)
+            if want <= 0:
+                break
+        return segments
+
+    def cancel_all(self, on_cancel: Callable[[Run, int, int], None], later: Later) -> None:
+        """shutdown(cancel_futures=True): cancel every task not yet run."""
+        keep: list[tuple[int, int, Run]] = []
+        for entry in self.heap:
+            run = entry[2]
+            if run.attempt == 1 and run.pos == 0 and run.sink.cancel(later):
+                n = len(run.items)
+                self.pending -= n
+                on_cancel(run, 0, n)
+            else:
+                keep.append(entry)
+        heapq.heapify(keep)
+        self.heap = keep
+
+
+def encode_items(
+    segments: list[tuple[Run, int, int]], reject: Callable[[Run, int, BaseException], None]
+) -> tuple[bytes, list[tuple[Run, int, int]]]:
+    """Pickle a batch's items in one go; on failure find each item that does not
+    pickle, fail it alone (naming the argument) and send the rest."""
+    items: list[Any] = []
+    for run, start, count in segments:
+        items.extend(run.items[start : start + count])
+    try:
+        return dumps(items), segments
+    except Exception:
+        pass
+    kept: list[tuple[Run, int, int]] = []
+    good: list[Any] = []
+    for run, start, count in segments:
+        run_start = None
+        for j in range(start, start + count):
+            item = run.items[j]
+            try:
+                dumps(item)
+            except Exception:
+                args, kwargs = _call_args(run.call, item)
+                what, exc = name_bad_argument(args, kwargs)
+                err = SerializationError(
+                    f"task {run.first_id + j}: {what} could not be pickled"
+                    + (f": {type(exc).__name__}: {exc}" if exc else "")
+                    + "; pass something picklable (or build it inside the handler)",
+                    stage="argument",
+                    what=what,
+                    task_id=run.first_id + j,
+                )
+                reject(run, j, err)
+                if run_start is not None:
+                    kept.append((run, run_start, j - run_start))
+                    run_start = None
+                continue
+            good.append(item)
+            if run_start is None:
+                run_start = j
+        if run_start is not None:
+            kept.append((run, run_start, start + count - run_start))
+    return (dumps(good) if good else b""), kept
+
+
+def _call_args(call: m.Call, item: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    if call is m.Call.ONE:
+        return (item,), {}
+    if call is m.Call.STAR:
+        return tuple(item), {}
+    return tuple(item[0]), dict(item[1])

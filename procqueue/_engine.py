@@ -1,0 +1,848 @@
+"""The engine: wires the parent's dispatcher, the workers and the collector.
+
+::
+
+    parent process                          worker processes (N)         collector process
+    ──────────────                          ────────────────────         ─────────────────
+    submit()/map() ──► Dispatcher heap       loop: recv RunBatch,
+      (priority, arrival), bounded by          run handler per item,     accept worker sockets;
+      `capacity`; backpressure                 write marker per item,    account every attempt:
+                                               send BatchDone ─────────► ok / raised / crashed /
+    manager thread (one selector loop):        (own socket each) ──────► timed out; retry or final;
+      dispatch ── own pipe per worker ──►                                counters in shared memory
+      (≤2 batches in flight per worker,                                        │
+       so priority holds at dispatch)                                          │
+      results ◄──── BatchResult + the worker's value bytes, WorkerGone ◄───────┘
+      sentinels: a dead worker ──► WorkerLost ──► collector drains its socket, charges
+      deadlines: task timeouts (kill), retry backoffs (re-enter the heap)
+      futures and map chunks settled; callbacks run outside the lock
+
+Actors, what they read, write and own:
+
+- user threads: push runs into the heap under the lock (`enqueue`), wait on
+  the condition for room (backpressure "block") or for map chunks.
+- manager thread: owns the selector, the supervisor (`_supervisor.py`), every
+  write to a task pipe, every read of the results pipe, and the settling of
+  sinks (`_results.py`). It sleeps in one `select()` whose timeout is the
+  nearest deadline (a retry's backoff or a task timeout), never a fixed tick.
+- workers (`_worker.py`): each reads only its own pipe and writes only its
+  own socket, so a worker killed mid-write tears nothing another process
+  reads from, and no lock is shared: there is no shared queue to poison
+  (the failure mode of `multiprocessing.Queue`, pebble issue 163).
+- collector (`_collector.py`): the only writer of the counters and the only
+  judge of retry-or-final. Values pass through it as bytes.
+
+Why at most two batches per worker: a batch on a pipe can no longer be
+reordered, so the prefetch is the only place where a newly submitted urgent
+task can be overtaken. Batch sizes aim at ~20 ms of work (auto chunksize), so
+an urgent task waits at most about two batches.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import multiprocessing
+import os
+import secrets
+import selectors
+import socket
+import sys
+import threading
+import time
+import weakref
+from array import array
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import cloudpickle
+
+from . import _collector, _worker
+from . import _messages as m
+from ._dispatcher import Batch, Dispatcher, Handlers, Run, encode_items
+from ._errors import Dropped, InitializerFailed, PoolBroken, PoolClosed, ProcQueueError, QueueFull, describe_exitcode
+from ._messages import TaskState as S
+from ._monitor import Stats, WorkerStats, read_process
+from ._results import Chunk, Later, Stream, crash_error, remote_error
+from ._serialization import loads
+from ._supervisor import Slot, Supervisor
+
+BACKPRESSURE = ("block", "drop", "error")
+POLL_UNSTARTED = 0.05  # a timed task not yet started by its worker: look again this soon
+MEMORY_CHECK = 0.5
+MAX_BARREN_DEATHS = 5  # workers in a row that die before any outcome: the pool is broken
+FAST_TASK_NS = 2_000_000  # below this per-item estimate a worker gets a second batch queued
+
+
+@dataclass
+class Config:
+    """Everything a Pool was built with, validated."""
+
+    workers: int
+    capacity: int
+    backpressure: str
+    max_retries: int
+    backoff: float
+    backoff_max: float
+    task_timeout: float | None
+    max_tasks_per_worker: int | None
+    max_worker_memory: int | None
+    initializer: Callable[..., Any] | None
+    initargs: tuple[Any, ...]
+    start_method: str
+    block_timeout: float | None = None
+
+
+def default_workers() -> int:
+    """CPUs this process may run on (affinity-aware)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def default_start_method() -> str:
+    methods = multiprocessing.get_all_start_methods()
+    return "forkserver" if "forkserver" in methods else "spawn"
+
+
+@dataclass
+class _Lost:
+    """A dead worker whose WorkerGone the collector has not answered yet."""
+
+    slot: Slot
+    batches: list[Batch]
+    running: tuple[int, int] | None
+    exitcode: int | None
+    fault_text: str
+
+
+@dataclass
+class _Counts:
+    submitted: int = 0
+    dropped: int = 0
+    cancelled: int = 0
+    rejected: int = 0  # failed in the parent: handler or argument did not pickle
+    unloadable: int = 0  # the collector counted them completed; the parent could not unpickle the value
+    in_flight: int = 0
+    started: float | None = None
+
+
+_live: weakref.WeakSet[Engine] = weakref.WeakSet()
+
+
+@atexit.register
+def _shutdown_at_exit() -> None:
+    # Runs before multiprocessing's own exit hook (atexit is last-in first-out),
+    # which would otherwise join our workers forever.
+    for engine in list(_live):
+        engine.shutdown(wait=True, cancel=False)
+
+
+class Engine:
+    """The running pool behind `Pool`: processes, manager thread, books."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.ctx = multiprocessing.get_context(cfg.start_method)
+        self.lock = threading.Lock()
+        self.cv = threading.Condition(self.lock)
+        self.dispatcher = Dispatcher(cfg.capacity)
+        self.handlers = Handlers()
+        self._next_id = 1
+        self.batches: dict[int, Batch] = {}
+        self.lost: dict[int, _Lost] = {}
+        self.counts = _Counts()
+        self.ledger = m.Ledger() if os.environ.get("PROCQUEUE_VALIDATE") == "1" else None
+        self.dispatcher.ledger = self.ledger
+        self.closed = False  # no more submits
+        self.broken: ProcQueueError | None = None
+        self.phase = "running"  # -> "stopping" -> "draining" -> "done"
+        self.done = threading.Event()
+        self.books_error: BaseException | None = None  # validate mode: what the ledger caught
+        self._woken = False
+        self._next_memory_check = 0.0
+        self._barren_deaths = 0
+
+        token = secrets.token_bytes(16)
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        address: str | bytes
+        if sys.platform == "linux":  # abstract namespace: nothing left on disk if we are killed
+            address = b"\0procqueue-" + secrets.token_hex(8).encode()
+        else:
+            import tempfile
+
+            self._tmpdir = tempfile.mkdtemp(prefix="procqueue-")
+            address = os.path.join(self._tmpdir, "collector.sock")
+        listener.bind(address)
+        listener.listen(128)
+        control_r, self.control = self.ctx.Pipe(duplex=False)
+        self.results, results_w = self.ctx.Pipe(duplex=False)
+        self._counters: Any = self.ctx.RawArray("q", _collector.SLOTS + cfg.workers)  # type: ignore[attr-defined]
+        self.collector_counts = memoryview(self._counters).cast("B").cast("q")
+        self.collector = self.ctx.Process(  # type: ignore[attr-defined]
+            target=_collector.main,
+            args=(listener, control_r, results_w, token, self._counters, cfg.backoff, cfg.backoff_max),
+            name="procqueue-collector",
+        )
+        self.collector.start()
+        listener.close()
+        control_r.close()
+        results_w.close()
+        os.set_blocking(self.results.fileno(), False)
+        self.reader = m.FrameReader()
+
+        init = cloudpickle.dumps((cfg.initializer, cfg.initargs)) if cfg.initializer is not None else None
+        self.supervisor = Supervisor(self.ctx, cfg.workers, address, token, init)
+        self.sel = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self.sel.register(self.results, selectors.EVENT_READ, "results")
+        self.sel.register(self._wake_r, selectors.EVENT_READ, "wake")
+        self.sel.register(self.collector.sentinel, selectors.EVENT_READ, "collector")
+        for slot in self.supervisor.slots:
+            self._spawn(slot)
+        self.thread = threading.Thread(target=self._main, name="procqueue-manager", daemon=True)
+        self.thread.start()
+        _live.add(self)
+
+    # --- called from user threads ----------------------------------------------------
+
+    def wake(self) -> None:
+        """Make the manager look again (call with the lock held)."""
+        if not self._woken:
+            self._woken = True
+            with contextlib.suppress(BlockingIOError, OSError):
+                os.write(self._wake_w, b"!")
+
+    def reserve_ids(self, n: int) -> int:
+        """The first of `n` consecutive task ids."""
+        with self.lock:
+            first = self._next_id
+            self._next_id += n
+            return first
+
+    def check_open(self) -> None:
+        if self.broken is not None:
+            raise self.broken
+        if self.closed:
+            raise PoolClosed("cannot submit to a pool that was shut down; create a new Pool")
+
+    def enqueue(self, run: Run, mode: str, block_timeout: float | None, later: Later) -> None:
+        """Accept a run into the heap, applying backpressure when it does not fit."""
+        n = len(run.items)
+        with self.cv:
+            self.check_open()
+            if self.dispatcher.room() < n:
+                if mode == "error":
+                    raise QueueFull(
+                        f"the pending queue is full ({self.cfg.capacity} tasks); wait, raise capacity, "
+                        'or use backpressure="block"',
+                        capacity=self.cfg.capacity,
+                    )
+                if mode == "drop":
+                    self._account_new(run, n)
+                    self.counts.dropped += n
+                    self._moves(run, 0, n, S.DROPPED)
+                    err = Dropped(
+                        f"task {run.first_id} was dropped: the pending queue was full ({self.cfg.capacity} tasks)",
+                        task_id=run.first_id,
+                    )
+                    for j in range(n):
+                        run.sink.fail(run.base + j, err, 0, None, later)
+                    self.cv.notify_all()
+                    return
+                deadline = None if block_timeout is None else time.monotonic() + block_timeout
+                while self.dispatcher.room() < n and self.dispatcher.pending > 0:
+                    left = None if deadline is None else deadline - time.monotonic()
+                    if left is not None and left <= 0:
+                        raise QueueFull(
+                            f"the pending queue stayed full ({self.cfg.capacity} tasks) for {block_timeout} s",
+                            capacity=self.cfg.capacity,
+                        )
+                    self.cv.wait(left)
+                    self.check_open()
+            self._account_new(run, n)
+            self._moves(run, 0, n, S.PENDING)
+            self.dispatcher.push(run)
+            self.wake()
+
+    def _account_new(self, run: Run, n: int) -> None:
+        self.counts.submitted += n
+        if self.counts.started is None:
+            self.counts.started = time.monotonic()
+
+    def map_room(self, stream: Stream, window: int) -> int:
+        """How many more items a map may feed now."""
+        with self.lock:
+            return max(0, min(self.dispatcher.room(), window - stream.outstanding))
+
+    def wait_map(
+        self, stream: Stream, head: Chunk | None, ordered: bool, feedable: bool, window: int, deadline: float | None
+    ) -> None:
+        """Sleep until the map has something to yield, or room to feed."""
+        with self.cv:
+            while True:
+                if self.broken is not None:
+                    raise self.broken
+                if ordered and head is not None and head.done:
+                    return
+                if not ordered and stream.finished:
+                    return
+                if feedable and min(self.dispatcher.room(), window - stream.outstanding) > 0:
+                    return
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise TimeoutError("map: the next result was not ready within the timeout")
+                self.cv.wait(left)
+
+    def abandon(self, stream: Stream) -> None:
+        """The consumer of a map went away: cancel what did not start."""
+        with self.lock:
+            stream.cancelled = True
+            self.wake()
+
+    def shutdown(self, wait: bool, cancel: bool) -> None:
+        later: Later = []
+        with self.cv:
+            self.closed = True
+            if cancel:
+                self.dispatcher.cancel_all(self._on_cancel, later)
+            self.cv.notify_all()
+            self.wake()
+        _run_all(later)
+        if wait and threading.current_thread() is not self.thread:
+            self.thread.join()
+            if self.books_error is not None:
+                raise self.books_error
+
+    def terminate(self) -> None:
+        """End now: kill the workers, fail what is outstanding (Ctrl-C, fatal errors)."""
+        self._break(PoolClosed("the pool was terminated before this task finished"))
+        with self.lock:
+            self.wake()
+        if threading.current_thread() is not self.thread:
+            self.thread.join()
+
+    def stats(self) -> Stats:
+        c = self.collector_counts
+        with self.lock:
+            counts = self.counts
+            elapsed = time.monotonic() - counts.started if counts.started is not None else 0.0
+            workers = []
+            for slot in self.supervisor.slots:
+                if slot.process is None:
+                    state = "dead"
+                elif slot.retiring:
+                    state = "retiring"
+                elif slot.batches:
+                    state = "busy"
+                else:
+                    state = "idle"
+                workers.append((slot.pid, c[_collector.SLOTS + slot.index], state, slot.index, slot.recycled))
+            completed = c[_collector.COMPLETED] - counts.unloadable
+            failed = c[_collector.FAILED] + counts.rejected + counts.unloadable
+            ended = completed + failed + counts.dropped + counts.cancelled
+            snap = dict(
+                submitted=counts.submitted,
+                completed=completed,
+                failed=failed,
+                retried=c[_collector.RETRIED],
+                dropped=counts.dropped,
+                cancelled=counts.cancelled,
+                crashed=c[_collector.CRASHED],
+                timed_out=c[_collector.TIMED_OUT],
+                pending=self.dispatcher.pending,
+                retrying=self.dispatcher.waiting,
+                in_flight=counts.in_flight,
+                throughput=ended / elapsed if elapsed > 0 else 0.0,
+                elapsed=elapsed,
+            )
+        stats = []
+        for pid, done, state, index, recycled in workers:
+            cpu, rss = read_process(pid) if pid > 0 else (0.0, 0)
+            stats.append(WorkerStats(pid, cpu, rss, done, state, index, recycled))
+        return Stats(**snap, workers=stats)  # type: ignore[arg-type]
+
+    # --- validate mode ------------------------------------------------------------------
+
+    def _moves(self, run: Run, start: int, count: int, to: S) -> None:
+        if self.ledger is not None:
+            for j in range(start, start + count):
+                self.ledger.move(run.first_id + j, to)
+
+    # --- the manager thread --------------------------------------------------------------
+
+    def _main(self) -> None:
+        try:
+            self._serve()
+        except BaseException as exc:  # a bug in procqueue: fail loudly, leave nothing running
+            self.books_error = exc
+            self._break(PoolBroken(f"procqueue's manager thread failed: {type(exc).__name__}: {exc}"))
+            for slot in self.supervisor.slots:
+                self.supervisor.kill(slot)
+            raise
+        finally:
+            self._close()
+
+    def _serve(self) -> None:
+        sel = self.sel
+        while self.phase != "done":
+            later: Later = []
+            with self.lock:
+                self._woken = False
+                now = time.monotonic()
+                self.dispatcher.promote(now)
+                self._dispatch(later)
+                self._advance_phase()
+            _run_all(later)
+            if self.phase == "done":
+                break
+            for key, _mask in sel.select(self._timeout()):
+                what = key.data
+                if what == "results":
+                    self._on_results()
+                elif what == "wake":
+                    with contextlib.suppress(BlockingIOError):
+                        os.read(self._wake_r, 4096)
+                elif isinstance(what, tuple):
+                    kind, slot = what
+                    if kind == "dead":
+                        self._on_dead(slot)
+                    elif not self.supervisor.flush(slot):
+                        sel.unregister(slot.fd)
+                elif what == "collector":
+                    self._on_collector_died()
+            self._check_deadlines()
+
+    def _timeout(self) -> float | None:
+        due = self.dispatcher.next_due()
+        nxt = None if due is None else max(0.0, due - time.monotonic())
+        for slot in self.supervisor.slots:
+            if slot.batches and slot.kill_reason is None:
+                t = self._deadline_in(slot)
+                if t is not None:
+                    nxt = t if nxt is None else min(nxt, t)
+        if self.cfg.max_worker_memory is not None:
+            t = max(0.0, self._next_memory_check - time.monotonic())
+            nxt = t if nxt is None else min(nxt, t)
+        return nxt
+
+    def _deadline_in(self, slot: Slot) -> float | None:
+        """Seconds until the item this worker runs passes its timeout (0: now)."""
+        timed = [b for b in slot.batches.values() if b.head.timeout is not None]
+        if not timed:
+            return None
+        now = self.supervisor.running(slot)
+        if now is None:
+            return POLL_UNSTARTED
+        batch_id, _, started = now
+        batch = slot.batches.get(batch_id)
+        if batch is None or batch.head.timeout is None:
+            return POLL_UNSTARTED
+        left = started / 1e9 + batch.head.timeout - time.perf_counter()
+        return max(0.0, left)
+
+    def _check_deadlines(self) -> None:
+        for slot in self.supervisor.slots:
+            if slot.batches and slot.kill_reason is None:
+                left = self._deadline_in(slot)
+                if left is not None and left <= 0 and self.supervisor.running(slot) is not None:
+                    self.supervisor.kill(slot, "timeout")
+        limit = self.cfg.max_worker_memory
+        if limit is not None and time.monotonic() >= self._next_memory_check:
+            self._next_memory_check = time.monotonic() + MEMORY_CHECK
+            for slot in self.supervisor.slots:
+                if slot.pid > 0 and not slot.retiring and read_process(slot.pid)[1] > limit:
+                    self._retire(slot)
+
+    def _retire(self, slot: Slot) -> None:
+        """Let the worker finish what it holds, then exit; a fresh one takes its slot."""
+        slot.retiring = True
+        slot.recycled += 1
+        self._send(slot, m.framed(m.encode(m.Stop())))
+
+    def _send(self, slot: Slot, data: bytes) -> None:
+        if self.supervisor.send(slot, data):
+            with contextlib.suppress(KeyError):
+                self.sel.register(slot.fd, selectors.EVENT_WRITE, ("write", slot))
+
+    def _spawn(self, slot: Slot) -> None:
+        self.supervisor.spawn(slot)
+        self.sel.register(slot.sentinel, selectors.EVENT_READ, ("dead", slot))
+
+    # --- dispatch ---------------------------------------------------------------------
+
+    def _dispatch(self, later: Later) -> None:
+        if self.phase != "running" or self.broken is not None:
+            return
+        slots = self.supervisor.slots
+        workers = len(slots)
+        for depth in (1, 2):
+            for slot in slots:
+                if not self.dispatcher.heap:
+                    return
+                if slot.alive and not slot.retiring and len(slot.batches) < depth:
+                    if depth == 2 and not self._wants_second(slot):
+                        continue
+                    self._dispatch_one(slot, workers, later)
+
+    def _wants_second(self, slot: Slot) -> bool:
+        # Long tasks get no queued second batch: an idle worker can take it instead.
+        est = self.dispatcher.heap[0][2].handler.est_ns
+        return est is not None and est < FAST_TASK_NS
+
+    def _dispatch_one(self, slot: Slot, workers: int, later: Later) -> None:
+        limit = None
+        if self.cfg.max_tasks_per_worker is not None:
+            limit = self.cfg.max_tasks_per_worker - slot.tasks_sent
+        while True:
+            segments = self.dispatcher.take(workers, limit, lambda r, s, n: self._on_cancel(r, s, n, later))
+            if not segments:
+                return
+            run = segments[0][0]
+            try:
+                blob = run.handler.wire()
+            except ProcQueueError as exc:
+                for r, s, n in segments:
+                    for j in range(s, s + n):
+                        self._reject(r, j, exc, later)
+                continue
+            payload, segments = encode_items(segments, lambda r, j, e: self._reject(r, j, e, later))
+            if segments:
+                break
+        count = sum(n for _, _, n in segments)
+        batch = Batch(next(self.dispatcher.batch_ids), segments, count, slot.index)
+        for r, s, n in segments:
+            self._moves(r, s, n, S.DISPATCHED)
+        self.batches[batch.batch_id] = batch
+        slot.batches[batch.batch_id] = batch
+        slot.tasks_sent += count
+        self.counts.in_flight += count
+        msg = m.RunBatch(
+            batch.batch_id, count, run.handler.id, None if slot.knows(run.handler.id) else blob,
+            run.call, run.attempt, run.retries, payload,
+        )  # fmt: skip
+        self._send(slot, m.framed(m.encode(msg)))
+        if limit is not None and slot.tasks_sent >= self.cfg.max_tasks_per_worker:  # type: ignore[operator]
+            self._retire(slot)
+
+    def _on_cancel(self, run: Run, start: int, count: int, later: Later | None = None) -> None:
+        self.counts.cancelled += count
+        self._moves(run, start, count, S.CANCELLED)
+
+    def _reject(self, run: Run, j: int, exc: BaseException, later: Later) -> None:
+        """A task that failed before reaching a worker (it would not pickle)."""
+        self.counts.rejected += 1
+        self._moves(run, j, 1, S.FAILED)
+        run.sink.fail(run.base + j, exc, 0, None, later)
+
+    # --- outcomes ---------------------------------------------------------------------
+
+    def _on_results(self) -> None:
+        frames: list[bytes] = []
+        fd = self.results.fileno()
+        while True:
+            try:
+                data = os.read(fd, 1 << 22)
+            except BlockingIOError:
+                break
+            if not data:
+                break  # the collector is gone; its sentinel tells us
+            frames.extend(self.reader.feed(data))
+        later: Later = []
+        for frame in frames:
+            msg, body = m.decode(frame)
+            match msg:
+                case m.BatchResult():
+                    self._on_batch_result(msg, body, later)
+                case m.WorkerGone():
+                    with self.cv:
+                        self._on_worker_gone(msg, later)
+                        self.cv.notify_all()
+                case m.InitFailed():
+                    self._break(
+                        InitializerFailed(
+                            f"the worker initializer raised in worker pid {msg.pid}; no task can run. "
+                            f"Fix the initializer.\n\nRemote traceback:\n{msg.traceback}",
+                            remote_traceback=msg.traceback,
+                        )
+                    )
+                case m.CollectorDone():
+                    with self.lock:
+                        self.phase = "done"
+                case _:
+                    raise TypeError(f"parent got an unknown message {msg!r}")
+        _run_all(later)
+
+    def _on_batch_result(self, msg: m.BatchResult, body: memoryview, later: Later) -> None:
+        try:
+            values: list[Any] = loads(body)
+            unpickle_error: BaseException | None = None
+        except Exception as exc:
+            values, unpickle_error = [None] * msg.count, exc
+        durations = array("q", msg.durations)
+        with self.cv:
+            batch = self.batches.get(msg.batch_id)
+            if batch is None:
+                return
+            head = batch.head
+            head.handler.measured(sum(durations), max(msg.count, 1))
+            slot = self.supervisor.slots[batch.slot]
+            if slot.pid == msg.pid:
+                slot.productive = True
+            self._barren_deaths = 0
+            failed = {e.index: (e, d) for e, d in zip(msg.errors, msg.decisions, strict=True)}
+            lo, hi = msg.start, msg.start + msg.count
+            for run, j, a, b in batch.locate(lo, hi):
+                if not failed and unpickle_error is None:
+                    self._moves(run, j, b - a, S.DONE)
+                    run.sink.ok(run.base + j, values, a - lo, b - lo, (run.attempt, msg.pid, durations, a - lo), later)
+                    continue
+                for k in range(a, b):
+                    jj = j + k - a
+                    if k in failed:
+                        info, decision = failed[k]
+                        self._settle_failure(
+                            run,
+                            jj,
+                            info.fault,
+                            decision,
+                            later,
+                            partial(remote_error, info, run.first_id + jj, run.attempt, msg.pid),
+                            msg.pid,
+                        )
+                    elif unpickle_error is not None:
+                        self.counts.unloadable += 1
+                        self._settle_failure(
+                            run,
+                            jj,
+                            m.Fault.RESULT_PICKLE,
+                            -1.0,
+                            later,
+                            partial(_parent_unpickle_error, unpickle_error, run.first_id + jj),
+                            msg.pid,
+                        )
+                    else:
+                        self._moves(run, jj, 1, S.DONE)
+                        run.sink.ok(
+                            run.base + jj, values, k - lo, k - lo + 1, (run.attempt, msg.pid, durations, k - lo), later
+                        )
+            self.counts.in_flight -= msg.count
+            batch.done = hi
+            if batch.done >= batch.count:
+                self._finish_batch(batch)
+            self.cv.notify_all()
+
+    def _settle_failure(
+        self, run: Run, j: int, fault: int, decision: float | None, later: Later,
+        make_error: Callable[[], BaseException], pid: int | None,
+    ) -> None:  # fmt: skip
+        """One failed attempt of item `j` of `run`, as the collector judged it."""
+        if fault in (m.Fault.CRASHED, m.Fault.TIMED_OUT):
+            self._moves(run, j, 1, S.CRASHED if fault == m.Fault.CRASHED else S.TIMED_OUT)
+        if decision is not None and decision == _collector.REQUEUE:
+            self._moves(run, j, 1, S.PENDING)
+            self.dispatcher.push(run.single(j, run.attempt, solo=True), fresh=False)
+        elif decision is not None and decision >= 0:
+            self._moves(run, j, 1, S.RETRYING)
+            self.dispatcher.push_delayed(run.single(j, run.attempt + 1), time.monotonic() + decision)
+        else:
+            self._moves(run, j, 1, S.FAILED)
+            run.sink.fail(run.base + j, make_error(), run.attempt, pid, later)
+
+    def _finish_batch(self, batch: Batch) -> None:
+        self.batches.pop(batch.batch_id, None)
+        slot = self.supervisor.slots[batch.slot]
+        slot.batches.pop(batch.batch_id, None)
+
+    # --- worker deaths ------------------------------------------------------------------
+
+    def _on_dead(self, slot: Slot) -> None:
+        self.sel.unregister(slot.sentinel)
+        if slot.out:
+            with contextlib.suppress(KeyError, ValueError):
+                self.sel.unregister(slot.fd)
+        with self.lock:
+            running = self.supervisor.running(slot)
+            timed_out = slot.kill_reason == "timeout"
+            batches = list(slot.batches.values())
+            pid, tasks_sent = slot.pid, slot.tasks_sent
+        exitcode, fault_text = self.supervisor.reap(slot)
+        charged: m.Running | None = None
+        at: tuple[int, int] | None = None
+        if running is not None:
+            batch_id, index, _ = running
+            batch = self.batches.get(batch_id)
+            if batch is not None and batch.slot == slot.index:
+                head = batch.head
+                charged = m.Running(batch_id, index, head.attempt, head.retries)
+                at = (batch_id, index)
+        with self.lock:
+            self.lost[pid] = _Lost(slot, batches, at, exitcode, fault_text)
+            slot.batches = {}
+            init_failed = exitcode == _worker.EXIT_INIT_FAILED and tasks_sent == 0
+            # Dying outside any task, before any outcome, is the worker's own fault (imports,
+            # start-up); a task that kills its worker is charged to the task instead.
+            barren = (
+                exitcode != 0 and at is None and not slot.productive and not slot.retiring and slot.kill_reason is None
+            )
+            self._barren_deaths = self._barren_deaths + 1 if barren else 0
+            if (
+                self.phase == "running"
+                and self.broken is None
+                and not init_failed
+                and self._barren_deaths < MAX_BARREN_DEATHS
+            ):
+                self._spawn(slot)
+        if self._barren_deaths >= MAX_BARREN_DEATHS and self.broken is None:
+            self._break(
+                PoolBroken(
+                    f"{self._barren_deaths} workers in a row died before finishing any task "
+                    f"(the last, pid {pid}, with {describe_exitcode(exitcode)}); the pool stopped respawning them. "
+                    f"Check the worker's imports and initializer.{_fault_note(fault_text)}"
+                )
+            )
+        with contextlib.suppress(OSError):
+            self.control.send_bytes(m.encode(m.WorkerLost(slot.index, pid, exitcode, timed_out, charged)))
+
+    def _on_worker_gone(self, msg: m.WorkerGone, later: Later) -> None:
+        lost = self.lost.pop(msg.pid, None)
+        if lost is None:
+            return
+        for batch in lost.batches:
+            if batch.batch_id not in self.batches:
+                continue
+            for k in range(batch.done, batch.count):
+                run, j = batch.item(k)
+                if lost.running == (batch.batch_id, k) and msg.decision is not None:
+                    error = partial(
+                        crash_error,
+                        msg.fault,
+                        run.first_id + j,
+                        run.attempt,
+                        msg.pid,
+                        msg.exitcode,
+                        run.timeout,
+                        lost.fault_text,
+                    )
+                    self._settle_failure(run, j, msg.fault, msg.decision, later, error, msg.pid)
+                else:  # it never ran (or its outcome was lost with the worker): again, uncharged
+                    self._moves(run, j, 1, S.PENDING)
+                    self.dispatcher.push(run.single(j, run.attempt), fresh=False)
+            self.counts.in_flight -= batch.count - batch.done
+            self.batches.pop(batch.batch_id, None)
+
+    def _on_collector_died(self) -> None:
+        self.sel.unregister(self.collector.sentinel)
+        if self.phase != "done":
+            self._break(PoolBroken(f"the collector process died ({self.collector.exitcode}); the pool cannot go on"))
+            with self.lock:
+                self.phase = "done"
+
+    def _break(self, exc: ProcQueueError) -> None:
+        """The pool cannot go on: fail everything outstanding with `exc`."""
+        later: Later = []
+        with self.cv:
+            if self.broken is None:
+                self.broken = exc
+            self.closed = True
+            self._fail_outstanding(self.broken, later)
+            self.cv.notify_all()
+        for slot in self.supervisor.slots:
+            self.supervisor.kill(slot)
+        _run_all(later)
+
+    def _fail_outstanding(self, exc: BaseException, later: Later) -> None:
+        d = self.dispatcher
+        runs = [e[2] for e in d.heap] + [e[2] for e in d.delayed]
+        for run in runs:
+            if not run.sink.claim():
+                self._on_cancel(run, run.pos, len(run.items) - run.pos)
+                continue
+            for j in range(run.pos, len(run.items)):
+                self.counts.rejected += 1
+                if self.ledger is not None:
+                    self.ledger.move(run.first_id + j, S.FAILED)
+                run.sink.fail(run.base + j, exc, run.attempt, None, later)
+        d.heap.clear()
+        d.delayed.clear()
+        d.pending = d.waiting = 0
+        for batch in list(self.batches.values()):
+            for k in range(batch.done, batch.count):
+                run, j = batch.item(k)
+                self.counts.rejected += 1
+                if self.ledger is not None:
+                    self.ledger.move(run.first_id + j, S.FAILED)
+                run.sink.fail(run.base + j, exc, run.attempt, None, later)
+            self.counts.in_flight -= batch.count - batch.done
+        self.batches.clear()
+        for slot in self.supervisor.slots:
+            slot.batches = {}
+        self.lost.clear()
+
+    # --- shutting down ------------------------------------------------------------------
+
+    def _advance_phase(self) -> None:
+        d = self.dispatcher
+        idle = not d.heap and not d.delayed and not self.batches and not self.lost
+        if self.phase == "running" and self.closed and (idle or self.broken is not None):
+            self.phase = "stopping"
+            for slot in self.supervisor.slots:
+                if slot.alive and not slot.retiring:
+                    slot.retiring = True
+                    self._send(slot, m.framed(m.encode(m.Stop())))
+        if self.phase == "stopping" and not any(s.alive for s in self.supervisor.slots) and not self.lost:
+            self.phase = "draining"
+            with contextlib.suppress(OSError):
+                self.control.send_bytes(m.encode(m.Shutdown()))
+
+    def _close(self) -> None:
+        for slot in self.supervisor.slots:
+            if slot.alive:
+                self.supervisor.kill(slot)
+                self.supervisor.reap(slot)
+        self.collector.join(2.0)
+        if self.collector.exitcode is None:
+            self.collector.kill()
+            self.collector.join(2.0)
+        for conn in (self.results, self.control):
+            conn.close()
+        for fd in (self._wake_r, self._wake_w):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.sel.close()
+        if self.ledger is not None and self.broken is None:
+            try:
+                self.ledger.check_books()
+            except m.InvalidTransition as exc:
+                self.books_error = exc
+        with self.cv:
+            self.phase = "done"
+            self.cv.notify_all()
+        self.done.set()
+        _live.discard(self)
+
+
+def _parent_unpickle_error(exc: BaseException, task_id: int) -> BaseException:
+    from ._errors import SerializationError
+
+    return SerializationError(
+        f"task {task_id}: its result could not be unpickled in the parent: {type(exc).__name__}: {exc}; "
+        "make sure the parent can import what the result refers to",
+        stage="result",
+        what=type(exc).__name__,
+        task_id=task_id,
+    )
+
+
+def _fault_note(text: str) -> str:
+    return f"\n\nfaulthandler in the worker wrote:\n{text.strip()}" if text.strip() else ""
+
+
+def _run_all(later: Later) -> None:
+    for fn in later:
+        fn()

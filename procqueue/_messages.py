@@ -1,0 +1,359 @@
+"""Every message that crosses a process boundary, and the life of a task.
+
+The wiring of the processes is drawn in `_pool.py`; this module only says what
+travels on each channel. A frame on any channel is the length prefix that
+`multiprocessing.connection` uses, then a 4-byte header length, the pickled
+header (one of the dataclasses below) and an optional body of raw bytes that
+the collector forwards without unpickling.
+
+    parent  -> worker     RunBatch, Stop                 (one pipe per worker)
+    worker  -> collector  Hello, BatchDone+body, InitFailed, Bye  (one socket per worker)
+    parent  -> collector  WorkerLost, Shutdown           (control pipe)
+    collector -> parent   BatchResult+body, WorkerGone, InitFailed, CollectorDone
+
+A task's states and the legal moves between them (`TRANSITIONS`):
+
+    NEW ─► PENDING ─► DISPATCHED ─► RUNNING ─► DONE
+     │        │  ▲         │           ├─────► FAILED
+     ▼        ▼  │         ▼           ├─────► RETRYING ─► PENDING (after backoff)
+  DROPPED CANCELLED ◄──── (requeued)   ├─────► CRASHED ──► RETRYING | FAILED
+                                       └─────► TIMED_OUT ► RETRYING | FAILED
+
+DONE, FAILED, CANCELLED and DROPPED are final: each accepted task reaches
+exactly one of them. The parent does not see RUNNING as an event (a worker
+only writes a shared marker), so every move out of RUNNING is legal out of
+DISPATCHED too.
+"""
+
+from __future__ import annotations
+
+import enum
+import pickle
+import struct
+from dataclasses import dataclass, field
+from typing import Any
+
+# --- failure kinds a worker reports for one task --------------------------------
+
+
+class Fault(enum.IntEnum):
+    """Why one attempt of a task did not produce a value."""
+
+    RAISED = 1  # the handler raised
+    RESULT_PICKLE = 2  # the value did not pickle in the worker
+    ARGS_UNPICKLE = 3  # the batch's arguments did not unpickle in the worker
+    HANDLER_UNPICKLE = 4  # the handler did not unpickle in the worker
+    CRASHED = 5  # the worker died running it
+    TIMED_OUT = 6  # the task ran past its timeout and the worker was killed
+
+
+RETRYABLE = frozenset({Fault.RAISED, Fault.CRASHED, Fault.TIMED_OUT})
+
+
+class Call(enum.IntEnum):
+    """How a worker calls the handler with one item."""
+
+    ONE = 0  # fn(item)
+    STAR = 1  # fn(*item)
+    FULL = 2  # fn(*item[0], **item[1])
+
+
+# --- parent -> worker -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RunBatch:
+    """Run `payload` (a pickled list of items) with handler `handler_id`.
+
+    `handler` carries the cloudpickled handler the first time this worker sees
+    it. `call` says how an item becomes a call (see `Call`). `attempt` and
+    `retries` are echoed back for the collector.
+    """
+
+    batch_id: int
+    count: int
+    handler_id: int
+    handler: bytes | None
+    call: Call
+    attempt: int
+    retries: int
+    payload: bytes
+
+
+@dataclass(frozen=True)
+class Stop:
+    """Finish what is queued, say Bye and exit."""
+
+
+# --- worker -> collector ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Hello:
+    """First frame on a worker's socket: who is speaking, and the pool's token."""
+
+    slot: int
+    pid: int
+    token: bytes
+
+
+@dataclass(frozen=True)
+class BatchDone:
+    """Outcomes of items `start .. start+count-1` of a batch.
+
+    The body is the pickled list of values (None where an item failed),
+    forwarded to the parent unread. `errors` has one `ErrorInfo` per failed
+    item; `durations` is an `array('q')` of nanoseconds.
+    """
+
+    batch_id: int
+    start: int
+    count: int
+    attempt: int
+    retries: int
+    errors: tuple[ErrorInfo, ...]
+    durations: bytes
+
+
+@dataclass(frozen=True)
+class ErrorInfo:
+    """One failed item: where, why, and the exception as far as it pickles."""
+
+    index: int
+    fault: Fault
+    blob: bytes | None  # the pickled exception, or None if it would not pickle
+    type_name: str
+    message: str
+    traceback: str
+
+
+@dataclass(frozen=True)
+class InitFailed:
+    """The worker initializer raised."""
+
+    slot: int
+    pid: int
+    traceback: str
+
+
+@dataclass(frozen=True)
+class Bye:
+    """The worker is leaving cleanly (Stop, or its task limit)."""
+
+    slot: int
+    pid: int
+
+
+# --- parent -> collector ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Running:
+    """The task a worker was running when it died (read from its marker)."""
+
+    batch_id: int
+    index: int
+    attempt: int
+    retries: int
+
+
+@dataclass(frozen=True)
+class WorkerLost:
+    """A worker process ended; `running` is charged unless its outcome arrived."""
+
+    slot: int
+    pid: int
+    exitcode: int | None
+    timed_out: bool
+    running: Running | None
+
+
+@dataclass(frozen=True)
+class Shutdown:
+    """Every worker has ended: drain, answer CollectorDone and exit."""
+
+
+# --- collector -> parent ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    """A BatchDone after accounting: `decisions[k]` is for `errors[k]`: the
+    backoff delay before a retry, or -1.0 when the failure is final."""
+
+    batch_id: int
+    start: int
+    count: int
+    pid: int
+    errors: tuple[ErrorInfo, ...]
+    decisions: tuple[float, ...]
+    durations: bytes
+
+
+@dataclass(frozen=True)
+class WorkerGone:
+    """Everything the dead worker sent has been forwarded. `decision` is for
+    its running task: a retry delay, -1.0 for final, None if nothing was charged."""
+
+    slot: int
+    pid: int
+    exitcode: int | None
+    fault: int
+    decision: float | None
+
+
+@dataclass(frozen=True)
+class CollectorDone:
+    """The collector has forwarded everything and is exiting."""
+
+
+WorkerMessage = RunBatch | Stop
+CollectorInbound = Hello | BatchDone | InitFailed | Bye | WorkerLost | Shutdown
+ParentInbound = BatchResult | WorkerGone | InitFailed | CollectorDone
+
+# --- framing ------------------------------------------------------------------------
+
+_HDR = struct.Struct("!I")
+_LEN = struct.Struct("!i")
+_LEN64 = struct.Struct("!Q")
+
+
+def encode(header: object, body: bytes | memoryview = b"") -> bytes:
+    """A frame's payload: header length, pickled header, body."""
+    head = pickle.dumps(header, protocol=pickle.HIGHEST_PROTOCOL)
+    return b"".join((_HDR.pack(len(head)), head, body))
+
+
+def framed(payload: bytes) -> bytes:
+    """The payload length-prefixed as `Connection.send_bytes` writes it, for raw writes."""
+    size = len(payload)
+    prefix = _LEN.pack(size) if size < 0x7FFFFFFF else _LEN.pack(-1) + _LEN64.pack(size)
+    return prefix + payload
+
+
+def decode(payload: bytes | memoryview) -> tuple[Any, memoryview]:
+    """Split a frame's payload (without its length prefix) into header and body."""
+    view = memoryview(payload)
+    (hlen,) = _HDR.unpack_from(view)
+    end = _HDR.size + hlen
+    return pickle.loads(view[_HDR.size : end]), view[end:]
+
+
+class FrameReader:
+    """Reassembles frames from bytes read off a non-blocking descriptor.
+
+    A writer killed mid-frame leaves a torn tail here; it is simply never
+    completed, so it cannot block the reader.
+    """
+
+    __slots__ = ("_buf",)
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+
+    def feed(self, data: bytes) -> list[bytes]:
+        buf = self._buf
+        buf += data
+        frames: list[bytes] = []
+        pos = 0
+        end = len(buf)
+        while end - pos >= 4:
+            (size,) = _LEN.unpack_from(buf, pos)
+            start = pos + 4
+            if size == -1:
+                if end - pos < 12:
+                    break
+                (size,) = _LEN64.unpack_from(buf, start)
+                start += 8
+            if end - start < size:
+                break
+            frames.append(bytes(buf[start : start + size]))
+            pos = start + size
+        if pos:
+            del buf[:pos]
+        return frames
+
+    @property
+    def pending(self) -> int:
+        """Bytes of an incomplete frame held back."""
+        return len(self._buf)
+
+
+# --- the task state machine -------------------------------------------------------
+
+
+class TaskState(enum.Enum):
+    """Where one task is in its life (see the table in the module docstring)."""
+
+    NEW = "new"
+    PENDING = "pending"
+    DISPATCHED = "dispatched"
+    RUNNING = "running"
+    RETRYING = "retrying"
+    CRASHED = "crashed"
+    TIMED_OUT = "timed-out"
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    DROPPED = "dropped"
+
+
+S = TaskState
+_AFTER_RUN = frozenset({S.DONE, S.FAILED, S.RETRYING, S.CRASHED, S.TIMED_OUT, S.PENDING})
+TRANSITIONS: dict[TaskState, frozenset[TaskState]] = {
+    S.NEW: frozenset({S.PENDING, S.DROPPED}),
+    # FAILED from PENDING: the handler or an argument did not pickle in the parent.
+    S.PENDING: frozenset({S.DISPATCHED, S.CANCELLED, S.FAILED}),
+    S.DISPATCHED: _AFTER_RUN | {S.RUNNING},
+    S.RUNNING: _AFTER_RUN,
+    S.RETRYING: frozenset({S.PENDING, S.CANCELLED, S.FAILED}),
+    S.CRASHED: frozenset({S.RETRYING, S.FAILED}),
+    S.TIMED_OUT: frozenset({S.RETRYING, S.FAILED}),
+    S.DONE: frozenset(),
+    S.FAILED: frozenset(),
+    S.CANCELLED: frozenset(),
+    S.DROPPED: frozenset(),
+}
+FINAL = frozenset({S.DONE, S.FAILED, S.CANCELLED, S.DROPPED})
+
+
+class InvalidTransition(AssertionError):
+    """A task was moved along an edge the state machine does not have."""
+
+
+@dataclass
+class Ledger:
+    """Validate mode: follows every task through `TRANSITIONS` and checks the books.
+
+    The pool keeps one when `PROCQUEUE_VALIDATE=1`; it costs a dict update per
+    task per move, so it is off by default.
+    """
+
+    live: dict[int, list[TaskState]] = field(default_factory=dict)
+    finals: dict[TaskState, int] = field(default_factory=lambda: dict.fromkeys(FINAL, 0))
+    accepted: int = 0
+
+    def move(self, task_id: int, to: TaskState) -> None:
+        history = self.live.get(task_id)
+        state = history[-1] if history else S.NEW
+        if to not in TRANSITIONS[state]:
+            trail = " -> ".join(s.value for s in [*(history or [S.NEW]), to])
+            raise InvalidTransition(f"task {task_id}: illegal move {trail}")
+        if state is S.NEW:
+            self.accepted += 1
+        if to in FINAL:
+            self.live.pop(task_id, None)
+            self.finals[to] += 1
+        elif history is None:
+            self.live[task_id] = [to]
+        else:
+            history.append(to)
+
+    def check_books(self) -> None:
+        """At rest: every accepted task has exactly one final state."""
+        if self.live:
+            some = dict(list(self.live.items())[:5])
+            raise InvalidTransition(f"{len(self.live)} tasks never ended, e.g. {some}")
+        total = sum(self.finals.values())
+        if total != self.accepted:
+            raise InvalidTransition(f"{self.accepted} accepted but {total} ended")

@@ -1,0 +1,357 @@
+"""`Pool`: the public face of the engine (wiring and diagram: `_engine.py`)."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import itertools
+import time
+import weakref
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from types import TracebackType
+from typing import Any, Literal, TypeVar
+
+from . import _messages as m
+from ._dispatcher import Run
+from ._engine import BACKPRESSURE, Config, Engine, _run_all, default_start_method, default_workers
+from ._monitor import Stats
+from ._results import Chunk, FutureSink, Later, Stream
+from ._results import Future as Future
+
+T = TypeVar("T")
+Chunksize = int | Literal["auto"] | None
+WINDOW = 2  # a map keeps at most WINDOW * capacity tasks fed and not yet consumed
+
+
+class Options:
+    """Per-call options over a pool: `pool.options(priority=9, retries=2, timeout=5.0)`.
+
+    It has `submit`, `map` and `imap_unordered` like the pool, and `options`
+    to refine further. `priority`: larger runs first (default 0); `retries`:
+    the retry budget (default the pool's `max_retries`); `timeout`: seconds
+    before a running task's worker is killed (default the pool's
+    `task_timeout`); `block_timeout`: how long `submit` may wait for room
+    under backpressure "block" before raising `QueueFull`.
+    """
+
+    def __init__(
+        self,
+        pool: Pool,
+        priority: int = 0,
+        retries: int | None = None,
+        timeout: float | None = None,
+        block_timeout: float | None = None,
+    ) -> None:
+        if retries is not None and retries < 0:
+            raise ValueError(f"retries must be >= 0, got {retries}")
+        if timeout is not None and timeout <= 0:
+            raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
+        self._pool = pool
+        self.priority = int(priority)
+        self.retries = pool._cfg.max_retries if retries is None else int(retries)
+        self.timeout = pool._cfg.task_timeout if timeout is None else float(timeout)
+        self.block_timeout = pool._cfg.block_timeout if block_timeout is None else block_timeout
+
+    def options(
+        self,
+        priority: int | None = None,
+        retries: int | None = None,
+        timeout: float | None = None,
+        block_timeout: float | None = None,
+    ) -> Options:
+        """These options with the ones given changed."""
+        return Options(
+            self._pool,
+            self.priority if priority is None else priority,
+            self.retries if retries is None else retries,
+            self.timeout if timeout is None else timeout,
+            self.block_timeout if block_timeout is None else block_timeout,
+        )
+
+    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future:
+        """Schedule `fn(*args, **kwargs)`; returns a `procqueue.Future`."""
+        pool = self._pool
+        engine = pool._engine
+        engine.check_open()
+        with engine.lock:
+            handler = engine.handlers.get(fn)
+        task_id = engine.reserve_ids(1)
+        fut = Future(task_id)
+        item: Any = (args, kwargs) if kwargs else args
+        call = m.Call.FULL if kwargs else m.Call.STAR
+        run = Run(
+            handler, [item], call, FutureSink(fut), task_id, self.priority, retries=self.retries, timeout=self.timeout
+        )
+        later: Later = []
+        engine.enqueue(run, pool._cfg.backpressure, self.block_timeout, later)
+        _run_all(later)
+        return fut
+
+    def map(
+        self,
+        fn: Callable[..., T],
+        *iterables: Iterable[Any],
+        timeout: float | None = None,
+        chunksize: Chunksize = "auto",
+        ordered: bool = True,
+    ) -> Iterator[T]:
+        """Lazy, bounded `map`: results in input order (or as completed with
+        `ordered=False`).
+
+        Up to `capacity` tasks start at once; more are pulled from the input
+        only as results are consumed, so a generator of any length runs in
+        bounded memory. `chunksize="auto"` sizes batches from measured task
+        durations. `timeout` (seconds from this call) raises `TimeoutError`
+        from the iterator if a result is late. If a task failed, its error is
+        raised at its place in the iteration.
+        """
+        if chunksize == "auto" or chunksize is None:
+            size: int | None = None
+        elif isinstance(chunksize, int) and chunksize >= 1:
+            size = chunksize
+        else:
+            raise ValueError(f"chunksize must be an int >= 1 or 'auto', got {chunksize!r}")
+        if not iterables:
+            raise TypeError("map() needs at least one iterable")
+        engine = self._pool._engine
+        engine.check_open()
+        with engine.lock:
+            handler = engine.handlers.get(fn)
+        source: Iterator[Any]
+        if len(iterables) == 1:
+            source, call = iter(iterables[0]), m.Call.ONE
+        else:
+            source, call = zip(*iterables), m.Call.STAR  # noqa: B905 - map() stops at the shortest
+        deadline = None if timeout is None else time.monotonic() + timeout
+        feeder = _Feeder(self, handler, source, call, size, ordered)
+        feeder.feed()  # start now, as Executor.map does, up to the queue's capacity
+        return feeder.results(ordered, deadline)
+
+    def imap_unordered(
+        self, fn: Callable[..., T], iterable: Iterable[Any], chunksize: Chunksize = "auto"
+    ) -> Iterator[T]:
+        """`map(fn, iterable, ordered=False)`: results as they complete."""
+        return self.map(fn, iterable, chunksize=chunksize, ordered=False)
+
+
+class _Feeder:
+    """Pulls a map's input into the heap as room frees, and hands results back."""
+
+    def __init__(
+        self, opts: Options, handler: Any, source: Iterator[Any], call: m.Call, size: int | None, ordered: bool
+    ) -> None:
+        self.opts = opts
+        self.engine: Engine = opts._pool._engine
+        self.handler = handler
+        self.source = source
+        self.call = call
+        self.size = size
+        self.stream = Stream(ordered)
+        self.window: deque[Chunk] = deque()  # chunks in input order (ordered maps)
+        self.fed = 0  # chunks fed
+        self.consumed = 0  # chunks handed to the consumer
+        self.exhausted = False
+        self.error: BaseException | None = None
+        self.limit = WINDOW * opts._pool._cfg.capacity
+        self.ordered = ordered
+
+    def feed(self) -> None:
+        engine, stream = self.engine, self.stream
+        while not self.exhausted:
+            room = engine.map_room(stream, self.limit)
+            if room <= 0:
+                return
+            n = min(room, self.size or engine.dispatcher.feed_size(self.handler))
+            try:
+                items = list(itertools.islice(self.source, n))
+            except Exception as exc:  # the input itself failed: yield what came before, then raise
+                self.error, self.exhausted, items = exc, True, []
+            if len(items) < n:
+                self.exhausted = True
+            if not items:
+                return
+            chunk = Chunk(stream, len(items))
+            run = Run(
+                self.handler, items, self.call, chunk, engine.reserve_ids(len(items)), self.opts.priority,
+                retries=self.opts.retries, timeout=self.opts.timeout, chunksize=self.size,
+            )  # fmt: skip
+            with engine.lock:
+                stream.outstanding += len(items)
+            if self.ordered:
+                self.window.append(chunk)
+            self.fed += 1
+            later: Later = []
+            engine.enqueue(run, "block", None, later)
+            _run_all(later)
+
+    def results(self, ordered: bool, deadline: float | None) -> Iterator[Any]:
+        engine, stream = self.engine, self.stream
+        try:
+            while True:
+                self.feed()
+                chunk = self._next_done(ordered)
+                if chunk is not None:
+                    self.consumed += 1
+                    with engine.lock:
+                        stream.outstanding -= len(chunk.values)
+                    if chunk.errors is None:
+                        yield from chunk.values
+                    else:
+                        for i, value in enumerate(chunk.values):
+                            if i in chunk.errors:
+                                raise chunk.errors[i]
+                            yield value
+                    continue
+                if self.consumed >= self.fed and self.exhausted:
+                    if self.error is not None:
+                        raise self.error
+                    return
+                head = self.window[0] if self.window else None
+                engine.wait_map(stream, head, ordered, not self.exhausted, self.limit, deadline)
+        finally:
+            if not self.exhausted or self.consumed < self.fed:
+                engine.abandon(stream)
+
+    def _next_done(self, ordered: bool) -> Chunk | None:
+        if ordered:
+            window = self.window
+            if window and window[0].done:
+                return window.popleft()
+            return None
+        finished = self.stream.finished
+        return finished.popleft() if finished else None
+
+
+class Pool(concurrent.futures.Executor):
+    """A crash-proof, bounded, prioritised process pool.
+
+    A drop-in for `concurrent.futures.ProcessPoolExecutor`::
+
+        import procqueue as pq
+
+        with pq.Pool() as pool:
+            squares = list(pool.map(square, range(1_000_000)))
+            job = pool.options(priority=9, retries=2).submit(fetch, url)
+
+    A worker that dies (segfault, SIGKILL, `os._exit`) or hangs past
+    `task_timeout` costs its task one attempt, never the pool; failed
+    attempts are retried up to `max_retries` with exponential backoff
+    (`backoff * 2**(k-1)` +-25 %, capped at `backoff_max`). At most `capacity`
+    tasks wait in the queue; when it is full `backpressure` says whether
+    `submit` blocks, drops the task (its future fails with `Dropped`) or
+    raises `QueueFull`. Workers are recycled after `max_tasks_per_worker`
+    tasks or past `max_worker_memory` bytes of RSS. The default start method
+    is forkserver (spawn where there is none), safe with threads.
+    """
+
+    def __init__(
+        self,
+        workers: int | None = None,
+        capacity: int = 1024,
+        backpressure: str = "block",
+        max_retries: int = 0,
+        backoff: float = 0.1,
+        backoff_max: float = 30.0,
+        task_timeout: float | None = None,
+        max_tasks_per_worker: int | None = None,
+        max_worker_memory: int | None = None,
+        initializer: Callable[..., Any] | None = None,
+        initargs: tuple[Any, ...] = (),
+        start_method: str | None = None,
+        *,
+        block_timeout: float | None = None,
+    ) -> None:
+        workers = default_workers() if workers is None else workers
+        if not isinstance(workers, int) or workers < 1:
+            raise ValueError(f"workers must be an int >= 1, got {workers!r}")
+        if capacity < 1:
+            raise ValueError(f"capacity must be >= 1, got {capacity!r}")
+        if backpressure not in BACKPRESSURE:
+            raise ValueError(f"backpressure must be one of 'block', 'drop', 'error'; got {backpressure!r}")
+        if max_retries < 0:
+            raise ValueError(f"max_retries must be >= 0, got {max_retries!r}")
+        if backoff < 0 or backoff_max < 0:
+            raise ValueError("backoff and backoff_max must be >= 0 seconds")
+        if task_timeout is not None and task_timeout <= 0:
+            raise ValueError(f"task_timeout must be > 0 seconds, got {task_timeout!r}")
+        if max_tasks_per_worker is not None and max_tasks_per_worker < 1:
+            raise ValueError(f"max_tasks_per_worker must be >= 1, got {max_tasks_per_worker!r}")
+        if max_worker_memory is not None and max_worker_memory < 1:
+            raise ValueError(f"max_worker_memory must be > 0 bytes, got {max_worker_memory!r}")
+        if initializer is not None and not callable(initializer):
+            raise TypeError("initializer must be callable")
+        method = start_method or default_start_method()
+        import multiprocessing
+
+        if method not in multiprocessing.get_all_start_methods():
+            raise ValueError(
+                f"start_method {method!r} is not available here; use one of {multiprocessing.get_all_start_methods()}"
+            )
+        self._cfg = Config(
+            workers, capacity, backpressure, max_retries, backoff, backoff_max, task_timeout,
+            max_tasks_per_worker, max_worker_memory, initializer, tuple(initargs), method, block_timeout,
+        )  # fmt: skip
+        self._engine = Engine(self._cfg)
+        self._default = Options(self)
+        # A pool dropped without shutdown still ends its processes (no orphans).
+        weakref.finalize(self, self._engine.shutdown, False, False)
+
+    @property
+    def workers(self) -> int:
+        """Number of worker processes."""
+        return self._cfg.workers
+
+    def options(
+        self,
+        priority: int = 0,
+        retries: int | None = None,
+        timeout: float | None = None,
+        block_timeout: float | None = None,
+    ) -> Options:
+        """A view of this pool with per-call options (see `Options`)."""
+        return Options(self, priority, retries, timeout, block_timeout)
+
+    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future:  # type: ignore[override]
+        """Schedule `fn(*args, **kwargs)`; returns a `procqueue.Future` (a
+        `concurrent.futures.Future`). Raises `PoolClosed` after shutdown."""
+        return self._default.submit(fn, *args, **kwargs)
+
+    def map(  # type: ignore[override]
+        self,
+        fn: Callable[..., T],
+        *iterables: Iterable[Any],
+        timeout: float | None = None,
+        chunksize: Chunksize = "auto",
+        ordered: bool = True,
+    ) -> Iterator[T]:
+        """Lazy, bounded, ordered map (see `Options.map`)."""
+        return self._default.map(fn, *iterables, timeout=timeout, chunksize=chunksize, ordered=ordered)
+
+    def imap_unordered(
+        self, fn: Callable[..., T], iterable: Iterable[Any], chunksize: Chunksize = "auto"
+    ) -> Iterator[T]:
+        """Results as they complete."""
+        return self._default.imap_unordered(fn, iterable, chunksize=chunksize)
+
+    def stats(self) -> Stats:
+        """A snapshot of the pool's counters and workers (see `Stats`)."""
+        return self._engine.stats()
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """Stop accepting tasks; with `wait`, return once every accepted task
+        ended and every process exited. `cancel_futures` cancels tasks that
+        have not started."""
+        self._engine.shutdown(wait, cancel_futures)
+
+    def terminate(self) -> None:
+        """Kill the workers now; tasks not finished fail with `PoolClosed`."""
+        self._engine.terminate()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> Literal[False]:
+        if exc_type is not None and not issubclass(exc_type, Exception):
+            self.terminate()  # Ctrl-C or SystemExit: end promptly
+        else:
+            self.shutdown(wait=True, cancel_futures=exc_type is not None)
+        return False

@@ -1,0 +1,84 @@
+"""Pickling for every process boundary: fast by default, cloudpickle when needed,
+and precise about what failed when nothing works."""
+
+from __future__ import annotations
+
+import pickle
+import traceback
+from collections.abc import Sequence
+from typing import Any, cast
+
+import cloudpickle
+
+_MAIN = b"__main__"
+
+
+def dumps(obj: Any) -> bytes:
+    """Plain pickle (fast C path), else cloudpickle.
+
+    Plain pickle refers to things in `__main__` by name, which a spawned worker
+    may not have; a reference to `__main__` in the bytes sends us to cloudpickle,
+    which ships those by value.
+    """
+    try:
+        data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception:
+        return cast(bytes, cloudpickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL))
+    if _MAIN in data:
+        return cast(bytes, cloudpickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL))
+    return data
+
+
+loads = pickle.loads
+
+
+def describe(obj: object) -> str:
+    """`a _thread.lock` style name of an object's type."""
+    kind = type(obj)
+    return f"a {kind.__module__}.{kind.__qualname__}" if kind.__module__ != "builtins" else f"a {kind.__qualname__}"
+
+
+def _fails(obj: Any) -> BaseException | None:
+    try:
+        dumps(obj)
+    except Exception as exc:
+        return exc
+    return None
+
+
+def name_bad_argument(args: Sequence[Any], kwargs: dict[str, Any]) -> tuple[str, BaseException | None]:
+    """Which argument of a call does not pickle: `("argument 2 (a _thread.lock)", exc)`."""
+    for i, arg in enumerate(args):
+        if (exc := _fails(arg)) is not None:
+            return f"argument {i + 1} ({describe(arg)})", exc
+    for key, arg in kwargs.items():
+        if (exc := _fails(arg)) is not None:
+            return f"keyword argument {key!r} ({describe(arg)})", exc
+    return "the arguments", None
+
+
+def dumps_values(values: list[Any]) -> tuple[bytes, list[tuple[int, str]]]:
+    """Pickle a batch of results; a value that will not pickle is replaced by
+    None and reported as `(index, message)`, so the others still travel."""
+    try:
+        return dumps(values), []
+    except Exception:
+        pass
+    bad: list[tuple[int, str]] = []
+    for i, value in enumerate(values):
+        if (exc := _fails(value)) is not None:
+            bad.append((i, f"the result ({describe(value)}) could not be pickled: {type(exc).__name__}: {exc}"))
+            values[i] = None
+    return dumps(values), bad
+
+
+def pack_exception(exc: BaseException) -> tuple[bytes | None, str, str, str]:
+    """`(pickled exception or None, type name, message, traceback text)`."""
+    kind = type(exc)
+    name = kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
+    text = "".join(traceback.format_exception(exc))
+    try:
+        blob: bytes | None = dumps(exc)
+    except Exception:
+        blob = None
+    return blob, name, str(exc), text

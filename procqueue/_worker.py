@@ -1,0 +1,208 @@
+"""The worker process: take a batch, run the handler per item, report outcomes.
+
+Wiring and channels are drawn in `_pool.py`. What a worker owns:
+- reads `RunBatch`/`Stop` from its own task pipe (nobody else reads it);
+- writes outcomes to its own socket to the collector (nobody else writes it),
+  so a worker killed mid-write tears only its own stream;
+- before each item it writes `(tag, start time)` into its slot of a shared
+  array, so the parent knows which item a crash or a timeout belongs to
+  without any message (the acknowledgement costs two stores).
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from array import array
+from collections import OrderedDict
+from collections.abc import Callable
+from multiprocessing import connection, parent_process
+from typing import Any
+
+from . import _messages as m
+from ._serialization import dumps_values, loads, pack_exception
+
+# A batch reports what it has so far at least this often, so a crash late in a
+# long batch re-runs little, and the collector's counters stay fresh.
+FLUSH_NS = 200_000_000
+HANDLER_CACHE = 256  # the parent mirrors this LRU to know what a worker holds
+TAG_BITS = 20  # marker tag = (batch_id << TAG_BITS | index) + 1; 0 means idle
+EXIT_INIT_FAILED = 3
+EXIT_ORPHANED = 4
+
+
+def tag_of(batch_id: int, index: int) -> int:
+    return (batch_id << TAG_BITS | index) + 1
+
+
+def untag(tag: int) -> tuple[int, int]:
+    tag -= 1
+    return tag >> TAG_BITS, tag & ((1 << TAG_BITS) - 1)
+
+
+def _watch_parent() -> None:
+    """Exit when the parent dies, even in the middle of a long task (no orphans)."""
+    parent = parent_process()
+    if parent is None or parent.sentinel is None:
+        return
+    sentinel = parent.sentinel
+
+    def watch() -> None:
+        connection.wait([sentinel])
+        os._exit(EXIT_ORPHANED)
+
+    threading.Thread(target=watch, name="procqueue-parent-watch", daemon=True).start()
+
+
+class _Worker:
+    def __init__(self, slot: int, task_conn: connection.Connection, out: connection.Connection, markers: Any) -> None:
+        self.slot = slot
+        self.pid = os.getpid()
+        self.task_conn = task_conn
+        self.out = out
+        view = memoryview(markers).cast("B").cast("q")
+        self.marks = view
+        self.mark = 2 * slot
+        self.handlers: OrderedDict[int, Callable[..., Any]] = OrderedDict()
+
+    def send(self, header: object, body: bytes = b"") -> None:
+        self.out.send_bytes(m.encode(header, body))
+
+    def serve(self) -> None:
+        recv = self.task_conn.recv_bytes
+        while True:
+            try:
+                payload = recv()
+            except (EOFError, OSError):
+                return  # the parent closed our pipe: nothing more will come
+            msg, _ = m.decode(payload)
+            match msg:
+                case m.RunBatch():
+                    self.run(msg)
+                case m.Stop():
+                    self.send(m.Bye(self.slot, self.pid))
+                    return
+                case _:
+                    raise TypeError(f"worker got an unknown message {msg!r}")
+
+    def handler(self, msg: m.RunBatch) -> Callable[..., Any]:
+        cache = self.handlers
+        if msg.handler is not None:
+            # The parent sends the bytes whenever its mirror of this LRU says
+            # we lack them; a failure here is reported for every item.
+            cache[msg.handler_id] = loads(msg.handler)
+            if len(cache) > HANDLER_CACHE:
+                cache.popitem(last=False)
+        else:
+            cache.move_to_end(msg.handler_id)
+        return cache[msg.handler_id]
+
+    def fail_all(self, msg: m.RunBatch, fault: m.Fault, exc: BaseException) -> None:
+        blob, name, text, tb = pack_exception(exc)
+        errors = tuple(m.ErrorInfo(i, fault, blob, name, text, tb) for i in range(msg.count))
+        durations = array("q", bytes(8 * msg.count)).tobytes()
+        values = [None] * msg.count
+        body, _ = dumps_values(values)
+        self.send(m.BatchDone(msg.batch_id, 0, msg.count, msg.attempt, msg.retries, errors, durations), body)
+
+    def run(self, msg: m.RunBatch) -> None:
+        try:
+            fn = self.handler(msg)
+        except BaseException as exc:
+            self.handlers.pop(msg.handler_id, None)
+            self.fail_all(msg, m.Fault.HANDLER_UNPICKLE, exc)
+            return
+        try:
+            items = loads(msg.payload)
+        except BaseException as exc:
+            self.fail_all(msg, m.Fault.ARGS_UNPICKLE, exc)
+            return
+        marks, mark, call = self.marks, self.mark, msg.call
+        base = tag_of(msg.batch_id, 0)
+        clock = time.perf_counter_ns
+        values: list[Any] = []
+        durations = array("q")
+        errors: list[m.ErrorInfo] = []
+        start = 0
+        t0 = clock()
+        flush_at = t0 + FLUSH_NS
+        for i, item in enumerate(items):
+            marks[mark + 1] = t0
+            marks[mark] = base + i
+            try:
+                if call is m.Call.ONE:
+                    value = fn(item)
+                elif call is m.Call.STAR:
+                    value = fn(*item)
+                else:
+                    value = fn(*item[0], **item[1])
+            except BaseException as exc:
+                value = None
+                blob, name, text, tb = pack_exception(exc)
+                errors.append(m.ErrorInfo(i, m.Fault.RAISED, blob, name, text, tb))
+            marks[mark] = 0
+            t1 = clock()
+            values.append(value)
+            durations.append(t1 - t0)
+            t0 = t1
+            if t1 >= flush_at:
+                self.flush(msg, start, values, durations, errors)
+                start = i + 1
+                values, durations, errors = [], array("q"), []
+                t0 = clock()
+                flush_at = t0 + FLUSH_NS
+        if values or start == 0:
+            self.flush(msg, start, values, durations, errors)
+
+    def flush(
+        self, msg: m.RunBatch, start: int, values: list[Any], durations: array[int], errors: list[m.ErrorInfo]
+    ) -> None:
+        # A crash while pickling (a __reduce__ that segfaults) is charged to the
+        # first unreported item, so it cannot requeue the batch forever.
+        self.marks[self.mark + 1] = time.perf_counter_ns()
+        self.marks[self.mark] = tag_of(msg.batch_id, start)
+        body, bad = dumps_values(values)
+        for i, text in bad:
+            errors.append(m.ErrorInfo(start + i, m.Fault.RESULT_PICKLE, None, "SerializationError", text, ""))
+        header = m.BatchDone(
+            msg.batch_id, start, len(values), msg.attempt, msg.retries, tuple(errors), durations.tobytes()
+        )
+        self.send(header, body)
+        self.marks[self.mark] = 0
+
+
+def main(
+    slot: int,
+    task_conn: connection.Connection,
+    address: str | bytes,
+    token: bytes,
+    markers: Any,
+    fault_conn: connection.Connection,
+    init: bytes | None,
+) -> None:
+    """Entry point of a worker process (the `target` of its `Process`)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C belongs to the parent
+    os.set_blocking(fault_conn.fileno(), False)  # a full pipe must not hang a dying worker
+    faulthandler.enable(file=fault_conn.fileno(), all_threads=True)
+    _watch_parent()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.connect(address)
+    out = connection.Connection(sock.detach())
+    worker = _Worker(slot, task_conn, out, markers)
+    worker.send(m.Hello(slot, worker.pid, token))
+    if init is not None:
+        try:
+            initializer, initargs = loads(init)
+            initializer(*initargs)
+        except BaseException as exc:
+            worker.send(m.InitFailed(slot, worker.pid, pack_exception(exc)[3]))
+            out.close()
+            sys.stdout.flush()
+            os._exit(EXIT_INIT_FAILED)
+    worker.serve()
+    out.close()

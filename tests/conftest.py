@@ -1,0 +1,69 @@
+from __future__ import annotations
+
+import contextlib
+import multiprocessing
+import os
+import time
+from collections.abc import Iterator
+
+import psutil
+import pytest
+
+START_METHODS = [m for m in ("forkserver", "spawn", "fork") if m in multiprocessing.get_all_start_methods()]
+
+
+def _helpers() -> set[int]:
+    """multiprocessing's own long-lived helpers (forkserver, resource tracker) are not ours to end."""
+    keep = set()
+    for child in psutil.Process().children(recursive=True):
+        try:
+            cmd = " ".join(child.cmdline())
+        except psutil.Error:
+            continue
+        if "forkserver" in cmd or "resource_tracker" in cmd:
+            keep.add(child.pid)
+    return keep
+
+
+def leftover_children(timeout: float = 5.0) -> list[psutil.Process]:
+    deadline = time.monotonic() + timeout
+    while True:
+        helpers = _helpers()
+        left = [
+            c
+            for c in psutil.Process().children(recursive=True)
+            if c.pid not in helpers and c.is_running() and c.status() != psutil.STATUS_ZOMBIE
+        ]
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.05)
+
+
+@pytest.fixture(autouse=True)
+def no_leftover_processes() -> Iterator[None]:
+    """Every test ends every process it started (psutil diff of our children)."""
+    yield
+    left = leftover_children()
+    for proc in left:  # end them by pid so one leak does not cascade into other tests
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+    assert not left, f"processes left behind: {[(p.pid, p.name()) for p in left]}"
+
+
+@pytest.fixture(params=START_METHODS)
+def start_method(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture(autouse=True)
+def _validate_books(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Every pool in the tests follows each task through the state machine.
+    monkeypatch.setenv("PROCQUEUE_VALIDATE", "1")
+
+
+def balanced(stats: object) -> bool:
+    s = stats
+    return s.submitted == s.completed + s.failed + s.dropped + s.cancelled  # type: ignore[attr-defined]
+
+
+os.environ.setdefault("PYTHONFAULTHANDLER", "1")

@@ -1,0 +1,133 @@
+"""The crash matrix: every fault, under every start method, costs one attempt and never the pool."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import handlers as h
+import pytest
+from conftest import balanced
+
+import procqueue as pq
+
+# fault -> (call, expected error, message pattern)
+MATRIX: dict[str, tuple[Callable[[pq.Pool], pq.Future], type[BaseException], str]] = {
+    "raise": (lambda p: p.submit(h.boom, 1), h.Boom, "boom 1"),
+    "sys.exit": (lambda p: p.submit(h.exit_call, 3), SystemExit, "3"),
+    "os._exit": (lambda p: p.submit(h.die, 7), pq.WorkerCrashed, r"died with exit code 7 while running task \d+"),
+    "segfault": (lambda p: p.submit(h.segfault), pq.WorkerCrashed, r"SIGSEGV\(-11\)(.|\n)*Segmentation fault"),
+    "hang": (lambda p: p.options(timeout=0.5).submit(h.hang, 60), pq.TaskTimeout, "ran past its timeout of 0.5 s"),
+    "arg does not pickle": (
+        lambda p: p.submit(h.identity, threading.Lock()),
+        pq.SerializationError,
+        r"argument 1 \(a _thread.lock\) could not be pickled",
+    ),
+    "arg does not unpickle in worker": (
+        lambda p: p.submit(h.identity, h.FailsToUnpickle()),
+        pq.SerializationError,
+        "refuses to unpickle here",
+    ),
+    "result does not pickle": (
+        lambda p: p.submit(h.unpicklable_result),
+        pq.SerializationError,
+        r"result \(a _thread.lock\) could not be pickled",
+    ),
+    "result does not unpickle in parent": (
+        lambda p: p.submit(h.make_parent_cannot_load),
+        pq.SerializationError,
+        "could not be unpickled in the parent",
+    ),
+    "exception does not pickle": (lambda p: p.submit(h.raise_unpicklable), pq.TaskFailed, "could not be sent back"),
+}
+
+
+@pytest.mark.parametrize("fault", list(MATRIX))
+def test_crash_matrix(fault: str, start_method: str) -> None:
+    call, expected, pattern = MATRIX[fault]
+    pool = pq.Pool(workers=2, start_method=start_method)
+    try:
+        bystanders = [pool.submit(h.sleep_then, i, 0.01) for i in range(6)]
+        fut = call(pool)
+        with pytest.raises(expected, match=pattern):
+            fut.result(timeout=60)
+        assert [b.result(timeout=60) for b in bystanders] == list(range(6))
+        assert list(pool.map(h.square, range(50))) == [x * x for x in range(50)]
+    finally:
+        pool.shutdown(wait=True)
+    s = pool.stats()
+    assert balanced(s) and s.failed == 1 and s.completed == 56
+
+
+def test_crash_details(start_method: str) -> None:
+    with pq.Pool(workers=1, start_method=start_method) as pool:
+        fut = pool.submit(h.segfault)
+        err = fut.exception(timeout=60)
+        assert isinstance(err, pq.WorkerCrashed)
+        assert err.signal == signal.SIGSEGV and err.exitcode == -11 and err.attempts == 1
+        assert "Fatal Python error: Segmentation fault" in err.fault_traceback
+        assert "in segfault" in err.fault_traceback  # faulthandler names the frame
+        assert pool.submit(h.square, 5).result(timeout=60) == 25
+        s = pool.stats()
+        assert s.crashed == 1
+
+
+@pytest.mark.parametrize("retries", [0, 1])
+def test_sigkill_from_outside(tmp_path: Any, retries: int) -> None:
+    path = str(tmp_path / "pid")
+    with pq.Pool(workers=2, max_retries=retries) as pool:
+        others = [pool.submit(h.sleep_then, i, 0.05) for i in range(20)]
+        fut = pool.submit(h.pid_then_sleep, path, 2.0)
+        victim = h.wait_for_pid(path)
+        os.remove(path)
+        os.kill(victim, signal.SIGKILL)
+        if retries:
+            assert fut.result(timeout=60) != victim and fut.attempts == 2
+        else:
+            with pytest.raises(pq.WorkerCrashed, match=r"SIGKILL\(-9\)") as info:
+                fut.result(timeout=60)
+            assert info.value.signal == signal.SIGKILL and info.value.pid == victim
+        assert [f.result(timeout=60) for f in others] == list(range(20))
+        assert len({w.pid for w in pool.stats().workers} - {victim}) == 2  # replaced
+    s = pool.stats()
+    assert balanced(s) and s.crashed == 1 and s.retried == retries
+
+
+def test_timeout_then_retry_succeeds_on_a_fresh_worker(tmp_path: Any) -> None:
+    path = str(tmp_path / "attempts")
+    with pq.Pool(workers=1, task_timeout=0.5, max_retries=2, backoff=0.01) as pool:
+        # first attempt hangs (flaky raises only after the file has content, so use hang)
+        fut = pool.options(timeout=0.5, retries=1).submit(h.hang, 5)
+        with pytest.raises(pq.TaskTimeout) as info:
+            fut.result(timeout=60)
+        assert info.value.attempts == 2
+        assert pool.submit(h.flaky, path, 1).result(timeout=60) == 2
+    s = pool.stats()
+    assert s.timed_out == 2 and balanced(s)
+
+
+def test_raising_initializer_breaks_the_pool_clearly(start_method: str) -> None:
+    pool = pq.Pool(workers=2, initializer=h.bad_init, start_method=start_method)
+    fut = pool.submit(h.square, 2)
+    with pytest.raises(pq.InitializerFailed, match="initializer is broken"):
+        fut.result(timeout=60)
+    with pytest.raises(pq.InitializerFailed):
+        pool.submit(h.square, 3)
+    pool.shutdown(wait=True)
+    assert balanced(pool.stats())
+
+
+def test_one_bad_argument_in_a_merged_batch_fails_alone() -> None:
+    with pq.Pool(workers=1) as pool:
+        blocker = pool.submit(h.sleep_then, None, 0.3)
+        futs = [pool.submit(h.identity, i) for i in range(5)]
+        bad = pool.submit(h.identity, h.FailsToUnpickle())
+        futs += [pool.submit(h.identity, i) for i in range(5, 10)]
+        blocker.result(timeout=60)
+        assert [f.result(timeout=60) for f in futs] == list(range(10))
+        with pytest.raises(pq.SerializationError, match="refuses to unpickle"):
+            bad.result(timeout=60)
+    assert balanced(pool.stats())

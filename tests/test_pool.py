@@ -1,0 +1,243 @@
+"""Pool behaviour with real processes: results, errors, priorities, backpressure, shutdown."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import os
+import time
+import traceback
+
+import handlers as h
+import pytest
+from conftest import balanced
+
+import procqueue as pq
+
+
+@pytest.fixture
+def pool() -> pq.Pool:
+    p = pq.Pool(workers=2)
+    yield p
+    p.shutdown(wait=True)
+    assert balanced(p.stats())
+
+
+def test_submit_map_and_unordered(pool: pq.Pool) -> None:
+    fut = pool.submit(h.add, 2, b=3)
+    assert isinstance(fut, cf.Future)
+    assert fut.result(timeout=30) == 5
+    assert fut.attempts == 1 and fut.worker_pid in {w.pid for w in pool.stats().workers}
+    assert list(pool.map(h.square, range(2000))) == [x * x for x in range(2000)]
+    assert list(pool.map(h.add, range(10), range(10, 20))) == [a + b for a, b in zip(range(10), range(10, 20))]
+    assert sorted(pool.imap_unordered(h.square, range(500))) == sorted(x * x for x in range(500))
+    assert list(pool.map(h.square, [], chunksize=3)) == []
+    s = pool.stats()
+    assert s.submitted == 1 + 2000 + 10 + 500 and s.completed == s.submitted and s.failed == 0
+
+
+def test_lambdas_and_closures_travel(pool: pq.Pool) -> None:
+    k = 3
+    assert pool.submit(lambda x: x * k, 5).result(timeout=30) == 15
+    assert list(pool.map(lambda x: x + k, range(5))) == [3, 4, 5, 6, 7]
+
+
+def test_handler_exception_keeps_its_type_with_remote_traceback(pool: pq.Pool) -> None:
+    fut = pool.submit(h.boom, 1)
+    with pytest.raises(h.Boom, match="boom 1") as info:
+        fut.result(timeout=30)
+    cause = info.value.__cause__
+    assert isinstance(cause, pq.TaskFailed)
+    assert cause.attempts == 1 and cause.exception is info.value
+    assert "in boom" in cause.remote_traceback
+    printed = "".join(traceback.format_exception(info.value))
+    assert "Remote traceback" in printed and 'raise Boom(f"boom {x}")' in printed
+
+
+def test_map_raises_at_the_failed_item_and_others_complete(pool: pq.Pool) -> None:
+    out = []
+    with pytest.raises(h.Boom, match="bad item 5"):
+        for y in pool.map(h.fail_if, range(10), [frozenset({5})] * 10):
+            out.append(y)
+    assert out == [0, 1, 2, 3, 4]
+
+
+def test_exceptions_that_do_not_pickle_or_unpickle(pool: pq.Pool) -> None:
+    with pytest.raises(pq.TaskFailed, match=r"Unpicklable: cannot cross.*could not be sent back"):
+        pool.submit(h.raise_unpicklable).result(timeout=30)
+    with pytest.raises(pq.TaskFailed, match="NeedsTwoArgs: first") as info:
+        pool.submit(h.raise_needs_two).result(timeout=30)
+    assert info.value.exception is None and "raise_needs_two" in info.value.remote_traceback
+    assert pool.submit(h.square, 4).result(timeout=30) == 16
+
+
+def test_unpicklable_argument_is_named_and_loses_nothing_else(pool: pq.Pool) -> None:
+    import threading
+
+    good = [pool.submit(h.identity, i) for i in range(20)]
+    bad = pool.submit(h.add, 1, b=threading.Lock())
+    with pytest.raises(
+        pq.SerializationError, match=r"keyword argument 'b' \(a _thread.lock\) could not be pickled"
+    ) as info:
+        bad.result(timeout=30)
+    assert info.value.stage == "argument"
+    assert [f.result(timeout=30) for f in good] == list(range(20))
+
+
+def test_unpicklable_result_and_handler(pool: pq.Pool) -> None:
+    import threading
+
+    with pytest.raises(pq.SerializationError, match=r"the result \(a _thread.lock\) could not be pickled") as info:
+        pool.submit(h.unpicklable_result).result(timeout=30)
+    assert info.value.stage == "result"
+    lock = threading.Lock()
+    with pytest.raises(pq.SerializationError, match=r"handler .* could not be pickled") as info:
+        pool.submit(lambda: lock).result(timeout=30)
+    assert info.value.stage == "handler"
+    assert pool.submit(h.square, 3).result(timeout=30) == 9
+
+
+def test_priority_holds_at_dispatch() -> None:
+    with pq.Pool(workers=1, capacity=5000) as pool:
+        blocker = pool.submit(h.sleep_then, "blocker", 0.5)
+        time.sleep(0.2)  # the worker is busy: everything below waits in the heap
+        low = [pool.submit(h.stamp, i) for i in range(2000)]
+        high = pool.options(priority=9).submit(h.stamp, "high")
+        mid = pool.options(priority=5).submit(h.stamp, "mid")
+        blocker.result(timeout=30)
+        t_high, t_mid = high.result(timeout=30)[1], mid.result(timeout=30)[1]
+        t_low = [f.result(timeout=30)[1] for f in low]
+        assert t_high <= t_mid <= min(t_low)
+        assert t_low == sorted(t_low)  # equal priority: submission order
+
+
+def test_retries_with_backoff_spacing(tmp_path: object) -> None:
+    path = os.path.join(str(tmp_path), "attempts")
+    with pq.Pool(workers=1, max_retries=3, backoff=0.2) as pool:
+        t0 = time.monotonic()
+        fut = pool.submit(h.flaky, path, 3)
+        assert fut.result(timeout=30) == 4
+        elapsed = time.monotonic() - t0
+        assert fut.attempts == 4
+        # 0.2 + 0.4 + 0.8 nominal, +-25 % each
+        assert 1.4 * 0.75 <= elapsed <= 1.4 * 1.25 + 1.0
+        s = pool.stats()
+        assert s.retried == 3 and s.completed == 1 and s.failed == 0
+
+
+def test_retry_budget_spent_reports_attempts(pool: pq.Pool) -> None:
+    fut = pool.options(retries=2).submit(h.boom, "x")
+    with pytest.raises(h.Boom) as info:
+        fut.result(timeout=30)
+    assert info.value.__cause__.attempts == 3 and fut.attempts == 3  # type: ignore[union-attr]
+    s = pool.stats()
+    assert s.retried == 2 and s.failed == 1
+
+
+def test_backpressure_error_and_drop() -> None:
+    with pq.Pool(workers=1, capacity=3, backpressure="error") as pool:
+        busy = pool.submit(h.sleep_then, 0, 0.5)
+        time.sleep(0.2)
+        queued = [pool.submit(h.identity, i) for i in range(3)]
+        with pytest.raises(pq.QueueFull, match="full"):
+            pool.submit(h.identity, 99)
+        assert [f.result(timeout=30) for f in queued] == [0, 1, 2]
+        busy.result(timeout=30)
+        s = pool.stats()
+        assert s.submitted == 4 and balanced(s)
+    with pq.Pool(workers=1, capacity=3, backpressure="drop") as pool:
+        busy = pool.submit(h.sleep_then, 0, 0.5)
+        time.sleep(0.2)
+        futs = [pool.submit(h.identity, i) for i in range(6)]
+        done = [f for f in futs if f.exception(timeout=30) is None]
+        dropped = [f for f in futs if isinstance(f.exception(timeout=30), pq.Dropped)]
+        assert len(done) == 3 and len(dropped) == 3
+        busy.result(timeout=30)
+        s = pool.stats()
+        assert s.dropped == 3 and s.submitted == 7 and balanced(s)
+
+
+def test_backpressure_block_waits_then_times_out() -> None:
+    with pq.Pool(workers=1, capacity=2, block_timeout=0.3) as pool:
+        busy = pool.submit(h.sleep_then, 0, 1.5)
+        time.sleep(0.2)
+        pool.submit(h.identity, 1)
+        pool.submit(h.identity, 2)
+        t0 = time.monotonic()
+        with pytest.raises(pq.QueueFull, match="stayed full"):
+            pool.submit(h.identity, 3)
+        assert time.monotonic() - t0 >= 0.25
+        assert pool.options(block_timeout=10).submit(h.identity, 4).result(timeout=30) == 4
+        busy.result(timeout=30)
+
+
+def test_cancel_while_pending_and_shutdown_cancel_futures() -> None:
+    pool = pq.Pool(workers=1)
+    busy = pool.submit(h.sleep_then, 0, 0.5)
+    time.sleep(0.2)
+    waiting = [pool.submit(h.identity, i) for i in range(50)]
+    assert waiting[10].cancel()
+    pool.shutdown(wait=True, cancel_futures=True)
+    assert busy.result() == 0
+    assert all(f.cancelled() or f.done() for f in waiting)
+    s = pool.stats()
+    assert s.cancelled >= 1 and balanced(s)
+    with pytest.raises(pq.PoolClosed, match="shut down"):
+        pool.submit(h.square, 1)
+    with pytest.raises(RuntimeError):
+        pool.submit(h.square, 1)
+
+
+def test_bad_arguments_are_rejected_clearly() -> None:
+    with pytest.raises(ValueError, match="'sideways'"):
+        pq.Pool(backpressure="sideways")
+    with pytest.raises(ValueError, match="workers"):
+        pq.Pool(workers=0)
+    with pq.Pool(workers=1) as pool, pytest.raises(ValueError, match="chunksize"):
+        pool.map(h.square, range(3), chunksize=0)
+
+
+def test_map_timeout() -> None:
+    with pq.Pool(workers=1) as pool:
+        it = pool.map(h.sleep_then, [1], [2.0], timeout=0.3)
+        with pytest.raises(TimeoutError):
+            next(it)
+
+
+def test_default_workers_follow_affinity() -> None:
+    with pq.Pool() as pool:
+        assert pool.workers == len(os.sched_getaffinity(0))
+        assert pool._cfg.start_method != "fork"
+
+
+def test_initializer_runs_in_each_worker() -> None:
+    with pq.Pool(workers=2, initializer=h.set_global, initargs=(42,)) as pool:
+        assert set(pool.map(h.read_global, range(50))) == {42}
+
+
+def test_taskqueue_results_and_drain() -> None:
+    with pq.TaskQueue(h.fail_if, workers=2, max_retries=1) as q:
+        for i in range(20):
+            q.submit(pq.Task(f"t{i}", i, priority=i % 3))
+        results = q.drain()
+    assert [r.task_id for r in results] == [f"t{i}" for i in range(20)]
+    assert all(r.ok and r.value == i and r.attempts == 1 and r.worker_pid for i, r in enumerate(results))
+    assert all(r.duration_ms is not None and r.duration_ms >= 0 for r in results)
+
+    q = pq.TaskQueue(h.boom, workers=1, max_retries=1)
+    q.submit(pq.Task("a", 1))
+    q.submit(pq.Task("b", 2, retries=0))
+    got = {r.task_id: r for r in q.results()}
+    q.close()
+    assert isinstance(got["a"].error, h.Boom) and got["a"].attempts == 2 and got["a"].value is None
+    assert got["b"].attempts == 1
+
+
+def test_stats_snapshot_and_json(pool: pq.Pool) -> None:
+    import json
+
+    list(pool.map(h.square, range(100)))
+    s = pool.stats()
+    assert s.completed == 100 and s.pending == 0 and s.in_flight == 0 and s.throughput > 0
+    assert len(s.workers) == 2 and all(w.rss > 0 and w.state == "idle" for w in s.workers)
+    assert sum(w.tasks_done for w in s.workers) == 100
+    assert json.loads(s.to_json())["completed"] == 100

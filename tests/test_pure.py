@@ -1,0 +1,142 @@
+"""Fast tests of the pure parts: framing, messages, state machine, retry arithmetic, heap."""
+
+from __future__ import annotations
+
+import pickle
+import random
+import statistics
+
+import pytest
+
+import procqueue as pq
+from procqueue import _messages as m
+from procqueue._dispatcher import Dispatcher, Handlers, Run
+from procqueue._results import Chunk, Stream
+from procqueue._retry import backoff_delay, should_retry
+
+
+def test_public_names_are_pinned() -> None:
+    assert sorted(pq.__all__) == sorted(
+        [
+            "Dropped", "Future", "InitializerFailed", "Options", "Pool", "PoolBroken", "PoolClosed",
+            "ProcQueueError", "QueueFull", "Result", "SerializationError", "Stats", "Task", "TaskFailed",
+            "TaskQueue", "TaskState", "TaskTimeout", "WorkerCrashed", "WorkerStats", "__version__",
+        ]
+    )  # fmt: skip
+    assert pq.TaskFailed.__module__ == "procqueue"
+
+
+def test_errors_pickle_with_their_fields() -> None:
+    err = pq.WorkerCrashed("died", task_id=3, attempts=2, pid=10, exitcode=-11, signal=11, fault_traceback="tb")
+    back = pickle.loads(pickle.dumps(err))
+    assert type(back) is pq.WorkerCrashed
+    assert (back.task_id, back.exitcode, back.signal, str(back)) == (3, -11, 11, "died")
+    assert isinstance(pq.PoolClosed("x"), RuntimeError)
+    assert isinstance(pq.TaskTimeout("x"), TimeoutError)
+    assert all(issubclass(e, pq.ProcQueueError) for e in (pq.QueueFull, pq.Dropped, pq.SerializationError))
+
+
+@pytest.mark.parametrize(
+    "msg",
+    [
+        m.RunBatch(1, 2, 3, b"h", m.Call.ONE, 1, 0, b"p"),
+        m.BatchDone(1, 0, 2, 1, 0, (m.ErrorInfo(1, m.Fault.RAISED, None, "ValueError", "x", "tb"),), b""),
+        m.WorkerLost(0, 123, -9, False, m.Running(1, 2, 1, 0)),
+        m.WorkerGone(0, 123, -9, m.Fault.CRASHED, 0.5),
+        m.Stop(),
+    ],
+)
+def test_messages_round_trip_through_frames(msg: object) -> None:
+    reader = m.FrameReader()
+    wire = m.framed(m.encode(msg, b"body"))
+    frames = reader.feed(wire[:5]) + reader.feed(wire[5:])
+    assert len(frames) == 1
+    header, body = m.decode(frames[0])
+    assert header == msg
+    assert bytes(body) == b"body"
+
+
+def test_torn_frame_is_held_back_not_misread() -> None:
+    reader = m.FrameReader()
+    good = m.framed(m.encode(m.Stop()))
+    torn = m.framed(m.encode(m.Bye(1, 2)))[:-3]
+    frames = reader.feed(good + torn)
+    assert len(frames) == 1
+    assert reader.pending == len(torn)
+
+
+def test_state_machine_accepts_a_full_life_and_rejects_skips() -> None:
+    S = m.TaskState
+    ledger = m.Ledger()
+    for to in (S.PENDING, S.DISPATCHED, S.CRASHED, S.RETRYING, S.PENDING, S.DISPATCHED, S.DONE):
+        ledger.move(1, to)
+    ledger.move(2, S.DROPPED)
+    ledger.check_books()
+    with pytest.raises(m.InvalidTransition, match="new -> done"):
+        ledger.move(3, S.DONE)
+    ledger.move(4, S.PENDING)
+    with pytest.raises(m.InvalidTransition, match="never ended"):
+        ledger.check_books()
+    assert all(S.DONE not in TRANS for state, TRANS in m.TRANSITIONS.items() if state in m.FINAL)
+
+
+def test_backoff_doubles_with_bounded_jitter_and_cap() -> None:
+    rng = random.Random(1)
+    for k, nominal in [(1, 0.1), (2, 0.2), (3, 0.4), (4, 0.8)]:
+        samples = [backoff_delay(k, 0.1, 30.0, rng) for _ in range(2000)]
+        assert min(samples) >= nominal * 0.75 - 1e-9
+        assert max(samples) <= nominal * 1.25 + 1e-9
+        assert statistics.median(samples) == pytest.approx(nominal, rel=0.05)
+    assert backoff_delay(40, 0.1, 30.0, rng) <= 30.0
+    assert should_retry(1, 1) and not should_retry(2, 1) and not should_retry(1, 0)
+
+
+def _run(d: Dispatcher, handlers: Handlers, n: int, priority: int) -> Run:
+    run = Run(handlers.get(len), list(range(n)), m.Call.ONE, Chunk(Stream(), n), 0, priority)
+    d.push(run)
+    return run
+
+
+def test_heap_orders_by_priority_then_arrival() -> None:
+    d, h = Dispatcher(capacity=100), Handlers()
+    low1, low2 = _run(d, h, 1, 0), _run(d, h, 1, 0)
+    high = _run(d, h, 1, 9)
+    mid = _run(d, h, 1, 5)
+    order = []
+    while d.heap:
+        segs = d.take(1, 1, lambda *a: None)
+        order.append(segs[0][0])
+    assert order == [high, mid, low1, low2]
+    assert d.pending == 0
+
+
+def test_take_merges_runs_and_splits_by_measured_cost() -> None:
+    d, h = Dispatcher(capacity=10_000), Handlers()
+    runs = [_run(d, h, 10, 0) for _ in range(3)]
+    assert d.pending == 30
+    segs = d.take(2, None, lambda *a: None)
+    assert [(r, s, n) for r, s, n in segs] == [(runs[0], 0, 1)]  # cost unknown: one item
+    runs[0].handler.measured(1_000_000, 1)  # 1 ms per item -> about 20 per batch
+    segs = d.take(2, None, lambda *a: None)
+    assert sum(n for _, _, n in segs) == min(20, 29 // 2)
+    assert segs[0] == (runs[0], 1, 9)  # merged across runs of the same handler
+
+
+def test_cancelled_runs_are_skipped_and_counted() -> None:
+    d, h = Dispatcher(capacity=100), Handlers()
+    run = _run(d, h, 5, 0)
+    run.sink.stream.cancelled = True  # type: ignore[union-attr]
+    seen = []
+    assert d.take(1, None, lambda r, s, n: seen.append(n)) == []
+    assert seen == [5] and d.pending == 0
+
+
+def test_retries_wait_out_their_backoff() -> None:
+    d, h = Dispatcher(capacity=100), Handlers()
+    run = _run(d, h, 1, 0)
+    d.take(1, None, lambda *a: None)
+    d.push_delayed(run.single(0, 2), due=10.0)
+    d.promote(now=9.0)
+    assert not d.heap and d.waiting == 1
+    d.promote(now=10.0)
+    assert d.heap and d.waiting == 0 and d.pending == 1
