@@ -62,9 +62,11 @@ def main() -> None:
     def record(name: str, fn: Callable[[], object]) -> None:
         results.setdefault(name, []).append(timed(fn))
 
-    with pq.Pool(workers=workers) as pool, cf.ProcessPoolExecutor(workers) as ppe, mp.get_context(
-        "forkserver"
-    ).Pool(workers) as mpp:
+    with (
+        pq.Pool(workers=workers) as pool,
+        cf.ProcessPoolExecutor(workers) as ppe,
+        mp.get_context("forkserver").Pool(workers) as mpp,
+    ):
         list(pool.map(tiny, range(1000)))
         list(ppe.map(tiny, range(100)))
         mpp.map(tiny, range(100))
@@ -89,7 +91,9 @@ def main() -> None:
             serial.append(timed(lambda: [burn(x) for x in items]))
             par.append(timed(lambda: list(pool.map(burn, items))))
     s, p = statistics.median(serial), statistics.median(par)
-    print(f"cpu: {N_CPU:,} tasks of ~1 ms: serial {s:.2f} s, procqueue {p:.2f} s, speedup {s / p:.2f}x on {workers} workers")
+    print(
+        f"cpu: {N_CPU:,} tasks of ~1 ms: serial {s:.2f} s, procqueue {p:.2f} s, speedup {s / p:.2f}x on {workers} workers"
+    )
 
 
 if __name__ == "__main__":

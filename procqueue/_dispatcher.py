@@ -104,15 +104,16 @@ class Run:
     base: int = 0
     pos: int = 0  # items before this were dispatched
     solo: bool = False  # never merge with other runs (its batch once failed to unpickle)
+    careful: bool = False  # mark every item: a worker died in an unmarked batch holding it
 
-    def key(self) -> tuple[int, int, int, int, float | None]:
-        return (self.handler.id, self.call, self.attempt, self.retries, self.timeout)
+    def key(self) -> tuple[int, int, int, int, float | None, bool]:
+        return (self.handler.id, self.call, self.attempt, self.retries, self.timeout, self.careful)
 
-    def single(self, j: int, attempt: int, solo: bool = False) -> Run:
+    def single(self, j: int, attempt: int, solo: bool = False, careful: bool = False) -> Run:
         """Item `j` alone, as a retry or a requeue keeps it: same task id, sink slot and place in line."""
         return Run(
             self.handler, [self.items[j]], self.call, self.sink, self.first_id + j, self.priority,
-            self.seq, attempt, self.retries, self.timeout, 1, self.base + j, 0, solo,
+            self.seq, attempt, self.retries, self.timeout, 1, self.base + j, 0, solo, careful or self.careful,
         )  # fmt: skip
 
 
@@ -192,8 +193,8 @@ class Dispatcher:
         est = run.handler.est_ns
         if est is None:
             return 1  # measure first: a long task must not be batched blindly
-        size = int(TARGET_BATCH_NS / max(est, 1.0))
-        return max(1, min(size, MAX_BATCH, self.pending // max(workers, 1)))
+        # Batches of ~TARGET_BATCH_NS bound the tail imbalance to about one batch.
+        return max(1, min(int(TARGET_BATCH_NS / max(est, 1.0)), MAX_BATCH))
 
     def feed_size(self, handler: Handler) -> int:
         """How many items a map feeds as one run: about one batch."""

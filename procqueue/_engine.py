@@ -50,6 +50,7 @@ import socket
 import sys
 import threading
 import time
+import warnings
 import weakref
 from array import array
 from collections.abc import Callable
@@ -72,8 +73,11 @@ from ._supervisor import Slot, Supervisor
 BACKPRESSURE = ("block", "drop", "error")
 POLL_UNSTARTED = 0.05  # a timed task not yet started by its worker: look again this soon
 MEMORY_CHECK = 0.5
+FAST_ITEM_NS = 50_000  # tasks shorter than this run unmarked in a tight loop (no timeout)
+STOP_GRACE = 5.0  # seconds an idle worker gets to exit after Stop
 MAX_BARREN_DEATHS = 5  # workers in a row that die before any outcome: the pool is broken
-FAST_TASK_NS = 2_000_000  # below this per-item estimate a worker gets a second batch queued
+FAST_TASK_NS = 2_000_000  # below this per-item estimate a worker gets more than one batch queued
+PREFETCH_NS = 40_000_000  # ... up to this much estimated work
 
 
 @dataclass
@@ -117,6 +121,7 @@ class _Lost:
     running: tuple[int, int] | None
     exitcode: int | None
     fault_text: str
+    unmarked: bool = False  # it died inside an unmarked (fast) batch: requeue its items as careful
 
 
 @dataclass
@@ -165,6 +170,7 @@ class Engine:
         self._woken = False
         self._next_memory_check = 0.0
         self._barren_deaths = 0
+        self._stop_deadline = float("inf")
 
         token = secrets.token_bytes(16)
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -213,7 +219,9 @@ class Engine:
 
     def wake(self) -> None:
         """Make the manager look again (call with the lock held)."""
-        if not self._woken:
+        # _wake_w is -1 once closed: a late wake (a finalizer) must not write to a
+        # descriptor number that now belongs to someone else.
+        if not self._woken and self._wake_w >= 0:
             self._woken = True
             with contextlib.suppress(BlockingIOError, OSError):
                 os.write(self._wake_w, b"!")
@@ -396,7 +404,10 @@ class Engine:
                 self._woken = False
                 now = time.monotonic()
                 self.dispatcher.promote(now)
+                before = self.dispatcher.pending
                 self._dispatch(later)
+                if self.dispatcher.pending < before:
+                    self.cv.notify_all()  # room freed: wake blocked submitters and map feeders
                 self._advance_phase()
             _run_all(later)
             if self.phase == "done":
@@ -420,6 +431,8 @@ class Engine:
 
     def _timeout(self) -> float | None:
         due = self.dispatcher.next_due()
+        if self.phase == "stopping" and self._stop_deadline != float("inf"):
+            due = self._stop_deadline if due is None else min(due, self._stop_deadline)
         nxt = None if due is None else max(0.0, due - time.monotonic())
         for slot in self.supervisor.slots:
             if slot.batches and slot.kill_reason is None:
@@ -463,7 +476,7 @@ class Engine:
         """Let the worker finish what it holds, then exit; a fresh one takes its slot."""
         slot.retiring = True
         slot.recycled += 1
-        self._send(slot, m.framed(m.encode(m.Stop())))
+        self._send(slot, m.framed(m.Stop()))
 
     def _send(self, slot: Slot, data: bytes) -> None:
         if self.supervisor.send(slot, data):
@@ -481,19 +494,31 @@ class Engine:
             return
         slots = self.supervisor.slots
         workers = len(slots)
-        for depth in (1, 2):
+        progress = True
+        while progress and self.dispatcher.heap:  # round robin, one batch per slot per round
+            progress = False
             for slot in slots:
                 if not self.dispatcher.heap:
                     return
-                if slot.alive and not slot.retiring and len(slot.batches) < depth:
-                    if depth == 2 and not self._wants_second(slot):
-                        continue
+                if slot.alive and not slot.retiring and self._has_room(slot):
                     self._dispatch_one(slot, workers, later)
+                    progress = True
 
-    def _wants_second(self, slot: Slot) -> bool:
-        # Long tasks get no queued second batch: an idle worker can take it instead.
+    def _has_room(self, slot: Slot) -> bool:
+        """The prefetch rule: a worker holds at most ~PREFETCH_NS of queued work, and
+        tasks over FAST_TASK_NS get no second batch (an idle worker can take it)."""
+        if not slot.batches:
+            return True
         est = self.dispatcher.heap[0][2].handler.est_ns
-        return est is not None and est < FAST_TASK_NS
+        if est is None or est >= FAST_TASK_NS:
+            return False
+        queued = 0.0
+        for b in slot.batches.values():
+            e = b.head.handler.est_ns
+            if e is None:
+                return False
+            queued += (b.count - b.done) * e
+        return queued < PREFETCH_NS
 
     def _dispatch_one(self, slot: Slot, workers: int, later: Later) -> None:
         limit = None
@@ -522,11 +547,13 @@ class Engine:
         slot.batches[batch.batch_id] = batch
         slot.tasks_sent += count
         self.counts.in_flight += count
+        est = run.handler.est_ns
+        careful = run.careful or run.timeout is not None or est is None or est > FAST_ITEM_NS
         msg = m.RunBatch(
             batch.batch_id, count, run.handler.id, None if slot.knows(run.handler.id) else blob,
-            run.call, run.attempt, run.retries, payload,
+            run.call, run.attempt, run.retries, careful,
         )  # fmt: skip
-        self._send(slot, m.framed(m.encode(msg)))
+        self._send(slot, m.framed(msg, payload))
         if limit is not None and slot.tasks_sent >= self.cfg.max_tasks_per_worker:  # type: ignore[operator]
             self._retire(slot)
 
@@ -677,12 +704,13 @@ class Engine:
         if running is not None:
             batch_id, index, _ = running
             batch = self.batches.get(batch_id)
-            if batch is not None and batch.slot == slot.index:
+            if batch is not None and batch.slot == slot.index and index >= 0:
                 head = batch.head
                 charged = m.Running(batch_id, index, head.attempt, head.retries)
                 at = (batch_id, index)
         with self.lock:
-            self.lost[pid] = _Lost(slot, batches, at, exitcode, fault_text)
+            unmarked = running is not None and running[1] < 0
+            self.lost[pid] = _Lost(slot, batches, at, exitcode, fault_text, unmarked)
             slot.batches = {}
             init_failed = exitcode == _worker.EXIT_INIT_FAILED and tasks_sent == 0
             # Dying outside any task, before any outcome, is the worker's own fault (imports,
@@ -732,7 +760,7 @@ class Engine:
                     self._settle_failure(run, j, msg.fault, msg.decision, later, error, msg.pid)
                 else:  # it never ran (or its outcome was lost with the worker): again, uncharged
                     self._moves(run, j, 1, S.PENDING)
-                    self.dispatcher.push(run.single(j, run.attempt), fresh=False)
+                    self.dispatcher.push(run.single(j, run.attempt, careful=lost.unmarked), fresh=False)
             self.counts.in_flight -= batch.count - batch.done
             self.batches.pop(batch.batch_id, None)
 
@@ -791,10 +819,23 @@ class Engine:
         idle = not d.heap and not d.delayed and not self.batches and not self.lost
         if self.phase == "running" and self.closed and (idle or self.broken is not None):
             self.phase = "stopping"
+            self._stop_deadline = time.monotonic() + STOP_GRACE
             for slot in self.supervisor.slots:
                 if slot.alive and not slot.retiring:
                     slot.retiring = True
-                    self._send(slot, m.framed(m.encode(m.Stop())))
+                    self._send(slot, m.framed(m.Stop()))
+        if self.phase == "stopping" and time.monotonic() > self._stop_deadline:
+            # Idle workers exit within milliseconds of Stop; one that does not is killed.
+            stuck = [(s.index, s.pid) for s in self.supervisor.slots if s.alive]
+            warnings.warn(
+                f"procqueue: workers {stuck} did not exit within {STOP_GRACE} s of being stopped; killing them "
+                f"(lost={list(self.lost)}, batches={list(self.batches)})",
+                RuntimeWarning,
+                stacklevel=1,
+            )
+            for slot in self.supervisor.slots:
+                self.supervisor.kill(slot)
+            self._stop_deadline = float("inf")
         if self.phase == "stopping" and not any(s.alive for s in self.supervisor.slots) and not self.lost:
             self.phase = "draining"
             with contextlib.suppress(OSError):
@@ -811,9 +852,11 @@ class Engine:
             self.collector.join(2.0)
         for conn in (self.results, self.control):
             conn.close()
-        for fd in (self._wake_r, self._wake_w):
-            with contextlib.suppress(OSError):
-                os.close(fd)
+        with self.lock:
+            for fd in (self._wake_r, self._wake_w):
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            self._wake_r = self._wake_w = -1
         self.sel.close()
         if self.ledger is not None and self.broken is None:
             try:

@@ -63,11 +63,14 @@ class Call(enum.IntEnum):
 
 @dataclass(frozen=True)
 class RunBatch:
-    """Run `payload` (a pickled list of items) with handler `handler_id`.
+    """Run the items in the frame's body (a pickled list) with handler `handler_id`.
 
     `handler` carries the cloudpickled handler the first time this worker sees
     it. `call` says how an item becomes a call (see `Call`). `attempt` and
-    `retries` are echoed back for the collector.
+    `retries` are echoed back for the collector. `careful` batches mark every
+    item (for timeouts and crash attribution); the others, tiny tasks without
+    a timeout, run in a tight loop and mark only the batch: if the worker dies
+    in one, its items come back uncharged, as careful ones.
     """
 
     batch_id: int
@@ -77,7 +80,7 @@ class RunBatch:
     call: Call
     attempt: int
     retries: int
-    payload: bytes
+    careful: bool
 
 
 @dataclass(frozen=True)
@@ -224,11 +227,12 @@ def encode(header: object, body: bytes | memoryview = b"") -> bytes:
     return b"".join((_HDR.pack(len(head)), head, body))
 
 
-def framed(payload: bytes) -> bytes:
-    """The payload length-prefixed as `Connection.send_bytes` writes it, for raw writes."""
-    size = len(payload)
+def framed(header: object, body: bytes | memoryview = b"") -> bytes:
+    """A whole frame, length-prefixed as `Connection.send_bytes` writes it, for raw writes."""
+    head = pickle.dumps(header, protocol=pickle.HIGHEST_PROTOCOL)
+    size = _HDR.size + len(head) + len(body)
     prefix = _LEN.pack(size) if size < 0x7FFFFFFF else _LEN.pack(-1) + _LEN64.pack(size)
-    return prefix + payload
+    return b"".join((prefix, _HDR.pack(len(head)), head, body))
 
 
 def decode(payload: bytes | memoryview) -> tuple[Any, memoryview]:

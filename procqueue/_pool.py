@@ -20,7 +20,7 @@ from ._results import Future as Future
 
 T = TypeVar("T")
 Chunksize = int | Literal["auto"] | None
-WINDOW = 2  # a map keeps at most WINDOW * capacity tasks fed and not yet consumed
+WINDOW = 4  # a map keeps at most WINDOW * capacity tasks fed and not yet consumed
 
 
 class Options:

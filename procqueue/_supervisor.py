@@ -137,8 +137,9 @@ class Supervisor:
         return bool(slot.out)
 
     def running(self, slot: Slot) -> tuple[int, int, int] | None:
-        """`(batch_id, index, started_ns)` of the item the worker is in, if any.
-        Read twice around the start time: the worker writes them without a lock."""
+        """`(batch_id, index, started_ns)` of the item the worker is in, if any;
+        index -1 inside an unmarked batch. Read twice around the start time:
+        the worker writes them without a lock."""
         marks, k = self.marks, 2 * slot.index
         for _ in range(3):
             tag = marks[k]
@@ -146,8 +147,8 @@ class Supervisor:
                 return None
             started = marks[k + 1]
             if marks[k] == tag:
-                batch_id, index = _worker.untag(tag)
-                return batch_id, index, started
+                batch_id, index = _worker.untag(abs(tag))
+                return batch_id, index if tag > 0 else -1, started
         return None
 
     def kill(self, slot: Slot, reason: str | None = None) -> None:

@@ -147,7 +147,7 @@ def chaos(x: int) -> int:
     r = (x * 2654435761) % 1000
     if r < 20:
         raise Boom(f"chaos {x}")
-    if r == 999 and x % 97 == 0:
+    if r == 999 and x % 23 == 0:  # 4 of the first 100,000
         time.sleep(30)
     return x
 

@@ -111,9 +111,9 @@ def test_timeout_then_retry_succeeds_on_a_fresh_worker(tmp_path: Any) -> None:
 
 def test_raising_initializer_breaks_the_pool_clearly(start_method: str) -> None:
     pool = pq.Pool(workers=2, initializer=h.bad_init, start_method=start_method)
-    fut = pool.submit(h.square, 2)
     with pytest.raises(pq.InitializerFailed, match="initializer is broken"):
-        fut.result(timeout=60)
+        # submit itself raises if the workers already reported; else the future fails
+        pool.submit(h.square, 2).result(timeout=60)
     with pytest.raises(pq.InitializerFailed):
         pool.submit(h.square, 3)
     pool.shutdown(wait=True)

@@ -19,11 +19,19 @@ import procqueue as pq
 from conftest import balanced
 
 
+def _running(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
 def _gone(pids: list[int], timeout: float) -> list[int]:
+    """Wait for the processes to end; the ones still running after `timeout`."""
     deadline = time.monotonic() + timeout
     alive = pids
     while time.monotonic() < deadline:
-        alive = [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+        alive = [p for p in pids if _running(p)]
         if not alive:
             return []
         time.sleep(0.05)
@@ -66,15 +74,22 @@ def test_shutdown_leaves_nothing_and_is_idempotent() -> None:
     assert not [t for t in threading.enumerate() if t.name == "procqueue-manager"]
 
 
-def test_dropping_the_pool_without_shutdown_ends_its_processes() -> None:
+def _use_and_drop_a_pool() -> list[int]:
     pool = pq.Pool(workers=1)
     pids = [w.pid for w in pool.stats().workers] + [pool._engine.collector.pid]
-    assert pool.submit(h.square, 3).result(timeout=30) == 9
-    del pool
+    result = pool.submit(h.square, 3).result(timeout=30)
+    if result != 9:
+        raise AssertionError(result)
+    return pids  # the pool goes out of scope here, never shut down
+
+
+def test_dropping_the_pool_without_shutdown_ends_its_processes() -> None:
     import gc
 
+    pids = _use_and_drop_a_pool()
     gc.collect()
     assert not _gone(pids, timeout=5.0)
+    assert not [t for t in threading.enumerate() if t.name == "procqueue-manager"]
 
 
 def test_map_over_3_million_item_generator_keeps_parent_memory_flat() -> None:
@@ -147,7 +162,7 @@ def test_chaos_every_task_ends_once_books_balance_memory_flat() -> None:
         ]
         outcomes[key] += 1
 
-    with pq.Pool(workers=2, max_retries=3, backoff=0.01, task_timeout=1.0) as pool:
+    with pq.Pool(workers=2, max_retries=3, backoff=0.01, task_timeout=0.3) as pool:
         thread = threading.Thread(target=killer, args=(pool,), daemon=True)
         thread.start()
         window: collections.deque[pq.Future] = collections.deque()
