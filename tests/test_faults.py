@@ -8,11 +8,12 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-import handlers as h
 import pytest
-from conftest import balanced
 
 import procqueue as pq
+
+import handlers as h
+from conftest import balanced
 
 # fault -> (call, expected error, message pattern)
 MATRIX: dict[str, tuple[Callable[[pq.Pool], pq.Future], type[BaseException], str]] = {

@@ -14,8 +14,9 @@ import time
 import psutil
 import pytest
 
-import handlers as h
 import procqueue as pq
+
+import handlers as h
 from conftest import balanced
 
 

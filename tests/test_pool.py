@@ -7,11 +7,12 @@ import os
 import time
 import traceback
 
-import handlers as h
 import pytest
-from conftest import balanced
 
 import procqueue as pq
+
+import handlers as h
+from conftest import balanced
 
 
 @pytest.fixture
