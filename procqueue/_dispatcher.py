@@ -262,9 +262,12 @@ def encode_items(
 ) -> tuple[bytes, list[tuple[Run, int, int]]]:
     """Pickle a batch's items in one go; on failure find each item that does not
     pickle, fail it alone (naming the argument) and send the rest."""
-    items: list[Any] = []
-    for run, start, count in segments:
-        items.extend(run.items[start : start + count])
+    if len(segments) == 1 and segments[0][1] == 0 and segments[0][2] == len(segments[0][0].items):
+        items = segments[0][0].items  # a whole run: no copy
+    else:
+        items = []
+        for run, start, count in segments:
+            items.extend(run.items[start : start + count])
     try:
         return dumps(items), segments
     except Exception:

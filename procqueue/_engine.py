@@ -157,6 +157,7 @@ class Engine:
         self.dispatcher = Dispatcher(cfg.capacity)
         self.handlers = Handlers()
         self._next_id = 1
+        self.feeders: list[Any] = []  # maps over sequences, fed by the manager thread
         self.batches: dict[int, Batch] = {}
         self.lost: dict[int, _Lost] = {}
         self.counts = _Counts()
@@ -229,9 +230,20 @@ class Engine:
     def reserve_ids(self, n: int) -> int:
         """The first of `n` consecutive task ids."""
         with self.lock:
-            first = self._next_id
-            self._next_id += n
-            return first
+            return self.reserve_ids_locked(n)
+
+    def reserve_ids_locked(self, n: int) -> int:
+        first = self._next_id
+        self._next_id += n
+        return first
+
+    def add_feeder(self, feeder: Any) -> None:
+        """A map over a sequence: the manager feeds it as room frees."""
+        with self.lock:
+            self.check_open()
+            self.feeders.append(feeder)
+            self._top_up()
+            self.wake()
 
     def check_open(self) -> None:
         if self.broken is not None:
@@ -273,35 +285,53 @@ class Engine:
                         )
                     self.cv.wait(left)
                     self.check_open()
-            self._account_new(run, n)
-            self._moves(run, 0, n, S.PENDING)
-            self.dispatcher.push(run)
+            self._accept(run)
             self.wake()
+
+    def _accept(self, run: Run) -> None:
+        n = len(run.items)
+        self._account_new(run, n)
+        self._moves(run, 0, n, S.PENDING)
+        self.dispatcher.push(run)
 
     def _account_new(self, run: Run, n: int) -> None:
         self.counts.submitted += n
         if self.counts.started is None:
             self.counts.started = time.monotonic()
 
-    def map_room(self, stream: Stream, window: int) -> int:
-        """How many more items a map may feed now."""
-        with self.lock:
-            return max(0, min(self.dispatcher.room(), window - stream.outstanding))
+    def _top_up(self) -> None:
+        """Feed maps over sequences from the manager, as soon as there is room (lock held)."""
+        for f in list(self.feeders):
+            if f.stream.cancelled or self.broken is not None:
+                self.feeders.remove(f)
+                continue
+            while f.pos < len(f.seq):
+                room = min(self.dispatcher.room(), f.limit - f.stream.outstanding)
+                if room <= 0:
+                    break
+                n = min(room, f.size or self.dispatcher.feed_size(f.handler), len(f.seq) - f.pos)
+                items = list(f.seq[f.pos : f.pos + n])  # slicing a list, tuple or range runs no user code
+                f.pos += n
+                self._accept(f.make_run(items, self.reserve_ids_locked(n)))
+            if f.pos >= len(f.seq):
+                f.exhausted = True
+                self.feeders.remove(f)
+            self.cv.notify_all()
 
-    def wait_map(
-        self, stream: Stream, head: Chunk | None, ordered: bool, feedable: bool, window: int, deadline: float | None
-    ) -> None:
-        """Sleep until the map has something to yield, or room to feed."""
+    def room_for(self, stream: Stream, window: int) -> int:
+        """How many more items a map may feed now (lock held)."""
+        return max(0, min(self.dispatcher.room(), window - stream.outstanding))
+
+    def map_room(self, stream: Stream, window: int) -> int:
+        with self.lock:
+            return self.room_for(stream, window)
+
+    def wait_until(self, ready: Callable[[], bool], deadline: float | None) -> None:
+        """Sleep until `ready()` (checked under the lock) or the deadline (TimeoutError)."""
         with self.cv:
-            while True:
+            while not ready():
                 if self.broken is not None:
                     raise self.broken
-                if ordered and head is not None and head.done:
-                    return
-                if not ordered and stream.finished:
-                    return
-                if feedable and min(self.dispatcher.room(), window - stream.outstanding) > 0:
-                    return
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
                     raise TimeoutError("map: the next result was not ready within the timeout")
@@ -495,11 +525,13 @@ class Engine:
         slots = self.supervisor.slots
         workers = len(slots)
         progress = True
-        while progress and self.dispatcher.heap:  # round robin, one batch per slot per round
+        while progress:  # round robin, one batch per slot per round, feeding maps as room frees
+            if self.feeders:
+                self._top_up()
             progress = False
             for slot in slots:
                 if not self.dispatcher.heap:
-                    return
+                    break
                 if slot.alive and not slot.retiring and self._has_room(slot):
                     self._dispatch_one(slot, workers, later)
                     progress = True
@@ -617,7 +649,10 @@ class Engine:
             if batch is None:
                 return
             head = batch.head
-            head.handler.measured(sum(durations), max(msg.count, 1))
+            total = sum(durations)
+            head.handler.measured(total, max(msg.count, 1))
+            if len(durations) != msg.count and any(type(r.sink) is not Chunk for r, _, _ in batch.segments):
+                durations = array("q", [total // max(msg.count, 1)]) * msg.count  # futures report their own
             slot = self.supervisor.slots[batch.slot]
             if slot.pid == msg.pid:
                 slot.productive = True
@@ -816,7 +851,7 @@ class Engine:
 
     def _advance_phase(self) -> None:
         d = self.dispatcher
-        idle = not d.heap and not d.delayed and not self.batches and not self.lost
+        idle = not d.heap and not d.delayed and not self.batches and not self.lost and not self.feeders
         if self.phase == "running" and self.closed and (idle or self.broken is not None):
             self.phase = "stopping"
             self._stop_deadline = time.monotonic() + STOP_GRACE

@@ -106,7 +106,9 @@ class BatchDone:
 
     The body is the pickled list of values (None where an item failed),
     forwarded to the parent unread. `errors` has one `ErrorInfo` per failed
-    item; `durations` is an `array('q')` of nanoseconds.
+    item; `durations` is an `array('q')` of nanoseconds, one per item, or a
+    single total for the whole range (a batch run unmarked, where items are
+    not timed one by one).
     """
 
     batch_id: int

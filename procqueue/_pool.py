@@ -117,15 +117,15 @@ class Options:
         engine.check_open()
         with engine.lock:
             handler = engine.handlers.get(fn)
-        source: Iterator[Any]
+        source: Iterable[Any]
         if len(iterables) == 1:
-            source, call = iter(iterables[0]), m.Call.ONE
+            source, call = iterables[0], m.Call.ONE
         else:
             source, call = zip(*iterables), m.Call.STAR  # noqa: B905 - map() stops at the shortest
         deadline = None if timeout is None else time.monotonic() + timeout
         feeder = _Feeder(self, handler, source, call, size, ordered)
-        feeder.feed()  # start now, as Executor.map does, up to the queue's capacity
-        return feeder.results(ordered, deadline)
+        feeder.start()  # start now, as Executor.map does, up to the queue's capacity
+        return feeder.results(deadline)
 
     def imap_unordered(
         self, fn: Callable[..., T], iterable: Iterable[Any], chunksize: Chunksize = "auto"
@@ -135,17 +135,24 @@ class Options:
 
 
 class _Feeder:
-    """Pulls a map's input into the heap as room frees, and hands results back."""
+    """Pulls a map's input into the heap as room frees, and hands results back.
+
+    A list, tuple or range is fed by the manager thread itself, the moment
+    room frees (slicing one runs no user code); any other iterable is pulled
+    by the consuming thread, so a slow or blocking generator never stalls the
+    manager. Chunk bookkeeping is shared with the manager: touch it under the
+    engine's lock.
+    """
 
     def __init__(
-        self, opts: Options, handler: Any, source: Iterator[Any], call: m.Call, size: int | None, ordered: bool
+        self, opts: Options, handler: Any, source: Iterable[Any], call: m.Call, size: int | None, ordered: bool
     ) -> None:
         self.opts = opts
         self.engine: Engine = opts._pool._engine
         self.handler = handler
-        self.source = source
         self.call = call
         self.size = size
+        self.ordered = ordered
         self.stream = Stream(ordered)
         self.window: deque[Chunk] = deque()  # chunks in input order (ordered maps)
         self.fed = 0  # chunks fed
@@ -153,47 +160,75 @@ class _Feeder:
         self.exhausted = False
         self.error: BaseException | None = None
         self.limit = WINDOW * opts._pool._cfg.capacity
-        self.ordered = ordered
+        self.managed = type(source) in (list, tuple, range)
+        self.seq: Any = source if self.managed else None
+        self.source: Iterator[Any] = iter(()) if self.managed else iter(source)
+        self.pos = 0
+
+    def make_run(self, items: list[Any], first_id: int) -> Run:
+        """A chunk of the map and the run that fills it (caller holds the engine lock)."""
+        chunk = Chunk(self.stream, len(items))
+        self.stream.outstanding += len(items)
+        if self.ordered:
+            self.window.append(chunk)
+        self.fed += 1
+        opts = self.opts
+        return Run(
+            self.handler, items, self.call, chunk, first_id, opts.priority,
+            retries=opts.retries, timeout=opts.timeout, chunksize=self.size,
+        )  # fmt: skip
+
+    def start(self) -> None:
+        if self.managed:
+            self.engine.add_feeder(self)
+        else:
+            self.feed()
 
     def feed(self) -> None:
-        engine, stream = self.engine, self.stream
+        """Generator input: pull in the consumer's thread while there is room."""
+        engine = self.engine
         while not self.exhausted:
-            room = engine.map_room(stream, self.limit)
+            room = engine.map_room(self.stream, self.limit)
             if room <= 0:
                 return
             n = min(room, self.size or engine.dispatcher.feed_size(self.handler))
             try:
                 items = list(itertools.islice(self.source, n))
             except Exception as exc:  # the input itself failed: yield what came before, then raise
-                self.error, self.exhausted, items = exc, True, []
-            if len(items) < n:
-                self.exhausted = True
-            if not items:
-                return
-            chunk = Chunk(stream, len(items))
-            run = Run(
-                self.handler, items, self.call, chunk, engine.reserve_ids(len(items)), self.opts.priority,
-                retries=self.opts.retries, timeout=self.opts.timeout, chunksize=self.size,
-            )  # fmt: skip
+                self.error, items = exc, []
             with engine.lock:
-                stream.outstanding += len(items)
-            if self.ordered:
-                self.window.append(chunk)
-            self.fed += 1
+                if len(items) < n:
+                    self.exhausted = True
+                run = self.make_run(items, engine.reserve_ids_locked(len(items))) if items else None
+            if run is None:
+                return
             later: Later = []
             engine.enqueue(run, "block", None, later)
             _run_all(later)
 
-    def results(self, ordered: bool, deadline: float | None) -> Iterator[Any]:
-        engine, stream = self.engine, self.stream
+    def _ready(self) -> bool:
+        """Something to do for the consumer (called under the engine lock)."""
+        if self.window and self.window[0].done if self.ordered else self.stream.finished:
+            return True
+        if self.exhausted and self.consumed >= self.fed:
+            return True
+        return not self.managed and not self.exhausted and self.engine.room_for(self.stream, self.limit) > 0
+
+    def results(self, deadline: float | None) -> Iterator[Any]:
+        engine = self.engine
         try:
             while True:
-                self.feed()
-                chunk = self._next_done(ordered)
+                if not self.managed:
+                    self.feed()
+                with engine.lock:
+                    chunk = self._next_done()
+                    if chunk is not None:
+                        self.consumed += 1
+                        self.stream.outstanding -= len(chunk.values)
+                        if self.managed:
+                            engine.wake()  # the window moved: the manager may feed more
+                    finished = self.exhausted and self.consumed >= self.fed
                 if chunk is not None:
-                    self.consumed += 1
-                    with engine.lock:
-                        stream.outstanding -= len(chunk.values)
                     if chunk.errors is None:
                         yield from chunk.values
                     else:
@@ -202,22 +237,21 @@ class _Feeder:
                                 raise chunk.errors[i]
                             yield value
                     continue
-                if self.consumed >= self.fed and self.exhausted:
+                if finished:
                     if self.error is not None:
                         raise self.error
                     return
-                head = self.window[0] if self.window else None
-                engine.wait_map(stream, head, ordered, not self.exhausted, self.limit, deadline)
+                engine.wait_until(self._ready, deadline)
         finally:
-            if not self.exhausted or self.consumed < self.fed:
-                engine.abandon(stream)
+            with engine.lock:
+                unfinished = not self.exhausted or self.consumed < self.fed
+            if unfinished:
+                engine.abandon(self.stream)
 
-    def _next_done(self, ordered: bool) -> Chunk | None:
-        if ordered:
+    def _next_done(self) -> Chunk | None:
+        if self.ordered:
             window = self.window
-            if window and window[0].done:
-                return window.popleft()
-            return None
+            return window.popleft() if window and window[0].done else None
         finished = self.stream.finished
         return finished.popleft() if finished else None
 

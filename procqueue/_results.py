@@ -114,7 +114,10 @@ class Chunk:
     def ok(
         self, index: int, values: list[Any], lo: int, hi: int, meta: tuple[int, int, Any, int], later: Later
     ) -> None:
-        self.values[index : index + hi - lo] = values[lo:hi]
+        if index == 0 and lo == 0 and hi == len(values) == len(self.values):
+            self.values = values  # the whole chunk in one batch: no copy
+        else:
+            self.values[index : index + hi - lo] = values[lo:hi]
         self._settled(hi - lo)
 
     def fail(self, index: int, exc: BaseException, attempts: int, pid: int | None, later: Later) -> None:
