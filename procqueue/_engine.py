@@ -141,9 +141,13 @@ _live: weakref.WeakSet[Engine] = weakref.WeakSet()
 @atexit.register
 def _shutdown_at_exit() -> None:
     # Runs before multiprocessing's own exit hook (atexit is last-in first-out),
-    # which would otherwise join our workers forever.
+    # which would otherwise join our workers forever. Like ProcessPoolExecutor,
+    # exit waits for submitted work; Ctrl-C during that wait ends it at once.
     for engine in list(_live):
-        engine.shutdown(wait=True, cancel=False)
+        try:
+            engine.shutdown(wait=True, cancel=False)
+        except KeyboardInterrupt:  # noqa: PERF203 - runs once per pool, at exit
+            engine.terminate()
 
 
 class Engine:

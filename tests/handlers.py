@@ -211,14 +211,15 @@ pool = pq.Pool(workers=2, start_method={method!r})
 futs = [pool.submit(h.hang, 60) for _ in range(4)]
 time.sleep(0.5)
 pids = [w.pid for w in pool.stats().workers] + [pool._engine.collector.pid]
-print(" ".join(map(str, pids)), flush=True)
 if {mode!r} == "ctrl-c":
     try:
         with pool:
+            print(" ".join(map(str, pids)), flush=True)
             for f in futs:
                 f.result()
     except KeyboardInterrupt:
         print("interrupted", flush=True)
         sys.exit(0)
+print(" ".join(map(str, pids)), flush=True)
 time.sleep(60)
 """
