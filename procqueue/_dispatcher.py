@@ -153,12 +153,13 @@ class Dispatcher:
     """The pending heap (bounded by `capacity`) and the delayed retries."""
 
     capacity: int
-    heap: list[tuple[int, int, Run]] = field(default_factory=list)
+    heap: list[tuple[int, int, int, int, Run]] = field(default_factory=list)
     delayed: list[tuple[float, int, Run]] = field(default_factory=list)
     pending: int = 0  # tasks in the heap: the queue depth `capacity` bounds
     waiting: int = 0  # tasks waiting out a backoff
     ledger: m.Ledger | None = None  # validate mode
     seq: Iterator[int] = field(default_factory=itertools.count)
+    pushes: Iterator[int] = field(default_factory=itertools.count)
     batch_ids: Iterator[int] = field(default_factory=lambda: itertools.count(1))
 
     def room(self) -> int:
@@ -167,7 +168,9 @@ class Dispatcher:
     def push(self, run: Run, *, fresh: bool = True) -> None:
         if fresh:
             run.seq = next(self.seq)
-        heapq.heappush(self.heap, (-run.priority, run.seq, run))
+        # Ties on (priority, arrival) are split by task id (the items of one run,
+        # requeued one by one, share their run's place in line), then by push order.
+        heapq.heappush(self.heap, (-run.priority, run.seq, run.first_id + run.pos, next(self.pushes), run))
         self.pending += len(run.items) - run.pos
 
     def push_delayed(self, run: Run, due: float) -> None:
@@ -217,7 +220,7 @@ class Dispatcher:
         want = 0
         key = None
         while heap:
-            run = heap[0][2]
+            run = heap[0][-1]
             if not run.sink.claim():
                 heapq.heappop(heap)
                 n = len(run.items) - run.pos
@@ -244,9 +247,9 @@ class Dispatcher:
 
     def cancel_all(self, on_cancel: Callable[[Run, int, int], None], later: Later) -> None:
         """shutdown(cancel_futures=True): cancel every task not yet run."""
-        keep: list[tuple[int, int, Run]] = []
+        keep: list[tuple[int, int, int, int, Run]] = []
         for entry in self.heap:
-            run = entry[2]
+            run = entry[-1]
             if run.attempt == 1 and run.pos == 0 and run.sink.cancel(later):
                 n = len(run.items)
                 self.pending -= n

@@ -545,7 +545,7 @@ class Engine:
         tasks over FAST_TASK_NS get no second batch (an idle worker can take it)."""
         if not slot.batches:
             return True
-        est = self.dispatcher.heap[0][2].handler.est_ns
+        est = self.dispatcher.heap[0][-1].handler.est_ns
         if est is None or est >= FAST_TASK_NS:
             return False
         queued = 0.0
@@ -825,7 +825,7 @@ class Engine:
 
     def _fail_outstanding(self, exc: BaseException, later: Later) -> None:
         d = self.dispatcher
-        runs = [e[2] for e in d.heap] + [e[2] for e in d.delayed]
+        runs = [e[-1] for e in d.heap] + [e[-1] for e in d.delayed]
         for run in runs:
             if not run.sink.claim():
                 self._on_cancel(run, run.pos, len(run.items) - run.pos)

@@ -132,3 +132,19 @@ def test_one_bad_argument_in_a_merged_batch_fails_alone() -> None:
         with pytest.raises(pq.SerializationError, match="refuses to unpickle"):
             bad.result(timeout=60)
     assert balanced(pool.stats())
+
+
+def test_crash_inside_a_tiny_task_batch_is_charged_to_the_right_task() -> None:
+    """Tiny tasks run in unmarked batches; a crash there requeues the batch as marked
+    items, so the second crash names the task that really did it."""
+    with pq.Pool(workers=2) as pool:
+        assert list(pool.map(h.exit_on, range(3000), [-1] * 3000)) == list(range(3000))  # warm: tiny
+        out = []
+        with pytest.raises(pq.WorkerCrashed, match=r"exit code 9 while running task (\d+)") as info:
+            for y in pool.map(h.exit_on, range(4000), [2500] * 4000):
+                out.append(y)
+        assert out == list(range(2500))
+        assert info.value.exitcode == 9 and info.value.attempts == 1
+        assert pool.submit(h.square, 4).result(timeout=30) == 16
+    s = pool.stats()
+    assert balanced(s) and s.failed == 1 and s.crashed == 1

@@ -91,8 +91,11 @@ def test_backoff_doubles_with_bounded_jitter_and_cap() -> None:
     assert should_retry(1, 1) and not should_retry(2, 1) and not should_retry(1, 0)
 
 
+_ids = iter(range(1, 1_000_000, 1000))
+
+
 def _run(d: Dispatcher, handlers: Handlers, n: int, priority: int) -> Run:
-    run = Run(handlers.get(len), list(range(n)), m.Call.ONE, Chunk(Stream(), n), 0, priority)
+    run = Run(handlers.get(len), list(range(n)), m.Call.ONE, Chunk(Stream(), n), next(_ids), priority)
     d.push(run)
     return run
 
@@ -142,3 +145,18 @@ def test_retries_wait_out_their_backoff() -> None:
     assert not d.heap and d.waiting == 1
     d.promote(now=10.0)
     assert d.heap and d.waiting == 0 and d.pending == 1
+
+
+def test_items_of_one_run_requeued_alone_keep_their_place() -> None:
+    d, h = Dispatcher(capacity=100), Handlers()
+    run = _run(d, h, 3, 0)
+    later = _run(d, h, 1, 0)
+    run.chunksize = 3
+    assert d.take(1, None, lambda *a: None) == [(run, 0, 3)]
+    for j in (2, 0, 1):  # a worker died holding them: back in line, at the run's place
+        d.push(run.single(j, 1, careful=True), fresh=False)
+    order = []
+    for _ in range(4):
+        ((r, start, _),) = d.take(1, 1, lambda *a: None)
+        order.append(r.first_id + start)
+    assert order == [run.first_id, run.first_id + 1, run.first_id + 2, later.first_id]
