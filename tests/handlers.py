@@ -230,3 +230,7 @@ def exit_on(x: int, bad: int) -> int:
     if x == bad:
         os._exit(9)
     return x
+
+
+def big(n_mb: int) -> bytes:
+    return b"x" * (n_mb * 1024 * 1024)

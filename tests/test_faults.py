@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -148,3 +150,24 @@ def test_crash_inside_a_tiny_task_batch_is_charged_to_the_right_task() -> None:
         assert pool.submit(h.square, 4).result(timeout=30) == 16
     s = pool.stats()
     assert balanced(s) and s.failed == 1 and s.crashed == 1
+
+
+def test_worker_killed_mid_write_tears_only_its_own_stream() -> None:
+    """Results of 40 MB take a while to write; killing a worker during that tears
+    its own socket only: the collector drops the torn frame, the others go on."""
+    import random
+
+    rng = random.Random(3)
+    with pq.Pool(workers=2, max_retries=5, backoff=0.01) as pool:
+        futs = [pool.submit(h.big, 40) for _ in range(8)]
+        killed = 0
+        while not all(f.done() for f in futs) and killed < 4:
+            time.sleep(rng.uniform(0.02, 0.15))
+            pids = [w.pid for w in pool.stats().workers if w.pid > 0 and w.state == "busy"]
+            if pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(rng.choice(pids), signal.SIGKILL)
+                    killed += 1
+        assert all(len(f.result(timeout=120)) == 40 * 1024 * 1024 for f in futs)
+    s = pool.stats()
+    assert balanced(s) and s.completed == 8 and killed >= 1
