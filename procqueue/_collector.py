@@ -118,10 +118,10 @@ class Collector:
 
     # --- accounting -----------------------------------------------------------------
 
-    def decide(self, fault: int, attempt: int, retries: int, count: int) -> float:
+    def decide(self, fault: int, attempt: int, retries: int, count: int, by_value: bool = False) -> float:
         counts = self.counts
-        if fault == m.Fault.ARGS_UNPICKLE and count > 1:
-            return REQUEUE
+        if fault == m.Fault.ARGS_UNPICKLE and (count > 1 or not by_value):
+            return REQUEUE  # alone, then by value, before it counts as failed
         if fault in m.RETRYABLE and should_retry(attempt, retries):
             counts[RETRIED] += 1
             return backoff_delay(attempt, self.backoff, self.backoff_max, self.rng)
@@ -136,7 +136,9 @@ class Collector:
         match msg:
             case m.BatchDone():
                 errors = msg.errors
-                decisions = tuple(self.decide(e.fault, msg.attempt, msg.retries, msg.count) for e in errors)
+                decisions = tuple(
+                    self.decide(e.fault, msg.attempt, msg.retries, msg.count, msg.by_value) for e in errors
+                )
                 counts = self.counts
                 counts[COMPLETED] += msg.count - len(errors)
                 counts[ATTEMPTS] += msg.count

@@ -16,12 +16,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import cloudpickle
-
 from . import _messages as m
 from ._errors import SerializationError
 from ._results import Later, Sink
-from ._serialization import describe, dumps, name_bad_argument
+from ._serialization import by_value, describe, dumps, dumps_callable, name_bad_argument
 
 TARGET_BATCH_NS = 20_000_000  # auto chunksize aims at batches of about 20 ms
 MAX_BATCH = 4096
@@ -43,7 +41,7 @@ class Handler:
         """The cloudpickled handler, made once; raises SerializationError if it will not pickle."""
         if self.blob is None and self.error is None:
             try:
-                self.blob = cloudpickle.dumps(self.fn)
+                self.blob = dumps_callable(self.fn)
             except Exception as exc:
                 self.error = SerializationError(
                     f"the handler {getattr(self.fn, '__qualname__', repr(self.fn))} ({describe(self.fn)}) "
@@ -105,15 +103,17 @@ class Run:
     pos: int = 0  # items before this were dispatched
     solo: bool = False  # never merge with other runs (its batch once failed to unpickle)
     careful: bool = False  # mark every item: a worker died in an unmarked batch holding it
+    by_value: bool = False  # pickle the items with cloudpickle: by reference they did not unpickle
 
     def key(self) -> tuple[int, int, int, int, float | None, bool]:
         return (self.handler.id, self.call, self.attempt, self.retries, self.timeout, self.careful)
 
-    def single(self, j: int, attempt: int, solo: bool = False, careful: bool = False) -> Run:
+    def single(self, j: int, attempt: int, solo: bool = False, careful: bool = False, by_value: bool = False) -> Run:
         """Item `j` alone, as a retry or a requeue keeps it: same task id, sink slot and place in line."""
         return Run(
             self.handler, [self.items[j]], self.call, self.sink, self.first_id + j, self.priority,
             self.seq, attempt, self.retries, self.timeout, 1, self.base + j, 0, solo, careful or self.careful,
+            by_value or self.by_value,
         )  # fmt: skip
 
 
@@ -272,7 +272,7 @@ def encode_items(
         for run, start, count in segments:
             items.extend(run.items[start : start + count])
     try:
-        return dumps(items), segments
+        return (by_value(items) if segments[0][0].by_value else dumps(items)), segments
     except Exception:
         pass
     kept: list[tuple[Run, int, int]] = []
@@ -294,6 +294,7 @@ def encode_items(
                     what=what,
                     task_id=run.first_id + j,
                 )
+                err.__cause__ = exc
                 reject(run, j, err)
                 if run_start is not None:
                     kept.append((run, run_start, j - run_start))

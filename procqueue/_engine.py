@@ -54,11 +54,10 @@ import warnings
 import weakref
 from array import array
 from collections.abc import Callable
+from concurrent.futures import CancelledError
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
-
-import cloudpickle
 
 from . import _collector, _worker
 from . import _messages as m
@@ -67,12 +66,11 @@ from ._errors import Dropped, InitializerFailed, PoolBroken, PoolClosed, ProcQue
 from ._messages import TaskState as S
 from ._monitor import Stats, WorkerStats, read_process
 from ._results import Chunk, Later, Stream, crash_error, remote_error
-from ._serialization import loads
+from ._serialization import dumps_callable, loads
 from ._supervisor import Slot, Supervisor
 
 BACKPRESSURE = ("block", "drop", "error")
 POLL_UNSTARTED = 0.05  # a timed task not yet started by its worker: look again this soon
-MEMORY_CHECK = 0.5
 FAST_ITEM_NS = 50_000  # tasks shorter than this run unmarked in a tight loop (no timeout)
 STOP_GRACE = 5.0  # seconds an idle worker gets to exit after Stop
 MAX_BARREN_DEATHS = 5  # workers in a row that die before any outcome: the pool is broken
@@ -173,7 +171,6 @@ class Engine:
         self.done = threading.Event()
         self.books_error: BaseException | None = None  # validate mode: what the ledger caught
         self._woken = False
-        self._next_memory_check = 0.0
         self._barren_deaths = 0
         self._stop_deadline = float("inf")
 
@@ -205,8 +202,8 @@ class Engine:
         os.set_blocking(self.results.fileno(), False)
         self.reader = m.FrameReader()
 
-        init = cloudpickle.dumps((cfg.initializer, cfg.initargs)) if cfg.initializer is not None else None
-        self.supervisor = Supervisor(self.ctx, cfg.workers, address, token, init)
+        init = dumps_callable((cfg.initializer, cfg.initargs)) if cfg.initializer is not None else None
+        self.supervisor = Supervisor(self.ctx, cfg.workers, address, token, init, cfg.max_worker_memory)
         self.sel = selectors.DefaultSelector()
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
@@ -310,7 +307,9 @@ class Engine:
                 self.feeders.remove(f)
                 continue
             while f.pos < len(f.seq):
-                room = min(self.dispatcher.room(), f.limit - f.stream.outstanding)
+                room = self.dispatcher.room()
+                if not self.closed:  # after shutdown, no one may be reading yet: run it all, as Executor.map
+                    room = min(room, f.limit - f.stream.outstanding)
                 if room <= 0:
                     break
                 n = min(room, f.size or self.dispatcher.feed_size(f.handler), len(f.seq) - f.pos)
@@ -353,6 +352,9 @@ class Engine:
             self.closed = True
             if cancel:
                 self.dispatcher.cancel_all(self._on_cancel, later)
+                for f in self.feeders:  # maps over sequences: the rest of the input is not read
+                    f.exhausted, f.error = True, CancelledError("the pool was shut down with cancel_futures=True")
+                self.feeders.clear()
             self.cv.notify_all()
             self.wake()
         _run_all(later)
@@ -473,9 +475,6 @@ class Engine:
                 t = self._deadline_in(slot)
                 if t is not None:
                     nxt = t if nxt is None else min(nxt, t)
-        if self.cfg.max_worker_memory is not None:
-            t = max(0.0, self._next_memory_check - time.monotonic())
-            nxt = t if nxt is None else min(nxt, t)
         return nxt
 
     def _deadline_in(self, slot: Slot) -> float | None:
@@ -499,12 +498,6 @@ class Engine:
                 left = self._deadline_in(slot)
                 if left is not None and left <= 0 and self.supervisor.running(slot) is not None:
                     self.supervisor.kill(slot, "timeout")
-        limit = self.cfg.max_worker_memory
-        if limit is not None and time.monotonic() >= self._next_memory_check:
-            self._next_memory_check = time.monotonic() + MEMORY_CHECK
-            for slot in self.supervisor.slots:
-                if slot.pid > 0 and not slot.retiring and read_process(slot.pid)[1] > limit:
-                    self._retire(slot)
 
     def _retire(self, slot: Slot) -> None:
         """Let the worker finish what it holds, then exit; a fresh one takes its slot."""
@@ -519,6 +512,7 @@ class Engine:
 
     def _spawn(self, slot: Slot) -> None:
         self.supervisor.spawn(slot)
+        read_process(slot.pid)  # prime cpu_percent, so the first stats() already has a reading
         self.sel.register(slot.sentinel, selectors.EVENT_READ, ("dead", slot))
 
     # --- dispatch ---------------------------------------------------------------------
@@ -587,7 +581,7 @@ class Engine:
         careful = run.careful or run.timeout is not None or est is None or est > FAST_ITEM_NS
         msg = m.RunBatch(
             batch.batch_id, count, run.handler.id, None if slot.knows(run.handler.id) else blob,
-            run.call, run.attempt, run.retries, careful,
+            run.call, run.attempt, run.retries, careful, run.by_value,
         )  # fmt: skip
         self._send(slot, m.framed(msg, payload))
         if limit is not None and slot.tasks_sent >= self.cfg.max_tasks_per_worker:  # type: ignore[operator]
@@ -596,6 +590,11 @@ class Engine:
     def _on_cancel(self, run: Run, start: int, count: int, later: Later | None = None) -> None:
         self.counts.cancelled += count
         self._moves(run, start, count, S.CANCELLED)
+        if type(run.sink) is Chunk and not run.sink.stream.cancelled:
+            # Cancelled by shutdown(cancel_futures=True) while someone may still read the
+            # map: its place raises CancelledError, as a cancelled future's would.
+            for j in range(start, start + count):
+                run.sink.fail(run.base + j, CancelledError(), run.attempt, None, [])
 
     def _reject(self, run: Run, j: int, exc: BaseException, later: Later) -> None:
         """A task that failed before reaching a worker (it would not pickle)."""
@@ -711,8 +710,10 @@ class Engine:
         if fault in (m.Fault.CRASHED, m.Fault.TIMED_OUT):
             self._moves(run, j, 1, S.CRASHED if fault == m.Fault.CRASHED else S.TIMED_OUT)
         if decision is not None and decision == _collector.REQUEUE:
+            # Alone first (so it cannot fail its neighbours), then by value.
             self._moves(run, j, 1, S.PENDING)
-            self.dispatcher.push(run.single(j, run.attempt, solo=True), fresh=False)
+            alone = run.solo or len(run.items) == 1
+            self.dispatcher.push(run.single(j, run.attempt, solo=True, by_value=alone), fresh=False)
         elif decision is not None and decision >= 0:
             self._moves(run, j, 1, S.RETRYING)
             self.dispatcher.push_delayed(run.single(j, run.attempt + 1), time.monotonic() + decision)
@@ -752,11 +753,12 @@ class Engine:
             self.lost[pid] = _Lost(slot, batches, at, exitcode, fault_text, unmarked)
             slot.batches = {}
             init_failed = exitcode == _worker.EXIT_INIT_FAILED and tasks_sent == 0
+            if exitcode == _worker.EXIT_RECYCLED:  # it passed max_worker_memory between batches
+                slot.recycled += 1
             # Dying outside any task, before any outcome, is the worker's own fault (imports,
             # start-up); a task that kills its worker is charged to the task instead.
-            barren = (
-                exitcode != 0 and at is None and not slot.productive and not slot.retiring and slot.kill_reason is None
-            )
+            barren = exitcode not in (0, _worker.EXIT_RECYCLED) and running is None
+            barren = barren and not slot.productive and not slot.retiring and slot.kill_reason is None
             self._barren_deaths = self._barren_deaths + 1 if barren else 0
             if (
                 self.phase == "running"

@@ -8,8 +8,8 @@
     ├── PoolClosed          (also RuntimeError: submit after shutdown)
     ├── TaskFailed          (the handler raised; set as __cause__ of the re-raised error)
     ├── WorkerCrashed       (the worker died running the task: exit code or signal)
-    ├── TaskTimeout         (also TimeoutError: the task ran past its timeout)
-    ├── SerializationError  (the handler, an argument or the result did not pickle)
+    ├── TaskTimeout         (the task ran past its timeout; not a TimeoutError, see below)
+    ├── SerializationError  (also pickle.PicklingError: something did not pickle)
     └── PoolBroken          (also concurrent.futures.BrokenExecutor)
         └── InitializerFailed
 
@@ -18,6 +18,7 @@ Every error carries its fields as attributes and pickles with them.
 
 from __future__ import annotations
 
+import pickle
 import signal as _signal
 from concurrent.futures import BrokenExecutor
 from typing import Any
@@ -88,9 +89,13 @@ class WorkerCrashed(ProcQueueError):
     fault_traceback: str
 
 
-class TaskTimeout(ProcQueueError, TimeoutError):
+class TaskTimeout(ProcQueueError):
     """The task ran past its timeout; its worker was killed. Fields: `task_id`,
-    `attempts`, `timeout`, `pid`."""
+    `attempts`, `timeout`, `pid`.
+
+    Deliberately not a `TimeoutError`: `future.result(timeout=...)` raises
+    that when the *wait* times out, and polling loops catch it to wait again.
+    """
 
     task_id: int
     attempts: int
@@ -98,7 +103,7 @@ class TaskTimeout(ProcQueueError, TimeoutError):
     pid: int
 
 
-class SerializationError(ProcQueueError):
+class SerializationError(ProcQueueError, pickle.PicklingError):
     """Something did not pickle or unpickle. Fields: `stage` ("argument",
     "handler", "result" or "exception"), `what` (which argument, for example)
     and `task_id`."""

@@ -81,6 +81,7 @@ class RunBatch:
     attempt: int
     retries: int
     careful: bool
+    by_value: bool = False  # the items were pickled by value (a retry after they would not unpickle)
 
 
 @dataclass(frozen=True)
@@ -118,6 +119,7 @@ class BatchDone:
     retries: int
     errors: tuple[ErrorInfo, ...]
     durations: bytes
+    by_value: bool = False
 
 
 @dataclass(frozen=True)

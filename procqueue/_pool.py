@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import itertools
+import math
 import time
 import weakref
 from collections import deque
@@ -14,6 +15,7 @@ from typing import Any, Literal, TypeVar
 from . import _messages as m
 from ._dispatcher import Run
 from ._engine import BACKPRESSURE, Config, Engine, _run_all, default_start_method, default_workers
+from ._errors import PoolClosed
 from ._monitor import Stats
 from ._results import Chunk, FutureSink, Later, Stream
 from ._results import Future as Future
@@ -46,10 +48,13 @@ class Options:
             raise ValueError(f"retries must be >= 0, got {retries}")
         if timeout is not None and timeout <= 0:
             raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
+        lifted = timeout is not None and math.isinf(timeout)
+        if lifted:
+            timeout = None  # options(timeout=math.inf) lifts a pool's task_timeout for these calls
         self._pool = pool
         self.priority = int(priority)
         self.retries = pool._cfg.max_retries if retries is None else int(retries)
-        self.timeout = pool._cfg.task_timeout if timeout is None else float(timeout)
+        self.timeout = pool._cfg.task_timeout if timeout is None and not lifted else timeout
         self.block_timeout = pool._cfg.block_timeout if block_timeout is None else block_timeout
 
     def options(
@@ -188,6 +193,13 @@ class _Feeder:
         """Generator input: pull in the consumer's thread while there is room."""
         engine = self.engine
         while not self.exhausted:
+            if engine.closed:  # results already computed are still handed out, then this
+                self.error = PoolClosed(
+                    "the pool was shut down before this map's input was read to the end; "
+                    "iterate the results inside the `with` block, or pass a list"
+                )
+                self.exhausted = True
+                return
             room = engine.map_room(self.stream, self.limit)
             if room <= 0:
                 return
@@ -306,6 +318,8 @@ class Pool(concurrent.futures.Executor):
             raise ValueError(f"max_retries must be >= 0, got {max_retries!r}")
         if backoff < 0 or backoff_max < 0:
             raise ValueError("backoff and backoff_max must be >= 0 seconds")
+        if task_timeout is not None and math.isinf(task_timeout):
+            task_timeout = None
         if task_timeout is not None and task_timeout <= 0:
             raise ValueError(f"task_timeout must be > 0 seconds, got {task_timeout!r}")
         if max_tasks_per_worker is not None and max_tasks_per_worker < 1:
@@ -387,5 +401,5 @@ class Pool(concurrent.futures.Executor):
         if exc_type is not None and not issubclass(exc_type, Exception):
             self.terminate()  # Ctrl-C or SystemExit: end promptly
         else:
-            self.shutdown(wait=True, cancel_futures=exc_type is not None)
+            self.shutdown(wait=True)  # as ProcessPoolExecutor: queued work still runs
         return False

@@ -4,6 +4,7 @@ and precise about what failed when nothing works."""
 from __future__ import annotations
 
 import pickle
+import sys
 import traceback
 from collections.abc import Sequence
 from typing import Any, cast
@@ -13,20 +14,50 @@ import cloudpickle
 _MAIN = b"__main__"
 
 
-def dumps(obj: Any) -> bytes:
-    """Plain pickle (fast C path), else cloudpickle.
+def _main_is_importable() -> bool:
+    """A worker has our `__main__` when it is a file: fork inherits it, spawn and
+    forkserver run it again as `__mp_main__`. Not so for `python -c`, stdin or a notebook."""
+    return bool(getattr(sys.modules.get("__main__"), "__file__", None))
 
-    Plain pickle refers to things in `__main__` by name, which a spawned worker
-    may not have; a reference to `__main__` in the bytes sends us to cloudpickle,
-    which ships those by value.
+
+def dumps(obj: Any) -> bytes:
+    """Plain pickle (fast C path, by reference), else cloudpickle (by value).
+
+    By reference, a worker's handler, initializer and globals are the module's
+    own, shared as with ProcessPoolExecutor. Things in a `__main__` the worker
+    cannot import, lambdas and closures go by value.
     """
     try:
         data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
     except Exception:
-        return cast(bytes, cloudpickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL))
-    if _MAIN in data:
-        return cast(bytes, cloudpickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL))
+        return by_value(obj)
+    if _MAIN in data and not _main_is_importable():
+        return by_value(obj)
     return data
+
+
+def by_value(obj: Any) -> bytes:
+    """cloudpickle: functions and classes travel as code, not as names."""
+    return cast(bytes, cloudpickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL))
+
+
+def dumps_callable(obj: Any) -> bytes:
+    """A handler or initializer, for `loads_callable`: by reference when that
+    works, with a by-value copy for a worker that cannot resolve the
+    reference (a function defined under `if __name__ == "__main__":`)."""
+    ref = dumps(obj)
+    spare = by_value(obj) if _MAIN in ref else None
+    return pickle.dumps((ref, spare), protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def loads_callable(blob: bytes) -> Any:
+    ref, spare = pickle.loads(blob)
+    try:
+        return pickle.loads(ref)
+    except Exception:
+        if spare is None:
+            raise
+        return pickle.loads(spare)
 
 
 loads = pickle.loads

@@ -71,8 +71,17 @@ class Slot:
 class Supervisor:
     """Starts, feeds, watches and ends the worker processes."""
 
-    def __init__(self, ctx: BaseContext, workers: int, address: str | bytes, token: bytes, init: bytes | None) -> None:
+    def __init__(
+        self,
+        ctx: BaseContext,
+        workers: int,
+        address: str | bytes,
+        token: bytes,
+        init: bytes | None,
+        max_memory: int | None = None,
+    ) -> None:
         self.ctx = ctx
+        self.max_memory = max_memory
         self.address = address
         self.token = token
         self.init = init
@@ -86,7 +95,7 @@ class Supervisor:
         self.marks[2 * slot.index] = 0
         proc = self.ctx.Process(  # type: ignore[attr-defined]
             target=_worker.main,
-            args=(slot.index, task_r, self.address, self.token, self._markers, fault_w, self.init),
+            args=(slot.index, task_r, self.address, self.token, self._markers, fault_w, self.init, self.max_memory),
             name=f"procqueue-worker-{slot.index}",
         )
         proc.start()

@@ -25,8 +25,10 @@ from collections.abc import Callable
 from multiprocessing import connection, parent_process
 from typing import Any
 
+import psutil
+
 from . import _messages as m
-from ._serialization import dumps_values, loads, pack_exception
+from ._serialization import dumps_values, loads, loads_callable, pack_exception
 
 # A batch reports what it has so far at least this often, so a crash late in a
 # long batch re-runs little, and the collector's counters stay fresh.
@@ -35,6 +37,7 @@ HANDLER_CACHE = 256  # the parent mirrors this LRU to know what a worker holds
 TAG_BITS = 20  # marker tag = (batch_id << TAG_BITS | index) + 1; 0 means idle
 EXIT_INIT_FAILED = 3
 EXIT_ORPHANED = 4
+EXIT_RECYCLED = 5  # past max_worker_memory: the parent starts a fresh worker
 
 
 def tag_of(batch_id: int, index: int) -> int:
@@ -61,8 +64,17 @@ def _watch_parent() -> None:
 
 
 class _Worker:
-    def __init__(self, slot: int, task_conn: connection.Connection, out: connection.Connection, markers: Any) -> None:
+    def __init__(
+        self,
+        slot: int,
+        task_conn: connection.Connection,
+        out: connection.Connection,
+        markers: Any,
+        max_memory: int | None = None,
+    ) -> None:
         self.slot = slot
+        self.max_memory = max_memory
+        self.me = psutil.Process() if max_memory else None
         self.pid = os.getpid()
         self.task_conn = task_conn
         self.out = out
@@ -85,6 +97,10 @@ class _Worker:
             match msg:
                 case m.RunBatch():
                     self.run(msg, body)
+                    if self.me is not None and self.max_memory and self.me.memory_info().rss > self.max_memory:
+                        self.send(m.Bye(self.slot, self.pid))
+                        self.out.close()
+                        os._exit(EXIT_RECYCLED)  # batches still queued here go back, uncharged
                 case m.Stop():
                     self.send(m.Bye(self.slot, self.pid))
                     return
@@ -96,7 +112,7 @@ class _Worker:
         if msg.handler is not None:
             # The parent sends the bytes whenever its mirror of this LRU says
             # we lack them; a failure here is reported for every item.
-            cache[msg.handler_id] = loads(msg.handler)
+            cache[msg.handler_id] = loads_callable(msg.handler)
             if len(cache) > HANDLER_CACHE:
                 cache.popitem(last=False)
         else:
@@ -109,7 +125,9 @@ class _Worker:
         durations = array("q", bytes(8 * msg.count)).tobytes()
         values = [None] * msg.count
         body, _ = dumps_values(values)
-        self.send(m.BatchDone(msg.batch_id, 0, msg.count, msg.attempt, msg.retries, errors, durations), body)
+        self.send(
+            m.BatchDone(msg.batch_id, 0, msg.count, msg.attempt, msg.retries, errors, durations, msg.by_value), body
+        )
 
     def run(self, msg: m.RunBatch, body: memoryview) -> None:
         try:
@@ -218,6 +236,7 @@ def main(
     markers: Any,
     fault_conn: connection.Connection,
     init: bytes | None,
+    max_memory: int | None = None,
 ) -> None:
     """Entry point of a worker process (the `target` of its `Process`)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C belongs to the parent
@@ -227,11 +246,11 @@ def main(
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.connect(address)
     out = connection.Connection(sock.detach())
-    worker = _Worker(slot, task_conn, out, markers)
+    worker = _Worker(slot, task_conn, out, markers, max_memory)
     worker.send(m.Hello(slot, worker.pid, token))
     if init is not None:
         try:
-            initializer, initargs = loads(init)
+            initializer, initargs = loads_callable(init)
             initializer(*initargs)
         except BaseException as exc:
             worker.send(m.InitFailed(slot, worker.pid, pack_exception(exc)[3]))

@@ -171,3 +171,16 @@ def test_worker_killed_mid_write_tears_only_its_own_stream() -> None:
         assert all(len(f.result(timeout=120)) == 40 * 1024 * 1024 for f in futs)
     s = pool.stats()
     assert balanced(s) and s.completed == 8 and killed >= 1
+
+
+def test_polling_a_timed_out_task_ends() -> None:
+    """`except TimeoutError: continue` around result(timeout=) must not spin forever."""
+    with pq.Pool(workers=1) as pool:
+        fut = pool.options(timeout=0.3).submit(h.hang, 30)
+        deadline = time.monotonic() + 30
+        with pytest.raises(pq.TaskTimeout):
+            while time.monotonic() < deadline:
+                try:
+                    fut.result(timeout=0.1)
+                except TimeoutError:
+                    continue

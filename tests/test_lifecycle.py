@@ -185,3 +185,28 @@ def test_chaos_every_task_ends_once_books_balance_memory_flat() -> None:
     assert outcomes["raised"] > 0 and s.crashed >= 1 and s.timed_out >= 1 and s.retried > 0
     assert balanced(s), s
     assert rss1 - rss0 < 50 * 1024 * 1024
+
+
+MAIN_SCRIPT = """
+import sys, procqueue as pq
+STATE = {}
+def init(v): STATE["v"] = v
+def getv(_): return STATE.get("v")
+if __name__ == "__main__":
+    def local(x): return x * 3          # not importable by a spawned worker
+    class Box:
+        def __init__(self, x): self.x = x
+    with pq.Pool(1, start_method=sys.argv[1], initializer=init, initargs=(42,)) as pool:
+        print(pool.submit(getv, 0).result(), pool.submit(local, 2).result(), pool.submit(lambda b: b.x, Box(7)).result())
+"""
+
+
+def test_functions_in_main_share_globals_and_unimportable_ones_still_travel(
+    tmp_path: object, start_method: str
+) -> None:
+    script = os.path.join(str(tmp_path), "main_script.py")
+    with open(script, "w") as fh:
+        fh.write(MAIN_SCRIPT)
+    out = subprocess.run([sys.executable, script, start_method], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["42", "6", "7"]

@@ -242,3 +242,41 @@ def test_stats_snapshot_and_json(pool: pq.Pool) -> None:
     assert len(s.workers) == 2 and all(w.rss > 0 and w.state == "idle" for w in s.workers)
     assert sum(w.tasks_done for w in s.workers) == 100
     assert json.loads(s.to_json())["completed"] == 100
+
+
+def test_map_results_read_after_the_with_block() -> None:
+    """As with ProcessPoolExecutor: a map over a list runs to the end at shutdown."""
+    with pq.Pool(workers=2) as pool:
+        results = pool.map(h.square, list(range(5000)))
+    assert list(results) == [x * x for x in range(5000)]
+    with pq.Pool(workers=2) as pool:
+        gen_results = pool.map(h.square, (x for x in range(5000)))
+    got = []
+    with pytest.raises(pq.PoolClosed, match="before this map's input was read"):
+        for y in gen_results:
+            got.append(y)
+    assert got == [x * x for x in range(len(got))]
+    assert len(got) >= 1024  # what was fed before shutdown still comes out
+
+
+def test_shutdown_cancel_futures_cancels_the_rest_of_a_map() -> None:
+    pool = pq.Pool(workers=1)
+    results = pool.map(h.sleep_then, range(2000), [0.001] * 2000)
+    time.sleep(0.2)
+    pool.shutdown(wait=True, cancel_futures=True)
+    got = []
+    with pytest.raises(cf.CancelledError):
+        for y in results:
+            got.append(y)
+    assert got == list(range(len(got)))
+    assert balanced(pool.stats())
+    assert pool.stats().cancelled > 0
+
+
+def test_timeout_inf_lifts_the_pool_timeout() -> None:
+    import math
+
+    with pq.Pool(workers=1, task_timeout=0.2) as pool:
+        assert pool.options(timeout=math.inf).submit(h.sleep_then, 1, 0.5).result(timeout=30) == 1
+        with pytest.raises(pq.TaskTimeout):
+            pool.submit(h.sleep_then, 2, 0.5).result(timeout=30)

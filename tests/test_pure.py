@@ -32,7 +32,9 @@ def test_errors_pickle_with_their_fields() -> None:
     assert type(back) is pq.WorkerCrashed
     assert (back.task_id, back.exitcode, back.signal, str(back)) == (3, -11, 11, "died")
     assert isinstance(pq.PoolClosed("x"), RuntimeError)
-    assert isinstance(pq.TaskTimeout("x"), TimeoutError)
+    # A task's timeout must not look like a wait's timeout: polling loops catch TimeoutError.
+    assert not isinstance(pq.TaskTimeout("x"), TimeoutError)
+    assert isinstance(pq.SerializationError("x"), pickle.PicklingError)
     assert all(issubclass(e, pq.ProcQueueError) for e in (pq.QueueFull, pq.Dropped, pq.SerializationError))
 
 
