@@ -84,15 +84,18 @@ def main() -> None:
 
     loops = calibrate()
     items = [loops] * N_CPU
-    serial, par = [], []
-    with pq.Pool(workers=workers) as pool:
+    serial, par, peer = [], [], []
+    with pq.Pool(workers=workers) as pool, mp.get_context("forkserver").Pool(workers) as mpp:
         list(pool.map(burn, items[:100]))
+        mpp.map(burn, items[:100])
         for _ in range(args.repeats):
             serial.append(timed(lambda: [burn(x) for x in items]))
             par.append(timed(lambda: list(pool.map(burn, items))))
-    s, p = statistics.median(serial), statistics.median(par)
+            peer.append(timed(lambda: mpp.map(burn, items)))
+    s, p, q = statistics.median(serial), statistics.median(par), statistics.median(peer)
     print(
-        f"cpu: {N_CPU:,} tasks of ~1 ms: serial {s:.2f} s, procqueue {p:.2f} s, speedup {s / p:.2f}x on {workers} workers"
+        f"cpu: {N_CPU:,} tasks of ~1 ms on {workers} workers: serial {s:.2f} s; "
+        f"procqueue {p:.2f} s (speedup {s / p:.2f}x); multiprocessing.Pool.map {q:.2f} s (speedup {s / q:.2f}x)"
     )
 
 
