@@ -21,10 +21,12 @@ Actors, what they read, write and own:
 
 - user threads: push runs into the heap under the lock (`enqueue`), wait on
   the condition for room (backpressure "block") or for map chunks.
-- manager thread: owns the selector, the supervisor (`_supervisor.py`), every
-  write to a task pipe, every read of the results pipe, and the settling of
-  sinks (`_results.py`). It sleeps in one `select()` whose timeout is the
-  nearest deadline (a retry's backoff or a task timeout), never a fixed tick.
+- manager thread: owns the selector, the dispatcher (`_dispatcher.py`), the
+  supervisor (`_supervisor.py`: processes, timeouts), every write to a task
+  pipe, every read of the results pipe, and the settling of outcomes into
+  futures and map chunks (`_outcomes.py`, `_results.py`). It sleeps in one
+  `select()` whose timeout is the nearest deadline (a retry's backoff or a
+  task timeout), never a fixed tick.
 - workers (`_worker.py`): each reads only its own pipe and writes only its
   own socket, so a worker killed mid-write tears nothing another process
   reads from, and no lock is shared: there is no shared queue to poison
@@ -52,62 +54,28 @@ import threading
 import time
 import warnings
 import weakref
-from array import array
 from collections.abc import Callable
 from concurrent.futures import CancelledError
 from dataclasses import dataclass
-from functools import partial
 from typing import Any
 
 from . import _collector, _worker
 from . import _messages as m
+from ._config import Config
 from ._dispatcher import Batch, Dispatcher, Handlers, Run, encode_items
 from ._errors import Dropped, InitializerFailed, PoolBroken, PoolClosed, ProcQueueError, QueueFull, describe_exitcode
 from ._messages import TaskState as S
-from ._monitor import Stats, WorkerStats, read_process
-from ._results import Chunk, Later, Stream, crash_error, remote_error
-from ._serialization import dumps_callable, loads
+from ._monitor import Stats, read_process, snapshot
+from ._outcomes import Outcomes
+from ._results import Later, Stream, run_all
+from ._serialization import dumps_callable
 from ._supervisor import Slot, Supervisor
 
-BACKPRESSURE = ("block", "drop", "error")
-POLL_UNSTARTED = 0.05  # a timed task not yet started by its worker: look again this soon
 FAST_ITEM_NS = 50_000  # tasks shorter than this run unmarked in a tight loop (no timeout)
 STOP_GRACE = 5.0  # seconds an idle worker gets to exit after Stop
 MAX_BARREN_DEATHS = 5  # workers in a row that die before any outcome: the pool is broken
 FAST_TASK_NS = 2_000_000  # below this per-item estimate a worker gets more than one batch queued
 PREFETCH_NS = 40_000_000  # ... up to this much estimated work
-
-
-@dataclass
-class Config:
-    """Everything a Pool was built with, validated."""
-
-    workers: int
-    capacity: int
-    backpressure: str
-    max_retries: int
-    backoff: float
-    backoff_max: float
-    task_timeout: float | None
-    max_tasks_per_worker: int | None
-    max_worker_memory: int | None
-    initializer: Callable[..., Any] | None
-    initargs: tuple[Any, ...]
-    start_method: str
-    block_timeout: float | None = None
-
-
-def default_workers() -> int:
-    """CPUs this process may run on (affinity-aware)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
-
-
-def default_start_method() -> str:
-    methods = multiprocessing.get_all_start_methods()
-    return "forkserver" if "forkserver" in methods else "spawn"
 
 
 @dataclass
@@ -148,7 +116,7 @@ def _shutdown_at_exit() -> None:
             engine.terminate()
 
 
-class Engine:
+class Engine(Outcomes):
     """The running pool behind `Pool`: processes, manager thread, books."""
 
     def __init__(self, cfg: Config) -> None:
@@ -357,7 +325,7 @@ class Engine:
                 self.feeders.clear()
             self.cv.notify_all()
             self.wake()
-        _run_all(later)
+        run_all(later)
         if wait and threading.current_thread() is not self.thread:
             self.thread.join()
             if self.books_error is not None:
@@ -372,51 +340,7 @@ class Engine:
             self.thread.join()
 
     def stats(self) -> Stats:
-        c = self.collector_counts
-        with self.lock:
-            counts = self.counts
-            elapsed = time.monotonic() - counts.started if counts.started is not None else 0.0
-            workers = []
-            for slot in self.supervisor.slots:
-                if slot.process is None:
-                    state = "dead"
-                elif slot.retiring:
-                    state = "retiring"
-                elif slot.batches:
-                    state = "busy"
-                else:
-                    state = "idle"
-                workers.append((slot.pid, c[_collector.SLOTS + slot.index], state, slot.index, slot.recycled))
-            completed = c[_collector.COMPLETED] - counts.unloadable
-            failed = c[_collector.FAILED] + counts.rejected + counts.unloadable
-            ended = completed + failed + counts.dropped + counts.cancelled
-            snap = dict(
-                submitted=counts.submitted,
-                completed=completed,
-                failed=failed,
-                retried=c[_collector.RETRIED],
-                dropped=counts.dropped,
-                cancelled=counts.cancelled,
-                crashed=c[_collector.CRASHED],
-                timed_out=c[_collector.TIMED_OUT],
-                pending=self.dispatcher.pending,
-                retrying=self.dispatcher.waiting,
-                in_flight=counts.in_flight,
-                throughput=ended / elapsed if elapsed > 0 else 0.0,
-                elapsed=elapsed,
-            )
-        stats = []
-        for pid, done, state, index, recycled in workers:
-            cpu, rss = read_process(pid) if pid > 0 else (0.0, 0)
-            stats.append(WorkerStats(pid, cpu, rss, done, state, index, recycled))
-        return Stats(**snap, workers=stats)  # type: ignore[arg-type]
-
-    # --- validate mode ------------------------------------------------------------------
-
-    def _moves(self, run: Run, start: int, count: int, to: S) -> None:
-        if self.ledger is not None:
-            for j in range(start, start + count):
-                self.ledger.move(run.first_id + j, to)
+        return snapshot(self)
 
     # --- the manager thread --------------------------------------------------------------
 
@@ -445,7 +369,7 @@ class Engine:
                 if self.dispatcher.pending < before:
                     self.cv.notify_all()  # room freed: wake blocked submitters and map feeders
                 self._advance_phase()
-            _run_all(later)
+            run_all(later)
             if self.phase == "done":
                 break
             for key, _mask in sel.select(self._timeout()):
@@ -463,41 +387,15 @@ class Engine:
                         sel.unregister(slot.fd)
                 elif what == "collector":
                     self._on_collector_died()
-            self._check_deadlines()
+            self.supervisor.enforce_timeouts()
 
     def _timeout(self) -> float | None:
         due = self.dispatcher.next_due()
         if self.phase == "stopping" and self._stop_deadline != float("inf"):
             due = self._stop_deadline if due is None else min(due, self._stop_deadline)
         nxt = None if due is None else max(0.0, due - time.monotonic())
-        for slot in self.supervisor.slots:
-            if slot.batches and slot.kill_reason is None:
-                t = self._deadline_in(slot)
-                if t is not None:
-                    nxt = t if nxt is None else min(nxt, t)
-        return nxt
-
-    def _deadline_in(self, slot: Slot) -> float | None:
-        """Seconds until the item this worker runs passes its timeout (0: now)."""
-        timed = [b for b in slot.batches.values() if b.head.timeout is not None]
-        if not timed:
-            return None
-        now = self.supervisor.running(slot)
-        if now is None:
-            return POLL_UNSTARTED
-        batch_id, _, started = now
-        batch = slot.batches.get(batch_id)
-        if batch is None or batch.head.timeout is None:
-            return POLL_UNSTARTED
-        left = started / 1e9 + batch.head.timeout - time.perf_counter()
-        return max(0.0, left)
-
-    def _check_deadlines(self) -> None:
-        for slot in self.supervisor.slots:
-            if slot.batches and slot.kill_reason is None:
-                left = self._deadline_in(slot)
-                if left is not None and left <= 0 and self.supervisor.running(slot) is not None:
-                    self.supervisor.kill(slot, "timeout")
+        t = self.supervisor.next_deadline()
+        return t if nxt is None else nxt if t is None else min(nxt, t)
 
     def _retire(self, slot: Slot) -> None:
         """Let the worker finish what it holds, then exit; a fresh one takes its slot."""
@@ -587,21 +485,6 @@ class Engine:
         if limit is not None and slot.tasks_sent >= self.cfg.max_tasks_per_worker:  # type: ignore[operator]
             self._retire(slot)
 
-    def _on_cancel(self, run: Run, start: int, count: int, later: Later | None = None) -> None:
-        self.counts.cancelled += count
-        self._moves(run, start, count, S.CANCELLED)
-        if type(run.sink) is Chunk and not run.sink.stream.cancelled:
-            # Cancelled by shutdown(cancel_futures=True) while someone may still read the
-            # map: its place raises CancelledError, as a cancelled future's would.
-            for j in range(start, start + count):
-                run.sink.fail(run.base + j, CancelledError(), run.attempt, None, [])
-
-    def _reject(self, run: Run, j: int, exc: BaseException, later: Later) -> None:
-        """A task that failed before reaching a worker (it would not pickle)."""
-        self.counts.rejected += 1
-        self._moves(run, j, 1, S.FAILED)
-        run.sink.fail(run.base + j, exc, 0, None, later)
-
     # --- outcomes ---------------------------------------------------------------------
 
     def _on_results(self) -> None:
@@ -638,93 +521,7 @@ class Engine:
                         self.phase = "done"
                 case _:
                     raise TypeError(f"parent got an unknown message {msg!r}")
-        _run_all(later)
-
-    def _on_batch_result(self, msg: m.BatchResult, body: memoryview, later: Later) -> None:
-        try:
-            values: list[Any] = loads(body)
-            unpickle_error: BaseException | None = None
-        except Exception as exc:
-            values, unpickle_error = [None] * msg.count, exc
-        durations = array("q", msg.durations)
-        with self.cv:
-            batch = self.batches.get(msg.batch_id)
-            if batch is None:
-                return
-            head = batch.head
-            total = sum(durations)
-            head.handler.measured(total, max(msg.count, 1))
-            if len(durations) != msg.count and any(type(r.sink) is not Chunk for r, _, _ in batch.segments):
-                durations = array("q", [total // max(msg.count, 1)]) * msg.count  # futures report their own
-            slot = self.supervisor.slots[batch.slot]
-            if slot.pid == msg.pid:
-                slot.productive = True
-            self._barren_deaths = 0
-            failed = {e.index: (e, d) for e, d in zip(msg.errors, msg.decisions, strict=True)}
-            lo, hi = msg.start, msg.start + msg.count
-            for run, j, a, b in batch.locate(lo, hi):
-                if not failed and unpickle_error is None:
-                    self._moves(run, j, b - a, S.DONE)
-                    run.sink.ok(run.base + j, values, a - lo, b - lo, (run.attempt, msg.pid, durations, a - lo), later)
-                    continue
-                for k in range(a, b):
-                    jj = j + k - a
-                    if k in failed:
-                        info, decision = failed[k]
-                        self._settle_failure(
-                            run,
-                            jj,
-                            info.fault,
-                            decision,
-                            later,
-                            partial(remote_error, info, run.first_id + jj, run.attempt, msg.pid),
-                            msg.pid,
-                        )
-                    elif unpickle_error is not None:
-                        self.counts.unloadable += 1
-                        self._settle_failure(
-                            run,
-                            jj,
-                            m.Fault.RESULT_PICKLE,
-                            -1.0,
-                            later,
-                            partial(_parent_unpickle_error, unpickle_error, run.first_id + jj),
-                            msg.pid,
-                        )
-                    else:
-                        self._moves(run, jj, 1, S.DONE)
-                        run.sink.ok(
-                            run.base + jj, values, k - lo, k - lo + 1, (run.attempt, msg.pid, durations, k - lo), later
-                        )
-            self.counts.in_flight -= msg.count
-            batch.done = hi
-            if batch.done >= batch.count:
-                self._finish_batch(batch)
-            self.cv.notify_all()
-
-    def _settle_failure(
-        self, run: Run, j: int, fault: int, decision: float | None, later: Later,
-        make_error: Callable[[], BaseException], pid: int | None,
-    ) -> None:  # fmt: skip
-        """One failed attempt of item `j` of `run`, as the collector judged it."""
-        if fault in (m.Fault.CRASHED, m.Fault.TIMED_OUT):
-            self._moves(run, j, 1, S.CRASHED if fault == m.Fault.CRASHED else S.TIMED_OUT)
-        if decision is not None and decision == _collector.REQUEUE:
-            # Alone first (so it cannot fail its neighbours), then by value.
-            self._moves(run, j, 1, S.PENDING)
-            alone = run.solo or len(run.items) == 1
-            self.dispatcher.push(run.single(j, run.attempt, solo=True, by_value=alone), fresh=False)
-        elif decision is not None and decision >= 0:
-            self._moves(run, j, 1, S.RETRYING)
-            self.dispatcher.push_delayed(run.single(j, run.attempt + 1), time.monotonic() + decision)
-        else:
-            self._moves(run, j, 1, S.FAILED)
-            run.sink.fail(run.base + j, make_error(), run.attempt, pid, later)
-
-    def _finish_batch(self, batch: Batch) -> None:
-        self.batches.pop(batch.batch_id, None)
-        slot = self.supervisor.slots[batch.slot]
-        slot.batches.pop(batch.batch_id, None)
+        run_all(later)
 
     # --- worker deaths ------------------------------------------------------------------
 
@@ -778,33 +575,6 @@ class Engine:
         with contextlib.suppress(OSError):
             self.control.send_bytes(m.encode(m.WorkerLost(slot.index, pid, exitcode, timed_out, charged)))
 
-    def _on_worker_gone(self, msg: m.WorkerGone, later: Later) -> None:
-        lost = self.lost.pop(msg.pid, None)
-        if lost is None:
-            return
-        for batch in lost.batches:
-            if batch.batch_id not in self.batches:
-                continue
-            for k in range(batch.done, batch.count):
-                run, j = batch.item(k)
-                if lost.running == (batch.batch_id, k) and msg.decision is not None:
-                    error = partial(
-                        crash_error,
-                        msg.fault,
-                        run.first_id + j,
-                        run.attempt,
-                        msg.pid,
-                        msg.exitcode,
-                        run.timeout,
-                        lost.fault_text,
-                    )
-                    self._settle_failure(run, j, msg.fault, msg.decision, later, error, msg.pid)
-                else:  # it never ran (or its outcome was lost with the worker): again, uncharged
-                    self._moves(run, j, 1, S.PENDING)
-                    self.dispatcher.push(run.single(j, run.attempt, careful=lost.unmarked), fresh=False)
-            self.counts.in_flight -= batch.count - batch.done
-            self.batches.pop(batch.batch_id, None)
-
     def _on_collector_died(self) -> None:
         self.sel.unregister(self.collector.sentinel)
         if self.phase != "done":
@@ -823,35 +593,7 @@ class Engine:
             self.cv.notify_all()
         for slot in self.supervisor.slots:
             self.supervisor.kill(slot)
-        _run_all(later)
-
-    def _fail_outstanding(self, exc: BaseException, later: Later) -> None:
-        d = self.dispatcher
-        runs = [e[-1] for e in d.heap] + [e[-1] for e in d.delayed]
-        for run in runs:
-            if not run.sink.claim():
-                self._on_cancel(run, run.pos, len(run.items) - run.pos)
-                continue
-            for j in range(run.pos, len(run.items)):
-                self.counts.rejected += 1
-                if self.ledger is not None:
-                    self.ledger.move(run.first_id + j, S.FAILED)
-                run.sink.fail(run.base + j, exc, run.attempt, None, later)
-        d.heap.clear()
-        d.delayed.clear()
-        d.pending = d.waiting = 0
-        for batch in list(self.batches.values()):
-            for k in range(batch.done, batch.count):
-                run, j = batch.item(k)
-                self.counts.rejected += 1
-                if self.ledger is not None:
-                    self.ledger.move(run.first_id + j, S.FAILED)
-                run.sink.fail(run.base + j, exc, run.attempt, None, later)
-            self.counts.in_flight -= batch.count - batch.done
-        self.batches.clear()
-        for slot in self.supervisor.slots:
-            slot.batches = {}
-        self.lost.clear()
+        run_all(later)
 
     # --- shutting down ------------------------------------------------------------------
 
@@ -911,22 +653,5 @@ class Engine:
         _live.discard(self)
 
 
-def _parent_unpickle_error(exc: BaseException, task_id: int) -> BaseException:
-    from ._errors import SerializationError
-
-    return SerializationError(
-        f"task {task_id}: its result could not be unpickled in the parent: {type(exc).__name__}: {exc}; "
-        "make sure the parent can import what the result refers to",
-        stage="result",
-        what=type(exc).__name__,
-        task_id=task_id,
-    )
-
-
 def _fault_note(text: str) -> str:
     return f"\n\nfaulthandler in the worker wrote:\n{text.strip()}" if text.strip() else ""
-
-
-def _run_all(later: Later) -> None:
-    for fn in later:
-        fn()

@@ -4,10 +4,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psutil
+
+from . import _collector as c
+
+if TYPE_CHECKING:
+    from ._engine import Engine
 
 
 @dataclass(frozen=True)
@@ -87,3 +93,34 @@ def read_process(pid: int) -> tuple[float, int]:
 
 
 _procs: dict[int, psutil.Process] = {}
+
+
+def snapshot(engine: Engine) -> Stats:
+    """`Pool.stats()`: the parent's books and the collector's shared counters,
+    read under the pool's lock (no message to any process), then psutil per worker."""
+    counts_in = engine.collector_counts
+    with engine.lock:
+        books = engine.counts
+        elapsed = time.monotonic() - books.started if books.started is not None else 0.0
+        rows = []
+        for slot in engine.supervisor.slots:
+            if slot.process is None:
+                state = "dead"
+            elif slot.retiring:
+                state = "retiring"
+            else:
+                state = "busy" if slot.batches else "idle"
+            rows.append((slot.pid, counts_in[c.SLOTS + slot.index], state, slot.index, slot.recycled))
+        completed = counts_in[c.COMPLETED] - books.unloadable
+        failed = counts_in[c.FAILED] + books.rejected + books.unloadable
+        ended = completed + failed + books.dropped + books.cancelled
+        head = (
+            books.submitted, completed, failed, counts_in[c.RETRIED], books.dropped, books.cancelled,
+            counts_in[c.CRASHED], counts_in[c.TIMED_OUT], engine.dispatcher.pending, engine.dispatcher.waiting,
+            books.in_flight, ended / elapsed if elapsed > 0 else 0.0, elapsed,
+        )  # fmt: skip
+    workers = []
+    for pid, done, state, index, recycled in rows:
+        cpu, rss = read_process(pid) if pid > 0 else (0.0, 0)
+        workers.append(WorkerStats(pid, cpu, rss, done, state, index, recycled))
+    return Stats(*head, workers=workers)

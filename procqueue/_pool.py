@@ -13,11 +13,12 @@ from types import TracebackType
 from typing import Any, Literal, TypeVar
 
 from . import _messages as m
+from ._config import BACKPRESSURE, Config, default_start_method, default_workers
 from ._dispatcher import Run
-from ._engine import BACKPRESSURE, Config, Engine, _run_all, default_start_method, default_workers
+from ._engine import Engine
 from ._errors import PoolClosed
 from ._monitor import Stats
-from ._results import Chunk, FutureSink, Later, Stream
+from ._results import Chunk, FutureSink, Later, Stream, run_all
 from ._results import Future as Future
 
 T = TypeVar("T")
@@ -89,7 +90,7 @@ class Options:
         )
         later: Later = []
         engine.enqueue(run, pool._cfg.backpressure, self.block_timeout, later)
-        _run_all(later)
+        run_all(later)
         return fut
 
     def map(
@@ -216,7 +217,7 @@ class _Feeder:
                 return
             later: Later = []
             engine.enqueue(run, "block", None, later)
-            _run_all(later)
+            run_all(later)
 
     def _ready(self) -> bool:
         """Something to do for the consumer (called under the engine lock)."""

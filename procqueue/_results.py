@@ -20,6 +20,12 @@ from ._serialization import loads
 Later = list[Callable[[], Any]]
 
 
+def run_all(later: Later) -> None:
+    """Run what was deferred while the lock was held (future callbacks are user code)."""
+    for fn in later:
+        fn()
+
+
 class Future(concurrent.futures.Future):  # type: ignore[type-arg]
     """A `concurrent.futures.Future` that also tells how the task went.
 

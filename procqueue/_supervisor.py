@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from multiprocessing import connection
@@ -22,6 +23,8 @@ from typing import Any
 
 from . import _worker
 from ._dispatcher import Batch
+
+POLL_UNSTARTED = 0.05  # a timed task its worker has not started yet: look again this soon
 
 
 @dataclass(eq=False)
@@ -159,6 +162,33 @@ class Supervisor:
                 batch_id, index = _worker.untag(abs(tag))
                 return batch_id, index if tag > 0 else -1, started
         return None
+
+    def deadline_in(self, slot: Slot) -> float | None:
+        """Seconds until the item this worker runs passes its timeout (0: now);
+        None when nothing it holds has a timeout."""
+        if not any(b.head.timeout is not None for b in slot.batches.values()):
+            return None
+        now = self.running(slot)
+        if now is None:
+            return POLL_UNSTARTED
+        batch_id, _, started = now
+        batch = slot.batches.get(batch_id)
+        if batch is None or batch.head.timeout is None:
+            return POLL_UNSTARTED
+        return max(0.0, started / 1e9 + batch.head.timeout - time.perf_counter())
+
+    def next_deadline(self) -> float | None:
+        """Seconds until the nearest task timeout of any worker."""
+        times = [self.deadline_in(s) for s in self.slots if s.batches and s.kill_reason is None]
+        return min((t for t in times if t is not None), default=None)
+
+    def enforce_timeouts(self) -> None:
+        """Kill each worker whose running task is past its timeout (its death is charged as a timeout)."""
+        for slot in self.slots:
+            if slot.batches and slot.kill_reason is None:
+                left = self.deadline_in(slot)
+                if left is not None and left <= 0 and self.running(slot) is not None:
+                    self.kill(slot, "timeout")
 
     def kill(self, slot: Slot, reason: str | None = None) -> None:
         if slot.kill_reason is None:
