@@ -211,7 +211,7 @@ pool = pq.Pool(workers=2, start_method={method!r})
 futs = [pool.submit(h.hang, 60) for _ in range(4)]
 time.sleep(0.5)
 pids = [w.pid for w in pool.stats().workers] + [pool._engine.collector.pid]
-if {mode!r} == "ctrl-c":
+if {mode!r} in ("ctrl-c", "ctrl-c-group"):
     try:
         with pool:
             print(" ".join(map(str, pids)), flush=True)

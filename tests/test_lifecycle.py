@@ -41,20 +41,33 @@ def _gone(pids: list[int], timeout: float) -> list[int]:
 
 @pytest.mark.parametrize(
     ("how", "sig"),
-    [("sigterm", signal.SIGTERM), ("sigkill", signal.SIGKILL), ("ctrl-c", signal.SIGINT)],
+    [
+        ("sigterm", signal.SIGTERM),
+        ("sigkill", signal.SIGKILL),
+        ("ctrl-c", signal.SIGINT),
+        ("ctrl-c-group", signal.SIGINT),  # as a terminal sends it: to every process of the group
+    ],
 )
 def test_no_orphans_when_the_parent_goes(how: str, sig: int, start_method: str) -> None:
     with subprocess.Popen(
-        [sys.executable, "-c", h.parent_script(start_method, how)], stdout=subprocess.PIPE, text=True
+        [sys.executable, "-c", h.parent_script(start_method, how)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its own process group, so a group signal spares pytest
     ) as child:
         try:
             assert child.stdout is not None
             pids = [int(p) for p in child.stdout.readline().split()]
             assert len(pids) == 3
-            child.send_signal(sig)
+            if how == "ctrl-c-group":
+                os.killpg(child.pid, sig)
+            else:
+                child.send_signal(sig)
             child.wait(timeout=30)
-            if how == "ctrl-c":
+            if how.startswith("ctrl-c"):
                 assert "interrupted" in child.stdout.read()
+                assert "KeyboardInterrupt" not in child.stderr.read()  # workers ignore SIGINT
             left = _gone(pids, timeout=5.0)
             for pid in left:
                 os.kill(pid, signal.SIGKILL)
