@@ -217,17 +217,9 @@ class Collector:
                     break
 
 
-def main(
-    listener: socket.socket,
-    control: connection.Connection,
-    results: connection.Connection,
-    token: bytes,
-    counters: Any,
-    backoff: float,
-    backoff_max: float,
-) -> None:
-    """Entry point of the collector process."""
+def main(*args: Any) -> None:
+    """Entry point of the collector process: `args` are `Collector`'s."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # the parent went away
-        Collector(listener, control, results, token, counters, backoff, backoff_max).serve()
+        Collector(*args).serve()
     os._exit(0)

@@ -190,7 +190,7 @@ class Dispatcher:
                 self.ledger.move(run.first_id, m.TaskState.PENDING)
             self.push(run, fresh=False)
 
-    def size_for(self, run: Run, workers: int) -> int:
+    def size_for(self, run: Run) -> int:
         if run.chunksize is not None:
             return run.chunksize
         est = run.handler.est_ns
@@ -206,9 +206,7 @@ class Dispatcher:
             return 1
         return max(1, min(int(TARGET_BATCH_NS / max(est, 1.0)), MAX_BATCH))
 
-    def take(
-        self, workers: int, limit: int | None, on_cancel: Callable[[Run, int, int], None]
-    ) -> list[tuple[Run, int, int]]:
+    def take(self, limit: int | None, on_cancel: Callable[[Run, int, int], None]) -> list[tuple[Run, int, int]]:
         """Cut the next batch off the top of the heap: at most `limit` items.
 
         Runs whose sink was cancelled are dropped here (`on_cancel`). Runs of
@@ -228,7 +226,7 @@ class Dispatcher:
                 on_cancel(run, run.pos, n)
                 continue
             if not segments:
-                want = self.size_for(run, workers)
+                want = self.size_for(run)
                 if limit is not None:
                     want = min(want, limit)
                 key = run.key()

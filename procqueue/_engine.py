@@ -419,7 +419,6 @@ class Engine(Outcomes):
         if self.phase != "running" or self.broken is not None:
             return
         slots = self.supervisor.slots
-        workers = len(slots)
         progress = True
         while progress:  # round robin, one batch per slot per round, feeding maps as room frees
             if self.feeders:
@@ -429,7 +428,7 @@ class Engine(Outcomes):
                 if not self.dispatcher.heap:
                     break
                 if slot.alive and not slot.retiring and self._has_room(slot):
-                    self._dispatch_one(slot, workers, later)
+                    self._dispatch_one(slot, later)
                     progress = True
 
     def _has_room(self, slot: Slot) -> bool:
@@ -448,12 +447,12 @@ class Engine(Outcomes):
             queued += (b.count - b.done) * e
         return queued < PREFETCH_NS
 
-    def _dispatch_one(self, slot: Slot, workers: int, later: Later) -> None:
+    def _dispatch_one(self, slot: Slot, later: Later) -> None:
         limit = None
         if self.cfg.max_tasks_per_worker is not None:
             limit = self.cfg.max_tasks_per_worker - slot.tasks_sent
         while True:
-            segments = self.dispatcher.take(workers, limit, lambda r, s, n: self._on_cancel(r, s, n, later))
+            segments = self.dispatcher.take(limit, lambda r, s, n: self._on_cancel(r, s, n, later))
             if not segments:
                 return
             run = segments[0][0]

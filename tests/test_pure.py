@@ -109,7 +109,7 @@ def test_heap_orders_by_priority_then_arrival() -> None:
     mid = _run(d, h, 1, 5)
     order = []
     while d.heap:
-        segs = d.take(1, 1, lambda *a: None)
+        segs = d.take(1, lambda *a: None)
         order.append(segs[0][0])
     assert order == [high, mid, low1, low2]
     assert d.pending == 0
@@ -119,10 +119,10 @@ def test_take_merges_runs_and_splits_by_measured_cost() -> None:
     d, h = Dispatcher(capacity=10_000), Handlers()
     runs = [_run(d, h, 10, 0) for _ in range(3)]
     assert d.pending == 30
-    segs = d.take(2, None, lambda *a: None)
+    segs = d.take(None, lambda *a: None)
     assert [(r, s, n) for r, s, n in segs] == [(runs[0], 0, 1)]  # cost unknown: one item
     runs[0].handler.measured(1_000_000, 1)  # 1 ms per item -> about 20 per batch
-    segs = d.take(2, None, lambda *a: None)
+    segs = d.take(None, lambda *a: None)
     assert sum(n for _, _, n in segs) == 20
     assert segs[0] == (runs[0], 1, 9)  # merged across runs of the same handler
     assert segs[1] == (runs[1], 0, 10)
@@ -134,14 +134,14 @@ def test_cancelled_runs_are_skipped_and_counted() -> None:
     run = _run(d, h, 5, 0)
     run.sink.stream.cancelled = True  # type: ignore[union-attr]
     seen = []
-    assert d.take(1, None, lambda r, s, n: seen.append(n)) == []
+    assert d.take(None, lambda r, s, n: seen.append(n)) == []
     assert seen == [5] and d.pending == 0
 
 
 def test_retries_wait_out_their_backoff() -> None:
     d, h = Dispatcher(capacity=100), Handlers()
     run = _run(d, h, 1, 0)
-    d.take(1, None, lambda *a: None)
+    d.take(None, lambda *a: None)
     d.push_delayed(run.single(0, 2), due=10.0)
     d.promote(now=9.0)
     assert not d.heap and d.waiting == 1
@@ -154,11 +154,11 @@ def test_items_of_one_run_requeued_alone_keep_their_place() -> None:
     run = _run(d, h, 3, 0)
     later = _run(d, h, 1, 0)
     run.chunksize = 3
-    assert d.take(1, None, lambda *a: None) == [(run, 0, 3)]
+    assert d.take(None, lambda *a: None) == [(run, 0, 3)]
     for j in (2, 0, 1):  # a worker died holding them: back in line, at the run's place
         d.push(run.single(j, 1, careful=True), fresh=False)
     order = []
     for _ in range(4):
-        ((r, start, _),) = d.take(1, 1, lambda *a: None)
+        ((r, start, _),) = d.take(1, lambda *a: None)
         order.append(r.first_id + start)
     assert order == [run.first_id, run.first_id + 1, run.first_id + 2, later.first_id]
