@@ -380,8 +380,10 @@ class Engine(Outcomes):
                     with contextlib.suppress(BlockingIOError):
                         os.read(self._wake_r, 4096)
                 elif isinstance(what, tuple):
-                    kind, slot = what
-                    if kind == "dead":
+                    kind, slot, generation = what
+                    if generation != slot.generation:
+                        pass  # stale: that worker died earlier in this same batch of events
+                    elif kind == "dead":
                         self._on_dead(slot)
                     elif not self.supervisor.flush(slot):
                         sel.unregister(slot.fd)
@@ -406,12 +408,12 @@ class Engine(Outcomes):
     def _send(self, slot: Slot, data: bytes) -> None:
         if self.supervisor.send(slot, data):
             with contextlib.suppress(KeyError):
-                self.sel.register(slot.fd, selectors.EVENT_WRITE, ("write", slot))
+                self.sel.register(slot.fd, selectors.EVENT_WRITE, ("write", slot, slot.generation))
 
     def _spawn(self, slot: Slot) -> None:
         self.supervisor.spawn(slot)
         read_process(slot.pid)  # prime cpu_percent, so the first stats() already has a reading
-        self.sel.register(slot.sentinel, selectors.EVENT_READ, ("dead", slot))
+        self.sel.register(slot.sentinel, selectors.EVENT_READ, ("dead", slot, slot.generation))
 
     # --- dispatch ---------------------------------------------------------------------
 
@@ -526,9 +528,8 @@ class Engine(Outcomes):
 
     def _on_dead(self, slot: Slot) -> None:
         self.sel.unregister(slot.sentinel)
-        if slot.out:
-            with contextlib.suppress(KeyError, ValueError):
-                self.sel.unregister(slot.fd)
+        with contextlib.suppress(KeyError, ValueError):  # registered only while bytes wait for it
+            self.sel.unregister(slot.fd)
         with self.lock:
             running = self.supervisor.running(slot)
             timed_out = slot.kill_reason == "timeout"

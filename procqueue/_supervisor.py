@@ -44,6 +44,7 @@ class Slot:
     recycled: int = 0  # how many workers this slot has replaced for a limit
     kill_reason: str | None = None  # "timeout" when the supervisor killed it
     productive: bool = False  # this worker has reported at least one outcome
+    generation: int = 0  # bumped per worker: selector events of a dead predecessor are stale
 
     @property
     def alive(self) -> bool:
@@ -107,6 +108,7 @@ class Supervisor:
         os.set_blocking(task_w.fileno(), False)
         os.set_blocking(fault_r.fileno(), False)
         slot.process, slot.pid, slot.task_w, slot.fault_r = proc, proc.pid or -1, task_w, fault_r
+        slot.generation += 1
         slot.out.clear()
         slot.batches = {}
         slot.tasks_sent = 0

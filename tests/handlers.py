@@ -234,3 +234,11 @@ def exit_on(x: int, bad: int) -> int:
 
 def big(n_mb: int) -> bytes:
     return b"x" * (n_mb * 1024 * 1024)
+
+
+def ok_or_die(x: str) -> int:
+    """Tiny, except "die": sleeps a moment, then kills its worker."""
+    if x == "die":
+        time.sleep(0.5)
+        os._exit(1)
+    return len(x)

@@ -184,3 +184,15 @@ def test_polling_a_timed_out_task_ends() -> None:
                     fut.result(timeout=0.1)
                 except TimeoutError:
                     continue
+
+
+def test_worker_dies_with_task_bytes_still_buffered_for_it(start_method: str) -> None:
+    """The parent holds more queued bytes for a worker than its pipe takes; the worker
+    dies: the stale write-readiness must not break the manager (found by stress testing)."""
+    with pq.Pool(workers=1, start_method=start_method) as pool:
+        list(pool.map(h.ok_or_die, ["ok"] * 2000))  # measured as tiny: batches queue up
+        doomed = pool.submit(h.ok_or_die, "die")
+        rest = [pool.submit(h.ok_or_die, "ok") for _ in range(1000)]  # > 64 KiB for one pipe
+        assert isinstance(doomed.exception(timeout=60), pq.WorkerCrashed)
+        assert all(f.result(timeout=60) == 2 for f in rest)
+    assert balanced(pool.stats())
