@@ -10,7 +10,7 @@
                                                send BatchDone ─────────► ok / raised / crashed /
     manager thread (one selector loop):        (own socket each) ──────► timed out; retry or final;
       dispatch ── own pipe per worker ──►                                counters in shared memory
-      (≤2 batches in flight per worker,                                        │
+      (~40 ms of work queued per worker,                                       │
        so priority holds at dispatch)                                          │
       results ◄──── BatchResult + the worker's value bytes, WorkerGone ◄───────┘
       sentinels: a dead worker ──► WorkerLost ──► collector drains its socket, charges
@@ -34,10 +34,11 @@ Actors, what they read, write and own:
 - collector (`_collector.py`): the only writer of the counters and the only
   judge of retry-or-final. Values pass through it as bytes.
 
-Why at most two batches per worker: a batch on a pipe can no longer be
-reordered, so the prefetch is the only place where a newly submitted urgent
-task can be overtaken. Batch sizes aim at ~20 ms of work (auto chunksize), so
-an urgent task waits at most about two batches.
+Why a worker holds at most ~40 ms of estimated work (one task, for tasks over
+2 ms): a batch on a pipe can no longer be reordered, so the prefetch is the
+only place where a newly submitted urgent task can be overtaken. Batch sizes
+aim at ~20 ms of work (auto chunksize), so an urgent task waits about two
+batches at most.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ import multiprocessing
 import os
 import secrets
 import selectors
+import signal
 import socket
 import sys
 import threading
@@ -554,7 +556,8 @@ class Engine(Outcomes):
                 slot.recycled += 1
             # Dying outside any task, before any outcome, is the worker's own fault (imports,
             # start-up); a task that kills its worker is charged to the task instead.
-            barren = exitcode not in (0, _worker.EXIT_RECYCLED) and running is None
+            # SIGKILL is someone else's doing (a user, the OOM killer), not a failure to start.
+            barren = exitcode not in (0, _worker.EXIT_RECYCLED, -signal.SIGKILL) and running is None
             barren = barren and not slot.productive and not slot.retiring and slot.kill_reason is None
             self._barren_deaths = self._barren_deaths + 1 if barren else 0
             if (

@@ -33,6 +33,7 @@ from ._serialization import dumps_values, loads, loads_callable, pack_exception
 # A batch reports what it has so far at least this often, so a crash late in a
 # long batch re-runs little, and the collector's counters stay fresh.
 FLUSH_NS = 200_000_000
+FLUSH_GRACE_NS = 60_000_000_000
 HANDLER_CACHE = 256  # the parent mirrors this LRU to know what a worker holds
 TAG_BITS = 20  # marker tag = (batch_id << TAG_BITS | index) + 1; 0 means idle
 EXIT_INIT_FAILED = 3
@@ -215,8 +216,9 @@ class _Worker:
         self, msg: m.RunBatch, start: int, values: list[Any], durations: array[int], errors: list[m.ErrorInfo]
     ) -> None:
         # A crash while pickling (a __reduce__ that segfaults) is charged to the
-        # first unreported item, so it cannot requeue the batch forever.
-        self.marks[self.mark + 1] = time.perf_counter_ns()
+        # first unreported item, so it cannot requeue the batch forever. The mark's
+        # start lies ahead, so a send stalled by a busy collector is not a task timeout.
+        self.marks[self.mark + 1] = time.perf_counter_ns() + FLUSH_GRACE_NS
         self.marks[self.mark] = tag_of(msg.batch_id, start)
         body, bad = dumps_values(values)
         for i, text in bad:

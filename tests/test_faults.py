@@ -196,3 +196,40 @@ def test_worker_dies_with_task_bytes_still_buffered_for_it(start_method: str) ->
         assert isinstance(doomed.exception(timeout=60), pq.WorkerCrashed)
         assert all(f.result(timeout=60) == 2 for f in rest)
     assert balanced(pool.stats())
+
+
+def test_a_stalled_collector_is_not_a_task_timeout() -> None:
+    """Sending a finished task's result can block on a busy collector; that wait must
+    not count against the task's timeout (found by stress testing)."""
+    with pq.Pool(workers=2, task_timeout=0.5) as pool:
+        collector = pool._engine.collector.pid
+        assert pool.submit(h.square, 2).result(timeout=30) == 4
+        os.kill(collector, signal.SIGSTOP)
+        try:
+            futs = [pool.submit(h.big, 4) for _ in range(3)]
+            time.sleep(1.5)
+        finally:
+            os.kill(collector, signal.SIGCONT)
+        assert all(len(f.result(timeout=60)) == 4 * 1024 * 1024 for f in futs)
+    s = pool.stats()
+    assert s.timed_out == 0
+    assert balanced(s)
+
+
+def test_fresh_workers_killed_from_outside_do_not_break_the_pool() -> None:
+    """Only workers that fail on their own at start-up count toward giving up;
+    SIGKILL from outside (a user, the OOM killer) never breaks the pool."""
+    with pq.Pool(workers=1) as pool:
+        seen: set[int] = set()
+        for _ in range(7):
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                pids = {w.pid for w in pool.stats().workers if w.pid > 0} - seen
+                if pids:
+                    break
+                time.sleep(0.01)
+            (victim,) = pids
+            seen.add(victim)
+            os.kill(victim, signal.SIGKILL)
+        assert pool.submit(h.square, 3).result(timeout=60) == 9
+    assert balanced(pool.stats())
