@@ -138,7 +138,6 @@ class Engine(Outcomes):
         self.closed = False  # no more submits
         self.broken: ProcQueueError | None = None
         self.phase = "running"  # -> "stopping" -> "draining" -> "done"
-        self.done = threading.Event()
         self.books_error: BaseException | None = None  # validate mode: what the ledger caught
         self._woken = False
         self._barren_deaths = 0
@@ -652,7 +651,6 @@ class Engine(Outcomes):
         with self.cv:
             self.phase = "done"
             self.cv.notify_all()
-        self.done.set()
         _live.discard(self)
 
 
