@@ -18,7 +18,7 @@ from typing import Any
 
 from . import _messages as m
 from ._errors import SerializationError
-from ._results import Chunk, Later, Sink
+from ._results import Chunk, Sink
 from ._serialization import by_value, describe, dumps, dumps_callable, name_bad_argument
 
 TARGET_BATCH_NS = 20_000_000  # auto chunksize aims at batches of about 20 ms
@@ -243,14 +243,14 @@ class Dispatcher:
                 break
         return segments
 
-    def cancel_all(self, on_cancel: Callable[[Run, int, int], None], later: Later) -> None:
+    def cancel_all(self, on_cancel: Callable[[Run, int, int], None]) -> None:
         """shutdown(cancel_futures=True): cancel every task not yet run."""
         keep: list[tuple[int, int, int, int, Run]] = []
         for entry in self.heap:
             run = entry[-1]
             # First attempts only: a retry belongs to a future already running. A map
             # chunk partly handed out loses the rest; a future is cancelled whole or not at all.
-            if run.attempt == 1 and (run.pos == 0 or type(run.sink) is Chunk) and run.sink.cancel(later):
+            if run.attempt == 1 and (run.pos == 0 or type(run.sink) is Chunk) and run.sink.cancel():
                 n = len(run.items) - run.pos
                 self.pending -= n
                 on_cancel(run, run.pos, n)

@@ -197,11 +197,6 @@ class Engine(Outcomes):
             with contextlib.suppress(BlockingIOError, OSError):
                 os.write(self._wake_w, b"!")
 
-    def reserve_ids(self, n: int) -> int:
-        """The first of `n` consecutive task ids."""
-        with self.lock:
-            return self.reserve_ids_locked(n)
-
     def reserve_ids_locked(self, n: int) -> int:
         first = self._next_id
         self._next_id += n
@@ -320,7 +315,7 @@ class Engine(Outcomes):
         with self.cv:
             self.closed = True
             if cancel:
-                self.dispatcher.cancel_all(self._on_cancel, later)
+                self.dispatcher.cancel_all(self._on_cancel)
                 for f in self.feeders:  # maps over sequences: the rest of the input is not read
                     f.exhausted, f.error = True, CancelledError("the pool was shut down with cancel_futures=True")
                 self.feeders.clear()

@@ -79,9 +79,9 @@ class Options:
         pool = self._pool
         engine = pool._engine
         engine.check_open()
-        with engine.lock:
+        with engine.lock:  # one lock round per submit: the handler and the task id
             handler = engine.handlers.get(fn)
-        task_id = engine.reserve_ids(1)
+            task_id = engine.reserve_ids_locked(1)
         fut = Future(task_id)
         item: Any = (args, kwargs) if kwargs else args
         call = m.Call.FULL if kwargs else m.Call.STAR

@@ -59,7 +59,7 @@ class FutureSink:
         fut._claimed = True
         return fut.set_running_or_notify_cancel()
 
-    def cancel(self, later: Later) -> bool:
+    def cancel(self) -> bool:
         """Cancel a task that never ran; False if it is past that."""
         return self.future.cancel() if not self.future._claimed else False
 
@@ -107,7 +107,7 @@ class Chunk:
     def claim(self) -> bool:
         return not self.stream.cancelled
 
-    def cancel(self, later: Later) -> bool:
+    def cancel(self) -> bool:
         return True
 
     def _settled(self, n: int) -> None:
