@@ -22,9 +22,10 @@ from ._errors import (
     WorkerCrashed,
 )
 from ._messages import TaskState
-from ._monitor import Stats, WorkerStats
+from ._monitor import Monitor, Stats, WorkerStats
 from ._pool import Future, Options, Pool
 from ._taskqueue import Result, Task, TaskQueue
+from ._view import LiveView
 
 __version__ = "0.1.0"
 
@@ -32,6 +33,8 @@ __all__ = [
     "Dropped",
     "Future",
     "InitializerFailed",
+    "LiveView",
+    "Monitor",
     "Options",
     "Pool",
     "PoolBroken",

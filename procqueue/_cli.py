@@ -34,25 +34,13 @@ def demo(blocks: int, workers: int | None) -> None:
     with Pool(workers=workers, max_retries=2, backoff=0.05) as pool:
         click.echo(f"procqueue demo: {blocks} blocks on {pool.workers} workers", err=True)
         busy_ms = 0.0
-        futures = [pool.submit(count_primes, b) for b in range(blocks)]
-        last = 0.0
-        tty = sys.stderr.isatty()
-        prefix = "\r" if tty else ""
-        for i, fut in enumerate(futures, 1):
-            total += fut.result()[1]
-            busy_ms += fut.duration_ms or 0.0
-            now = time.perf_counter()
-            if now - last > (0.2 if tty else 2.0) or i == blocks:
-                last = now
-                s = pool.stats()
-                line = (
-                    f"{prefix}  {i}/{blocks} blocks  {s.throughput:6.1f} tasks/s  pending {s.pending:4d}  "
-                    f"in flight {s.in_flight:3d}  retried {s.retried}  failed {s.failed}"
-                )
-                click.echo(line, nl=not tty, err=True)
+        with pool.live(total=blocks, title="demo"):
+            futures = [pool.submit(count_primes, b) for b in range(blocks)]
+            for fut in futures:
+                total += fut.result()[1]
+                busy_ms += fut.duration_ms or 0.0
         stats = pool.stats()
     wall = time.perf_counter() - t0
-    click.echo("", err=True)
     click.echo(
         f"{total} primes below {blocks * 10_000:,} in {wall:.2f} s; "
         f"{stats.completed} tasks done, {stats.retried} retried after injected failures, {stats.failed} failed; "

@@ -6,7 +6,10 @@ import multiprocessing
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ._monitor import Monitor
 
 BACKPRESSURE = ("block", "drop", "error")
 
@@ -28,6 +31,7 @@ class Config:
     initargs: tuple[Any, ...]
     start_method: str
     block_timeout: float | None = None
+    monitor: Monitor | None = None
 
 
 def default_workers() -> int:

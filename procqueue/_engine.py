@@ -67,7 +67,7 @@ from ._config import Config
 from ._dispatcher import Batch, Dispatcher, Handlers, Run, encode_items
 from ._errors import Dropped, InitializerFailed, PoolBroken, PoolClosed, ProcQueueError, QueueFull, describe_exitcode
 from ._messages import TaskState as S
-from ._monitor import Stats, read_process, snapshot
+from ._monitor import Sampler, Stats
 from ._outcomes import Outcomes
 from ._results import Later, Stream, run_all
 from ._serialization import dumps_callable
@@ -123,6 +123,8 @@ class Engine(Outcomes):
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
+        self.sampler = Sampler(cfg.monitor, cfg.max_worker_memory)  # first: a bad log path or busy port fails here
+        self._recycle: list[tuple[int, int]] = []  # (slot, pid) past max_worker_memory, from the sampler
         self.ctx = multiprocessing.get_context(cfg.start_method)
         self.lock = threading.Lock()
         self.cv = threading.Condition(self.lock)
@@ -172,7 +174,7 @@ class Engine(Outcomes):
         self.reader = m.FrameReader()
 
         init = dumps_callable((cfg.initializer, cfg.initargs)) if cfg.initializer is not None else None
-        self.supervisor = Supervisor(self.ctx, cfg.workers, address, token, init, cfg.max_worker_memory)
+        self.supervisor = Supervisor(self.ctx, cfg.workers, address, token, init)
         self.sel = selectors.DefaultSelector()
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
@@ -184,6 +186,7 @@ class Engine(Outcomes):
             self._spawn(slot)
         self.thread = threading.Thread(target=self._main, name="procqueue-manager", daemon=True)
         self.thread.start()
+        self.sampler.start(self)
         _live.add(self)
 
     # --- called from user threads ----------------------------------------------------
@@ -322,7 +325,7 @@ class Engine(Outcomes):
             self.cv.notify_all()
             self.wake()
         run_all(later)
-        if wait and threading.current_thread() is not self.thread:
+        if wait and self._may_join():
             self.thread.join()
             if self.books_error is not None:
                 raise self.books_error
@@ -332,11 +335,43 @@ class Engine(Outcomes):
         self._break(PoolClosed("the pool was terminated before this task finished"))
         with self.lock:
             self.wake()
-        if threading.current_thread() is not self.thread:
+        if self._may_join():
             self.thread.join()
 
+    def _may_join(self) -> bool:
+        """The manager ends by stopping the monitor: neither thread may wait for it."""
+        return threading.current_thread() not in (self.thread, self.sampler.thread)
+
     def stats(self) -> Stats:
-        return snapshot(self)
+        return self.sampler.stats()
+
+    # --- called from the monitor thread ------------------------------------------------
+
+    def pids(self) -> list[int]:
+        """Worker and collector pids to sample."""
+        with self.lock:
+            pids = [s.pid for s in self.supervisor.slots if s.pid > 0]
+            if self.phase != "done":
+                pids.append(self.collector.pid)
+        return pids
+
+    def task_running(self, slot: Slot) -> int | None:
+        """The task id a worker's marker points at (lock held); None between tasks or in an unmarked batch."""
+        now = self.supervisor.running(slot)
+        if now is None or now[1] < 0:
+            return None
+        batch = self.batches.get(now[0])
+        if batch is None or batch.slot != slot.index:
+            return None
+        for run, j, _, _ in batch.locate(now[1], now[1] + 1):
+            return run.first_id + j
+        return None
+
+    def recycle(self, index: int, pid: int) -> None:
+        """The sampler saw worker `pid` past max_worker_memory: the manager retires it."""
+        with self.lock:
+            self._recycle.append((index, pid))
+            self.wake()
 
     # --- the manager thread --------------------------------------------------------------
 
@@ -358,6 +393,8 @@ class Engine(Outcomes):
             later: Later = []
             with self.lock:
                 self._woken = False
+                if self._recycle:
+                    self._retire_over_memory()
                 now = time.monotonic()
                 self.dispatcher.promote(now)
                 before = self.dispatcher.pending
@@ -395,6 +432,13 @@ class Engine(Outcomes):
         t = self.supervisor.next_deadline()
         return t if nxt is None else nxt if t is None else min(nxt, t)
 
+    def _retire_over_memory(self) -> None:
+        for index, pid in self._recycle:
+            slot = self.supervisor.slots[index]
+            if slot.pid == pid and slot.alive and not slot.retiring and self.phase == "running":
+                self._retire(slot)
+        self._recycle.clear()
+
     def _retire(self, slot: Slot) -> None:
         """Let the worker finish what it holds, then exit; a fresh one takes its slot."""
         slot.retiring = True
@@ -408,7 +452,6 @@ class Engine(Outcomes):
 
     def _spawn(self, slot: Slot) -> None:
         self.supervisor.spawn(slot)
-        read_process(slot.pid)  # prime cpu_percent, so the first stats() already has a reading
         self.sel.register(slot.sentinel, selectors.EVENT_READ, ("dead", slot, slot.generation))
 
     # --- dispatch ---------------------------------------------------------------------
@@ -546,12 +589,10 @@ class Engine(Outcomes):
             self.lost[pid] = _Lost(slot, batches, at, exitcode, fault_text, unmarked)
             slot.batches = {}
             init_failed = exitcode == _worker.EXIT_INIT_FAILED and tasks_sent == 0
-            if exitcode == _worker.EXIT_RECYCLED:  # it passed max_worker_memory between batches
-                slot.recycled += 1
             # Dying outside any task, before any outcome, is the worker's own fault (imports,
             # start-up); a task that kills its worker is charged to the task instead.
             # SIGKILL is someone else's doing (a user, the OOM killer), not a failure to start.
-            barren = exitcode not in (0, _worker.EXIT_RECYCLED, -signal.SIGKILL) and running is None
+            barren = exitcode not in (0, -signal.SIGKILL) and running is None
             barren = barren and not slot.productive and not slot.retiring and slot.kill_reason is None
             self._barren_deaths = self._barren_deaths + 1 if barren else 0
             if (
@@ -646,6 +687,7 @@ class Engine(Outcomes):
         with self.cv:
             self.phase = "done"
             self.cv.notify_all()
+        self.sampler.stop()
         _live.discard(self)
 
 

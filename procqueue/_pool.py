@@ -10,16 +10,19 @@ import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from types import TracebackType
-from typing import Any, Literal, TypeVar
+from typing import IO, TYPE_CHECKING, Any, Literal, TypeVar
 
 from . import _messages as m
 from ._config import BACKPRESSURE, Config, default_start_method, default_workers
 from ._dispatcher import Run
 from ._engine import Engine
 from ._errors import PoolClosed
-from ._monitor import Stats
+from ._monitor import Monitor, Stats
 from ._results import Chunk, FutureSink, Later, Stream, run_all
 from ._results import Future as Future
+
+if TYPE_CHECKING:
+    from ._view import LiveView, MapProgress
 
 T = TypeVar("T")
 Chunksize = int | Literal["auto"] | None
@@ -100,6 +103,7 @@ class Options:
         timeout: float | None = None,
         chunksize: Chunksize = "auto",
         ordered: bool = True,
+        progress: bool = False,
     ) -> Iterator[T]:
         """Lazy, bounded `map`: results in input order (or as completed with
         `ordered=False`).
@@ -109,7 +113,9 @@ class Options:
         bounded memory. `chunksize="auto"` sizes batches from measured task
         durations. `timeout` (seconds from this call) raises `TimeoutError`
         from the iterator if a result is late. If a task failed, its error is
-        raised at its place in the iteration.
+        raised at its place in the iteration. `progress=True` shows a progress
+        bar of the results handed out (on stderr; plain lines when it is not a
+        terminal), counting to the input's length when it has one.
         """
         if chunksize == "auto" or chunksize is None:
             size: int | None = None
@@ -129,9 +135,20 @@ class Options:
         else:
             source, call = zip(*iterables), m.Call.STAR  # noqa: B905 - map() stops at the shortest
         deadline = None if timeout is None else time.monotonic() + timeout
+        bar = None
+        if progress:
+            from ._view import MapProgress
+
+            lengths = [len(it) for it in iterables if hasattr(it, "__len__")]  # type: ignore[arg-type]
+            bar = MapProgress(min(lengths) if len(lengths) == len(iterables) else None, title=_name(fn))
         feeder = _Feeder(self, handler, source, call, size, ordered)
-        feeder.start()  # start now, as Executor.map does, up to the queue's capacity
-        return feeder.results(deadline)
+        try:
+            feeder.start()  # start now, as Executor.map does, up to the queue's capacity
+        except BaseException:
+            if bar is not None:
+                bar.close()
+            raise
+        return feeder.results(deadline, bar)
 
     def imap_unordered(
         self, fn: Callable[..., T], iterable: Iterable[Any], chunksize: Chunksize = "auto"
@@ -227,7 +244,7 @@ class _Feeder:
             return True
         return not self.managed and not self.exhausted and self.engine.room_for(self.stream, self.limit) > 0
 
-    def results(self, deadline: float | None) -> Iterator[Any]:
+    def results(self, deadline: float | None, bar: MapProgress | None = None) -> Iterator[Any]:
         engine = self.engine
         try:
             while True:
@@ -249,6 +266,8 @@ class _Feeder:
                             if i in chunk.errors:
                                 raise chunk.errors[i]
                             yield value
+                    if bar is not None:
+                        bar.advance(len(chunk.values))
                     continue
                 if finished:
                     if self.error is not None:
@@ -256,6 +275,8 @@ class _Feeder:
                     return
                 engine.wait_until(self._ready, deadline)
         finally:
+            if bar is not None:
+                bar.close()
             with engine.lock:
                 unfinished = not self.exhausted or self.consumed < self.fed
             if unfinished:
@@ -287,8 +308,11 @@ class Pool(concurrent.futures.Executor):
     tasks wait in the queue; when it is full `backpressure` says whether
     `submit` blocks, drops the task (its future fails with `Dropped`) or
     raises `QueueFull`. Workers are recycled after `max_tasks_per_worker`
-    tasks or past `max_worker_memory` bytes of RSS. The default start method
-    is forkserver (spawn where there is none), safe with threads.
+    tasks or past `max_worker_memory` bytes of RSS (as the monitor samples
+    it). The default start method is forkserver (spawn where there is none),
+    safe with threads. `monitor` (keyword only) sets how the pool samples
+    itself: True (every second, the default), an interval in seconds, a
+    `procqueue.Monitor` with sinks, or False for off.
     """
 
     def __init__(
@@ -307,6 +331,7 @@ class Pool(concurrent.futures.Executor):
         start_method: str | None = None,
         *,
         block_timeout: float | None = None,
+        monitor: bool | float | Monitor = True,
     ) -> None:
         workers = default_workers() if workers is None else workers
         if not isinstance(workers, int) or workers < 1:
@@ -339,6 +364,7 @@ class Pool(concurrent.futures.Executor):
         self._cfg = Config(
             workers, capacity, backpressure, max_retries, backoff, backoff_max, task_timeout,
             max_tasks_per_worker, max_worker_memory, initializer, tuple(initargs), method, block_timeout,
+            Monitor.of(monitor),
         )  # fmt: skip
         self._engine = Engine(self._cfg)
         self._default = Options(self)
@@ -372,9 +398,12 @@ class Pool(concurrent.futures.Executor):
         timeout: float | None = None,
         chunksize: Chunksize = "auto",
         ordered: bool = True,
+        progress: bool = False,
     ) -> Iterator[T]:
         """Lazy, bounded, ordered map (see `Options.map`)."""
-        return self._default.map(fn, *iterables, timeout=timeout, chunksize=chunksize, ordered=ordered)
+        return self._default.map(
+            fn, *iterables, timeout=timeout, chunksize=chunksize, ordered=ordered, progress=progress
+        )
 
     def imap_unordered(
         self, fn: Callable[..., T], iterable: Iterable[Any], chunksize: Chunksize = "auto"
@@ -383,8 +412,35 @@ class Pool(concurrent.futures.Executor):
         return self._default.imap_unordered(fn, iterable, chunksize=chunksize)
 
     def stats(self) -> Stats:
-        """A snapshot of the pool's counters and workers (see `Stats`)."""
+        """A snapshot of the pool (see `Stats` for every field): counters read now,
+        per-process readings and rates from the monitor's latest sample. Cheap
+        (no process is asked anything) and safe from any thread."""
         return self._engine.stats()
+
+    def live(
+        self,
+        total: int | None = None,
+        *,
+        file: IO[str] | None = None,
+        interval: float | None = None,
+        title: str = "procqueue",
+    ) -> LiveView:
+        """A live view of this pool while the `with` block runs (see `LiveView`)::
+
+            with pool.live(total=len(items)):
+                results = list(pool.map(work, items))
+
+        It redraws in place on a terminal (on `file`, default stderr) and
+        writes plain lines otherwise.
+        """
+        from ._view import LiveView
+
+        return LiveView(self.stats, total, file, interval, title)
+
+    @property
+    def prometheus_address(self) -> tuple[str, int] | None:
+        """`(host, port)` where `Monitor(prometheus_port=...)` serves `/metrics`; None without one."""
+        return self._engine.sampler.prometheus_address
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Stop accepting tasks; with `wait`, return once every accepted task
@@ -404,3 +460,7 @@ class Pool(concurrent.futures.Executor):
         else:
             self.shutdown(wait=True)  # as ProcessPoolExecutor: queued work still runs
         return False
+
+
+def _name(fn: Callable[..., Any]) -> str:
+    return getattr(fn, "__name__", None) or type(fn).__name__

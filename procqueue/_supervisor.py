@@ -82,10 +82,8 @@ class Supervisor:
         address: str | bytes,
         token: bytes,
         init: bytes | None,
-        max_memory: int | None = None,
     ) -> None:
         self.ctx = ctx
-        self.max_memory = max_memory
         self.address = address
         self.token = token
         self.init = init
@@ -99,7 +97,7 @@ class Supervisor:
         self.marks[2 * slot.index] = 0
         proc = self.ctx.Process(  # type: ignore[attr-defined]
             target=_worker.main,
-            args=(slot.index, task_r, self.address, self.token, self._markers, fault_w, self.init, self.max_memory),
+            args=(slot.index, task_r, self.address, self.token, self._markers, fault_w, self.init),
             name=f"procqueue-worker-{slot.index}",
         )
         proc.start()

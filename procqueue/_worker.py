@@ -25,8 +25,6 @@ from collections.abc import Callable
 from multiprocessing import connection, parent_process
 from typing import Any
 
-import psutil
-
 from . import _messages as m
 from ._serialization import dumps_values, loads, loads_callable, pack_exception
 
@@ -38,7 +36,6 @@ HANDLER_CACHE = 256  # the parent mirrors this LRU to know what a worker holds
 TAG_BITS = 20  # marker tag = (batch_id << TAG_BITS | index) + 1; 0 means idle
 EXIT_INIT_FAILED = 3
 EXIT_ORPHANED = 4
-EXIT_RECYCLED = 5  # past max_worker_memory: the parent starts a fresh worker
 
 
 def tag_of(batch_id: int, index: int) -> int:
@@ -71,11 +68,8 @@ class _Worker:
         task_conn: connection.Connection,
         out: connection.Connection,
         markers: Any,
-        max_memory: int | None = None,
     ) -> None:
         self.slot = slot
-        self.max_memory = max_memory
-        self.me = psutil.Process() if max_memory else None
         self.pid = os.getpid()
         self.task_conn = task_conn
         self.out = out
@@ -98,10 +92,6 @@ class _Worker:
             match msg:
                 case m.RunBatch():
                     self.run(msg, body)
-                    if self.me is not None and self.max_memory and self.me.memory_info().rss > self.max_memory:
-                        self.send(m.Bye(self.slot, self.pid))
-                        self.out.close()
-                        os._exit(EXIT_RECYCLED)  # batches still queued here go back, uncharged
                 case m.Stop():
                     self.send(m.Bye(self.slot, self.pid))
                     return
@@ -238,7 +228,6 @@ def main(
     markers: Any,
     fault_conn: connection.Connection,
     init: bytes | None,
-    max_memory: int | None = None,
 ) -> None:
     """Entry point of a worker process (the `target` of its `Process`)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C belongs to the parent
@@ -248,7 +237,7 @@ def main(
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.connect(address)
     out = connection.Connection(sock.detach())
-    worker = _Worker(slot, task_conn, out, markers, max_memory)
+    worker = _Worker(slot, task_conn, out, markers)
     worker.send(m.Hello(slot, worker.pid, token))
     if init is not None:
         try:

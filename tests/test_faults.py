@@ -163,7 +163,7 @@ def test_worker_killed_mid_write_tears_only_its_own_stream() -> None:
         killed = 0
         while not all(f.done() for f in futs) and killed < 4:
             time.sleep(rng.uniform(0.02, 0.15))
-            pids = [w.pid for w in pool.stats().workers if w.pid > 0 and w.state == "busy"]
+            pids = [w.pid for w in pool.stats().workers if w.pid > 0 and w.state == "running"]
             if pids:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(rng.choice(pids), signal.SIGKILL)

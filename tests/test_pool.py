@@ -238,7 +238,7 @@ def test_stats_snapshot_and_json(pool: pq.Pool) -> None:
 
     list(pool.map(h.square, range(100)))
     s = pool.stats()
-    assert s.completed == 100 and s.pending == 0 and s.in_flight == 0 and s.throughput > 0
+    assert s.completed == 100 and s.pending == 0 and s.in_flight == 0
     assert len(s.workers) == 2 and all(w.rss > 0 and w.state == "idle" for w in s.workers)
     assert sum(w.tasks_done for w in s.workers) == 100
     assert json.loads(s.to_json())["completed"] == 100

@@ -18,7 +18,7 @@ from procqueue._retry import backoff_delay, should_retry
 def test_public_names_are_pinned() -> None:
     assert sorted(pq.__all__) == sorted(
         [
-            "Dropped", "Future", "InitializerFailed", "Options", "Pool", "PoolBroken", "PoolClosed",
+            "Dropped", "Future", "InitializerFailed", "LiveView", "Monitor", "Options", "Pool", "PoolBroken", "PoolClosed",
             "ProcQueueError", "QueueFull", "Result", "SerializationError", "Stats", "Task", "TaskFailed",
             "TaskQueue", "TaskState", "TaskTimeout", "WorkerCrashed", "WorkerStats", "__version__",
         ]
