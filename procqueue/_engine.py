@@ -65,7 +65,16 @@ from . import _collector, _worker
 from . import _messages as m
 from ._config import Config
 from ._dispatcher import Batch, Dispatcher, Handlers, Run, encode_items
-from ._errors import Dropped, InitializerFailed, PoolBroken, PoolClosed, ProcQueueError, QueueFull, describe_exitcode
+from ._errors import (
+    Dropped,
+    InitializerFailed,
+    PoolBroken,
+    PoolClosed,
+    ProcQueueError,
+    QueueFull,
+    SerializationError,
+    describe_exitcode,
+)
 from ._messages import TaskState as S
 from ._monitor import Sampler, Stats
 from ._outcomes import Outcomes
@@ -100,7 +109,8 @@ class _Counts:
     rejected: int = 0  # failed in the parent: handler or argument did not pickle
     unloadable: int = 0  # the collector counted them completed; the parent could not unpickle the value
     in_flight: int = 0
-    started: float | None = None
+    started: float | None = None  # the first submit
+    stopped: float | None = None  # the pool's end
 
 
 _live: weakref.WeakSet[Engine] = weakref.WeakSet()
@@ -123,7 +133,17 @@ class Engine(Outcomes):
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
-        self.sampler = Sampler(cfg.monitor, cfg.max_worker_memory)  # first: a bad log path or busy port fails here
+        # What can fail on bad input fails before any process or thread starts.
+        init = _pickle_initializer(cfg)
+        self.sampler = Sampler(cfg.monitor, cfg.max_worker_memory)  # a bad log path or a busy port
+        try:
+            self._start(cfg, init)
+        except BaseException:
+            self._abort_start()
+            raise
+        _live.add(self)
+
+    def _start(self, cfg: Config, init: bytes | None) -> None:
         self._recycle: list[tuple[int, int]] = []  # (slot, pid) past max_worker_memory, from the sampler
         self.ctx = multiprocessing.get_context(cfg.start_method)
         self.lock = threading.Lock()
@@ -173,7 +193,6 @@ class Engine(Outcomes):
         os.set_blocking(self.results.fileno(), False)
         self.reader = m.FrameReader()
 
-        init = dumps_callable((cfg.initializer, cfg.initargs)) if cfg.initializer is not None else None
         self.supervisor = Supervisor(self.ctx, cfg.workers, address, token, init)
         self.sel = selectors.DefaultSelector()
         self._wake_r, self._wake_w = os.pipe()
@@ -187,7 +206,20 @@ class Engine(Outcomes):
         self.thread = threading.Thread(target=self._main, name="procqueue-manager", daemon=True)
         self.thread.start()
         self.sampler.start(self)
-        _live.add(self)
+
+    def _abort_start(self) -> None:
+        """Start-up failed part way: end whatever did start."""
+        supervisor: Supervisor | None = getattr(self, "supervisor", None)
+        if supervisor is not None:
+            for slot in supervisor.slots:
+                if slot.alive:
+                    supervisor.kill(slot)
+                    supervisor.reap(slot)
+        collector = getattr(self, "collector", None)
+        if collector is not None and collector.pid is not None:
+            collector.kill()
+            collector.join(5.0)
+        self.sampler.stop()
 
     # --- called from user threads ----------------------------------------------------
 
@@ -686,9 +718,25 @@ class Engine(Outcomes):
                 self.books_error = exc
         with self.cv:
             self.phase = "done"
+            self.counts.stopped = time.monotonic()
             self.cv.notify_all()
         self.sampler.stop()
         _live.discard(self)
+
+
+def _pickle_initializer(cfg: Config) -> bytes | None:
+    if cfg.initializer is None:
+        return None
+    try:
+        return dumps_callable((cfg.initializer, cfg.initargs))
+    except Exception as exc:
+        raise SerializationError(
+            f"the initializer {getattr(cfg.initializer, '__qualname__', repr(cfg.initializer))} or its initargs "
+            f"could not be pickled: {type(exc).__name__}: {exc}; pass a module-level function and picklable initargs",
+            stage="initializer",
+            what=repr(cfg.initializer),
+            task_id=None,
+        ) from exc
 
 
 def _fault_note(text: str) -> str:

@@ -105,7 +105,7 @@ class TaskTimeout(ProcQueueError):
 
 class SerializationError(ProcQueueError, pickle.PicklingError):
     """Something did not pickle or unpickle. Fields: `stage` ("argument",
-    "handler", "result" or "exception"), `what` (which argument, for example)
+    "handler", "initializer", "result" or "exception"), `what` (which argument, for example)
     and `task_id`."""
 
     stage: str

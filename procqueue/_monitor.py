@@ -15,12 +15,12 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 import psutil
@@ -40,7 +40,7 @@ class WorkerStats:
     - `pid`: its process id; -1 while the slot has no process;
     - `cpu_percent`: CPU used since the previous sample, in percent of one
       core (0.0 on the first sample of a new process);
-    - `rss`: resident memory in bytes;
+    - `rss`: resident memory in bytes (0 until a new process is first sampled);
     - `tasks_done`: attempts finished in this slot, its predecessors'
       included (for the collector: attempts it accounted);
     - `state`: "idle"; "running" a task; "recycling" (it passed
@@ -82,18 +82,19 @@ class Stats:
     - `pending`: the queue depth, tasks waiting in the heap; `retrying`: tasks
       waiting out a backoff; `in_flight`: tasks handed to workers and not yet
       ended;
-    - `elapsed`: seconds since the first submit; `timestamp`: when this
-      snapshot was taken (`time.time()`).
+    - `elapsed`: seconds from the first submit to now (to the end, once the
+      pool has shut down); `timestamp`: when this snapshot was taken
+      (`time.time()`).
 
     Readings, as of the latest sample (every `Monitor.interval`):
 
-    - `throughput`: tasks ended per second over the last `Monitor.window`
-      seconds; `throughput_ewma`: the same rate, exponentially weighted with
-      `window` as its time constant (smoother; what the ETA uses). Until the
-      monitor has two samples, and with the monitor off, both are the mean
-      since the first submit;
+    - `throughput`: tasks completed or failed per second over the last
+      `Monitor.window` seconds; `throughput_ewma`: the same rate,
+      exponentially weighted with `window` as its time constant (smoother;
+      what the ETA uses). Before the first sample, and with no sampler, both
+      are the mean since the first submit;
     - `workers`: one `WorkerStats` per worker slot, in slot order;
-    - `collector`: the collector process (None with the monitor off).
+    - `collector`: the collector process (None when no sampler runs).
 
     `as_dict()` and `to_json()` give the same as plain data.
     """
@@ -140,37 +141,47 @@ class Stats:
 class Monitor:
     """How a pool watches itself: `Pool(monitor=pq.Monitor(...))`.
 
-    - `interval`: seconds between samples (default 1.0);
+    - `interval`: seconds between samples (default 1.0, at least 0.01);
     - `log`: a file path; one JSON line (`Stats.to_json()`) is appended per sample;
     - `prometheus_port`: serve Prometheus metrics at
-      `http://{prometheus_host}:{port}/metrics` (0 picks a free port; see
-      `Pool.prometheus_address`); needs `pip install 'procqueue[prometheus]'`;
+      `http://{prometheus_host}:{port}/metrics` while the pool runs (0 picks a
+      free port; see `Pool.prometheus_address`); needs
+      `pip install 'procqueue[prometheus]'`;
     - `prometheus_host`: the address to listen on (default loopback only);
-    - `on_sample`: called with each `Stats` from the monitor thread; keep it
-      quick; an exception it raises is logged (logger "procqueue") and sampling
-      goes on;
+    - `on_sample`: called with each `Stats` in a thread of its own, so a slow
+      sink never delays sampling or memory recycling; when it is slower than
+      the interval it gets the latest sample and skips the ones in between.
+      An exception it raises is logged (logger "procqueue") and sampling goes
+      on. It must not hold a reference to the pool: a thread would then keep
+      the pool alive, and only `shutdown()` (or the interpreter's exit) ends it;
     - `window`: seconds over which `Stats.throughput` is measured, and the
       time constant of `Stats.throughput_ewma` (default 10.0).
 
     `Pool(monitor=True)` (the default) is `Monitor()`; `monitor=0.5` is
-    `Monitor(interval=0.5)`; `monitor=False` turns the sampler off (it still
-    runs, with no sinks, when `max_worker_memory` is set).
+    `Monitor(interval=0.5)`; `monitor=False` (or None) has no sinks and no
+    sampler thread, unless `max_worker_memory` needs one to read RSS.
     """
 
     interval: float = 1.0
-    log: str | Path | None = None
+    log: str | os.PathLike[str] | None = None
     prometheus_port: int | None = None
     prometheus_host: str = "127.0.0.1"
     on_sample: Callable[[Stats], object] | None = None
     window: float = 10.0
 
     def __post_init__(self) -> None:
-        if not (self.interval > 0 and math.isfinite(self.interval)):
-            raise ValueError(f"Monitor interval must be a positive number of seconds, got {self.interval!r}")
-        if not self.window > 0:
-            raise ValueError(f"Monitor window must be > 0 seconds, got {self.window!r}")
-        if self.prometheus_port is not None and not 0 <= self.prometheus_port <= 65535:
-            raise ValueError(f"prometheus_port must be 0..65535, got {self.prometheus_port!r}")
+        if isinstance(self.interval, bool) or not (MIN_INTERVAL <= self.interval < math.inf):
+            raise ValueError(
+                f"Monitor interval must be a number of seconds >= {MIN_INTERVAL}, got {self.interval!r} "
+                "(monitor=False turns the monitor off)"
+            )
+        if isinstance(self.window, bool) or not (0 < self.window < math.inf):
+            raise ValueError(f"Monitor window must be a finite number of seconds > 0, got {self.window!r}")
+        port = self.prometheus_port
+        if port is not None and (not isinstance(port, int) or isinstance(port, bool) or not 0 <= port <= 65535):
+            raise ValueError(f"prometheus_port must be an int in 0..65535 (0: any free port), got {port!r}")
+        if self.log is not None and not isinstance(self.log, str | os.PathLike):
+            raise TypeError(f"Monitor log must be a file path, got {self.log!r}")
         if self.on_sample is not None and not callable(self.on_sample):
             raise TypeError("on_sample must be callable")
 
@@ -188,30 +199,49 @@ class Monitor:
         raise TypeError(f"monitor must be True, False, an interval in seconds or a procqueue.Monitor, got {value!r}")
 
 
+MIN_INTERVAL = 0.01
+ON_DEMAND_SPAN = 0.5  # with no sampler, cpu_percent is measured over at least this many seconds
+
+
 class Readings:
-    """psutil handles by pid, so `cpu_percent` measures since the previous reading."""
+    """CPU and RSS per pid. CPU percent is measured from one reading to the next,
+    but over at least `min_span` seconds, so callers from several threads share
+    one measurement instead of splitting it into meaningless slivers."""
 
-    def __init__(self) -> None:
-        self._procs: dict[int, psutil.Process] = {}
-        self.lock = threading.Lock()
+    def __init__(self, min_span: float = 0.0) -> None:
+        self.min_span = min_span
+        self._procs: dict[int, tuple[psutil.Process, float, float, float]] = {}  # proc, since, cpu s then, last %
+        self._lock = threading.Lock()
 
-    def read(self, pids: list[int]) -> dict[int, tuple[float, int]]:
+    def read(self, pids: list[int], forget_others: bool = True) -> dict[int, tuple[float, int]]:
         """`{pid: (cpu_percent, rss)}`; zeros for a process that is gone."""
         out: dict[int, tuple[float, int]] = {}
-        with self.lock:
+        with self._lock:
             procs = self._procs
             for pid in pids:
                 try:
-                    proc = procs.get(pid)
-                    if proc is None:
-                        proc = procs[pid] = psutil.Process(pid)
+                    now = time.monotonic()
+                    entry = procs.get(pid)
+                    proc = psutil.Process(pid) if entry is None else entry[0]
                     with proc.oneshot():
-                        out[pid] = (proc.cpu_percent(None), proc.memory_info().rss)
+                        t = proc.cpu_times()
+                        rss = proc.memory_info().rss
+                    cpu_s = t.user + t.system
+                    if entry is None:
+                        procs[pid] = (proc, now, cpu_s, 0.0)
+                        pct = 0.0
+                    elif now - entry[1] >= self.min_span and now > entry[1]:
+                        pct = max(0.0, 100 * (cpu_s - entry[2]) / (now - entry[1]))
+                        procs[pid] = (proc, now, cpu_s, pct)
+                    else:
+                        pct = entry[3]
+                    out[pid] = (pct, rss)
                 except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):  # noqa: PERF203
                     procs.pop(pid, None)
                     out[pid] = (0.0, 0)
-            for gone in procs.keys() - out.keys():
-                del procs[gone]
+            if forget_others:
+                for gone in procs.keys() - out.keys():
+                    del procs[gone]
         return out
 
 
@@ -222,7 +252,8 @@ def snapshot(engine: Engine, readings: dict[int, tuple[float, int]] | None, rate
     sup = engine.supervisor
     with engine.lock:
         books = engine.counts
-        elapsed = time.monotonic() - books.started if books.started is not None else 0.0
+        end = time.monotonic() if books.stopped is None else books.stopped
+        elapsed = end - books.started if books.started is not None else 0.0
         rows = []
         for slot in sup.slots:
             task_id = engine.task_running(slot) if slot.batches else None
@@ -235,7 +266,6 @@ def snapshot(engine: Engine, readings: dict[int, tuple[float, int]] | None, rate
             rows.append((slot.pid, counts_in[c.SLOTS + slot.index], state, slot.index, slot.recycled, task_id))
         completed = counts_in[c.COMPLETED] - books.unloadable
         failed = counts_in[c.FAILED] + books.rejected + books.unloadable
-        ended = completed + failed + books.dropped + books.cancelled
         head = (
             books.submitted, completed, failed, counts_in[c.RETRIED], books.dropped, books.cancelled,
             counts_in[c.CRASHED], counts_in[c.TIMED_OUT], counts_in[c.ATTEMPTS], engine.dispatcher.pending,
@@ -243,10 +273,10 @@ def snapshot(engine: Engine, readings: dict[int, tuple[float, int]] | None, rate
         )  # fmt: skip
         collector_pid = engine.collector.pid if engine.phase != "done" else None
     if rates is None:
-        mean = ended / elapsed if elapsed > 0 else 0.0
+        mean = (completed + failed) / elapsed if elapsed > 0 else 0.0
         rates = (mean, mean)
     if readings is None:
-        readings = engine.sampler.readings.read([r[0] for r in rows if r[0] > 0])
+        readings = engine.sampler.readings.read([r[0] for r in rows if r[0] > 0], forget_others=False)
     workers = []
     for pid, done, state, index, recycled, task_id in rows:
         cpu, rss = readings.get(pid, (0.0, 0))
@@ -258,8 +288,40 @@ def snapshot(engine: Engine, readings: dict[int, tuple[float, int]] | None, rate
     return Stats(*head, *rates, elapsed, time.time(), workers, collector)
 
 
+class Rates:
+    """Tasks completed or failed per second: over a recent window, and as an
+    exponentially weighted average (bias-corrected, so the first samples are
+    not dragged toward zero)."""
+
+    def __init__(self, window: float) -> None:
+        self.window = window
+        self._history: deque[tuple[float, int]] = deque()
+        self._raw = 0.0  # the weighted sum, and the weight it carries so far
+        self._weight = 0.0
+
+    def update(self, stats: Stats) -> tuple[float, float] | None:
+        if stats.submitted == 0:
+            return None
+        now, ran = time.monotonic(), stats.completed + stats.failed
+        hist = self._history
+        if not hist:
+            hist.append((now - stats.elapsed, 0))  # the first submit: nothing had run
+        t_last, ran_last = hist[-1]
+        hist.append((now, ran))
+        while len(hist) > 2 and hist[1][0] <= now - self.window:
+            hist.popleft()
+        t0, ran0 = hist[0]
+        recent = (ran - ran0) / (now - t0) if now > t0 else 0.0
+        if now > t_last:
+            keep = math.exp(-(now - t_last) / self.window)
+            self._raw = keep * self._raw + (1 - keep) * (ran - ran_last) / (now - t_last)
+            self._weight = keep * self._weight + (1 - keep)
+        return recent, self._raw / self._weight if self._weight else recent
+
+
 class Sampler:
-    """The monitor thread of one pool: samples, rates, memory recycling and sinks.
+    """The monitor of one pool: the sampler thread (readings, rates, memory
+    recycling, the log) and, for `on_sample`, a sink thread of its own.
 
     Built before the pool starts any process (a bad log path or a busy port
     fails fast), started once the workers are up, stopped by the engine after
@@ -269,46 +331,55 @@ class Sampler:
     def __init__(self, monitor: Monitor | None, max_memory: int | None) -> None:
         self.monitor = monitor
         self.max_memory = max_memory
-        self.readings = Readings()
+        self.active = monitor is not None or max_memory is not None  # a thread samples
+        self.interval = monitor.interval if monitor is not None else 1.0
+        self.readings = Readings(0.0 if self.active else ON_DEMAND_SPAN)
         self.latest: dict[int, tuple[float, int]] = {}
-        self.rates: tuple[float, float] | None = None  # None until two samples: the mean since the first submit
+        self.rates: tuple[float, float] | None = None  # None until the first sample after a submit
         self.thread: threading.Thread | None = None
+        self.sink_thread: threading.Thread | None = None
         self.prometheus_address: tuple[str, int] | None = None
         self._engine: Engine | None = None
-        self._history: deque[tuple[float, int]] = deque()
-        self._ewma: float | None = None
+        self._rates = Rates(monitor.window if monitor is not None else 10.0)
         self._stop = threading.Event()
         self._log: IO[str] | None = None
         self._server: Any = None
-        if monitor is not None and monitor.log is not None:
+        self._outbox: list[Stats] = []  # the newest sample not yet given to on_sample
+        self._outbox_cv = threading.Condition()
+        self._sink_errors = 0
+        if monitor is None:
+            return
+        if monitor.log is not None:
             try:
                 self._log = open(monitor.log, "a", encoding="utf-8")  # noqa: SIM115 - closed in stop()
             except OSError as exc:
-                raise ValueError(f"Monitor log {str(monitor.log)!r} cannot be opened for appending: {exc}") from exc
-        if monitor is not None and monitor.prometheus_port is not None:
+                raise OSError(
+                    exc.errno,
+                    f"the monitor log {os.fspath(monitor.log)!r} cannot be opened for appending: {exc.strerror}",
+                ) from exc
+        if monitor.prometheus_port is not None:
             from ._prometheus import serve
 
             try:
                 self._server, self.prometheus_address = serve(self, monitor.prometheus_host, monitor.prometheus_port)
             except BaseException:
-                self._close_sinks()
+                self.stop()
                 raise
 
     @property
     def started(self) -> bool:
         return self._engine is not None
 
-    @property
-    def active(self) -> bool:
-        """A thread samples (monitor on, or a memory limit to enforce)."""
-        return self.monitor is not None or self.max_memory is not None
-
     def start(self, engine: Engine) -> None:
         self._engine = engine
-        if self.active:
-            self.latest = self.readings.read(engine.pids())  # primes cpu_percent for the first sample
-            self.thread = threading.Thread(target=self._run, name="procqueue-monitor", daemon=True)
-            self.thread.start()
+        if not self.active:
+            return
+        self.latest = self.readings.read(engine.pids())  # the base of the first sample's CPU figures
+        self.thread = threading.Thread(target=self._run, name="procqueue-monitor", daemon=True)
+        self.thread.start()
+        if self.monitor is not None and self.monitor.on_sample is not None:
+            self.sink_thread = threading.Thread(target=self._sink, name="procqueue-monitor-sink", daemon=True)
+            self.sink_thread.start()
 
     def stats(self) -> Stats:
         """`Pool.stats()`: fresh counters with the latest sample's readings and rates."""
@@ -318,15 +389,28 @@ class Sampler:
         return snapshot(self._engine, self.latest, self.rates)
 
     def stop(self) -> None:
-        """One last sample, then end the thread and close the sinks (the engine calls this)."""
+        """One last sample, then end the threads and close the sinks (the engine calls this)."""
         self._stop.set()
-        if self.thread is not None and self.thread is not threading.current_thread():
+        me = threading.current_thread()
+        if self.thread is not None and self.thread is not me:
             self.thread.join()
-        self._close_sinks()
+        if self.sink_thread is not None:
+            with self._outbox_cv:
+                self._outbox_cv.notify_all()
+            if self.sink_thread is not me:
+                self.sink_thread.join(max(5.0, 2 * self.interval))
+                if self.sink_thread.is_alive():
+                    log.warning("procqueue: Monitor.on_sample is still running at shutdown; not waiting for it")
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
 
     def _run(self) -> None:
-        interval = self.monitor.interval if self.monitor is not None else 1.0
-        while not self._stop.wait(interval):
+        while not self._stop.wait(self.interval):
             self._sample()
         self._sample()
 
@@ -336,64 +420,50 @@ class Sampler:
         try:
             self.latest = self.readings.read(engine.pids())
             stats = snapshot(engine, self.latest, None)
-            self.rates = self._rates(stats)
-            if self.rates is not None:
-                stats = dataclasses.replace(stats, throughput=self.rates[0], throughput_ewma=self.rates[1])
+            rates = self._rates.update(stats)
+            if rates is not None:
+                self.rates = rates
+                stats = dataclasses.replace(stats, throughput=rates[0], throughput_ewma=rates[1])
             if self.max_memory is not None:
                 for w in stats.workers:
                     if w.rss > self.max_memory and w.state in ("idle", "running"):
                         engine.recycle(w.slot, w.pid)
-            if self.monitor is not None:
-                self._emit(stats)
+            if self._log is not None:
+                self._write_log(stats)
+            if self.sink_thread is not None:
+                with self._outbox_cv:
+                    self._outbox[:] = [stats]
+                    self._outbox_cv.notify()
         except Exception:
             log.exception("procqueue: the monitor failed to take a sample; it will try again")
 
-    def _rates(self, stats: Stats) -> tuple[float, float] | None:
-        """Recent-window and exponentially weighted rates of ended tasks, per second."""
-        window = self.monitor.window if self.monitor is not None else 10.0
-        now, ended = time.monotonic(), stats.ended
-        started = now - stats.elapsed
-        hist = self._history
-        if not hist or stats.submitted == 0:
-            hist.clear()
-            hist.append((now, ended))
-            return None
-        t_last, e_last = hist[-1]
-        hist.append((now, ended))
-        while len(hist) > 2 and hist[1][0] <= now - window:
-            hist.popleft()
-        t0, e0 = hist[0]
-        t0 = max(t0, started)
-        recent = (ended - e0) / (now - t0) if now > t0 else 0.0
-        t_last = max(t_last, started)
-        if now > t_last:
-            instant = (ended - e_last) / (now - t_last)
-            if self._ewma is None:
-                self._ewma = instant
-            else:
-                self._ewma += (1 - math.exp(-(now - t_last) / window)) * (instant - self._ewma)
-        return recent, self._ewma or 0.0
-
-    def _emit(self, stats: Stats) -> None:
-        assert self.monitor is not None
-        if self._log is not None:
-            try:
-                self._log.write(stats.to_json() + "\n")
-                self._log.flush()
-            except (OSError, ValueError):
-                log.exception("procqueue: cannot write the monitor log %s; it is closed", self.monitor.log)
-                self._log = None
-        if self.monitor.on_sample is not None:
-            try:
-                self.monitor.on_sample(stats)
-            except Exception:
-                log.exception("procqueue: Monitor.on_sample raised; sampling goes on")
-
-    def _close_sinks(self) -> None:
-        if self._log is not None:
-            self._log.close()
+    def _write_log(self, stats: Stats) -> None:
+        assert self._log is not None and self.monitor is not None
+        try:
+            self._log.write(stats.to_json() + "\n")
+            self._log.flush()
+        except (OSError, ValueError):
+            log.exception("procqueue: cannot write the monitor log %s; no more lines go to it", self.monitor.log)
             self._log = None
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
+
+    def _sink(self) -> None:
+        assert self.monitor is not None and self.monitor.on_sample is not None
+        on_sample = self.monitor.on_sample
+        while True:
+            with self._outbox_cv:
+                while not self._outbox and not (self._stop.is_set() and not self.thread_alive()):
+                    self._outbox_cv.wait(self.interval)
+                if not self._outbox:
+                    return
+                stats = self._outbox.pop()
+            try:
+                on_sample(stats)
+            except Exception:
+                self._sink_errors += 1
+                if self._sink_errors == 1 or self._sink_errors % 100 == 0:
+                    log.exception(
+                        "procqueue: Monitor.on_sample raised (%d times so far); sampling goes on", self._sink_errors
+                    )
+
+    def thread_alive(self) -> bool:
+        return self.thread is not None and self.thread.is_alive()

@@ -22,7 +22,7 @@ from ._results import Chunk, FutureSink, Later, Stream, run_all
 from ._results import Future as Future
 
 if TYPE_CHECKING:
-    from ._view import LiveView, MapProgress
+    from ._view import LiveView
 
 T = TypeVar("T")
 Chunksize = int | Literal["auto"] | None
@@ -137,17 +137,10 @@ class Options:
         deadline = None if timeout is None else time.monotonic() + timeout
         bar = None
         if progress:
-            from ._view import MapProgress
-
             lengths = [len(it) for it in iterables if hasattr(it, "__len__")]  # type: ignore[arg-type]
-            bar = MapProgress(min(lengths) if len(lengths) == len(iterables) else None, title=_name(fn))
+            bar = (min(lengths) if len(lengths) == len(iterables) else None, _name(fn), self._pool._views)
         feeder = _Feeder(self, handler, source, call, size, ordered)
-        try:
-            feeder.start()  # start now, as Executor.map does, up to the queue's capacity
-        except BaseException:
-            if bar is not None:
-                bar.close()
-            raise
+        feeder.start()  # start now, as Executor.map does, up to the queue's capacity
         return feeder.results(deadline, bar)
 
     def imap_unordered(
@@ -244,8 +237,14 @@ class _Feeder:
             return True
         return not self.managed and not self.exhausted and self.engine.room_for(self.stream, self.limit) > 0
 
-    def results(self, deadline: float | None, bar: MapProgress | None = None) -> Iterator[Any]:
+    def results(self, deadline: float | None, progress: tuple[int | None, str, list[LiveView]] | None) -> Iterator[Any]:
         engine = self.engine
+        bar = None
+        if progress is not None:  # the bar starts with the iteration, not with the call to map()
+            from ._view import MapProgress
+
+            total, title, views = progress
+            bar = MapProgress(total, title, views[-1] if views else None)
         try:
             while True:
                 if not self.managed:
@@ -367,6 +366,7 @@ class Pool(concurrent.futures.Executor):
             Monitor.of(monitor),
         )  # fmt: skip
         self._engine = Engine(self._cfg)
+        self._views: list[LiveView] = []  # live views open on this pool, innermost last
         self._default = Options(self)
         # A pool dropped without shutdown still ends its processes (no orphans).
         weakref.finalize(self, self._engine.shutdown, False, False)
@@ -435,7 +435,7 @@ class Pool(concurrent.futures.Executor):
         """
         from ._view import LiveView
 
-        return LiveView(self.stats, total, file, interval, title)
+        return LiveView(self.stats, self._views, total, file, interval, title)
 
     @property
     def prometheus_address(self) -> tuple[str, int] | None:

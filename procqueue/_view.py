@@ -2,21 +2,26 @@
 
 Both redraw in place (rich) on a terminal or in a notebook, and fall back to
 one plain line every few seconds when the output is a pipe or a log file.
-They only read `Pool.stats()`, so looking never slows the pool.
+They only read `Pool.stats()`, so looking never slows the pool. A map's bar
+opened while a live view runs becomes a row of that view (two live displays
+on one terminal would overwrite each other).
 """
 
 from __future__ import annotations
 
+import atexit
 import sys
 import threading
 import time
-from collections.abc import Callable
+import weakref
 from types import TracebackType
 from typing import IO, TYPE_CHECKING, Any
 
 from ._monitor import Stats
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from rich.console import Console, RenderableType
 
 PLAIN_EVERY = 5.0  # seconds between plain lines when not on a terminal
@@ -49,52 +54,153 @@ def _eta(left: int, rate: float) -> float | None:
     return left / rate if rate > 0 else (0.0 if left <= 0 else None)
 
 
-def _progress(s: Stats, total: int | None) -> tuple[int, int, float, float | None]:
-    """`(ended, total, rate, eta seconds)`; with no total given, the total is what was submitted."""
-    goal = s.submitted if total is None else total
-    rate = s.throughput_ewma or s.throughput
-    return s.ended, goal, rate, _eta(goal - s.ended, rate)
+def _pct(done: int, total: int | None) -> str:
+    return f"{100 * done / total:.0f}%" if total else "-%"
 
 
-def plain_line(s: Stats, total: int | None = None, title: str = "procqueue") -> str:
+class _Since:
+    """A pool's counters since a view opened: the view counts its own block's work."""
+
+    def __init__(self, s: Stats, base: Stats, total: int | None) -> None:
+        self.s = s
+        self.done = s.ended - base.ended
+        self.total = total
+        self.goal = s.submitted - base.submitted if total is None else total
+        self.rate = s.throughput_ewma or s.throughput
+        self.eta = _eta(total - self.done, self.rate) if total is not None else None
+        self.completed = s.completed - base.completed
+        self.failed = s.failed - base.failed
+        self.retried = s.retried - base.retried
+        self.crashed = s.crashed - base.crashed
+        self.timed_out = s.timed_out - base.timed_out
+
+
+class MapProgress:
+    """The progress bar of `map(..., progress=True)`: results handed out so far.
+
+    Created when the map's iteration starts. Inside a live view it is a row of
+    that view; on its own it is a rich bar on a terminal, plain lines otherwise.
+    """
+
+    def __init__(self, total: int | None, title: str, view: LiveView | None, file: IO[str] | None = None) -> None:
+        self.total = total
+        self.title = title
+        self.count = 0
+        self.t0 = self._last = time.monotonic()
+        self._view = view
+        self._bar: Any = None
+        self._closed = False
+        self._console: Console | None = None
+        if view is not None:
+            view.attach(self)
+            return
+        self._console, fancy = _console(file)
+        if fancy:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self._bar = Progress(
+                TextColumn("[bold cyan]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                TextColumn("{task.fields[rate]}"), TimeRemainingColumn(), console=self._console,
+            )  # fmt: skip
+            self._task = self._bar.add_task(title, total=total, rate="")
+            self._bar.start()
+            _open_bars.add(self)
+
+    @property
+    def rate(self) -> float:
+        took = time.monotonic() - self.t0
+        return self.count / took if took > 0 else 0.0
+
+    def advance(self, n: int) -> None:
+        self.count += n
+        if self._bar is not None:
+            self._bar.update(self._task, advance=n, rate=f"{self.rate:,.0f}/s")
+        elif self._view is None and time.monotonic() - self._last >= PLAIN_EVERY:
+            self._last = time.monotonic()
+            self._line()
+
+    def describe(self) -> str:
+        of = f"/{self.total:,} ({_pct(self.count, self.total)})" if self.total else ""
+        eta = f" ETA {_duration(_eta(self.total - self.count, self.rate))}" if self.total else ""
+        return f"{self.title} {self.count:,}{of} {self.rate:,.0f}/s{eta}"
+
+    def _line(self) -> None:
+        assert self._console is not None
+        took = time.monotonic() - self.t0
+        self._console.file.write(f"{self.describe()} elapsed {_duration(took)}\n")
+        self._console.file.flush()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._view is not None:
+            self._view.detach(self)
+        elif self._bar is not None:
+            self._bar.stop()
+            _open_bars.discard(self)
+        else:
+            self._line()
+
+
+_open_bars: weakref.WeakSet[MapProgress] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_bars() -> None:
+    # A map abandoned mid-way closes its bar when collected; at exit that may be
+    # too late for the terminal (cursor hidden). Close what is still open now.
+    for bar in list(_open_bars):
+        bar.close()
+
+
+def plain_line(s: Stats, total: int | None = None, title: str = "procqueue", base: Stats | None = None) -> str:
     """One line for logs and pipes: progress, queue, failures, and each worker."""
-    done, goal, rate, eta = _progress(s, total)
-    pct = f" {100 * done / goal:.0f}%" if goal else ""
+    v = _Since(s, base or Stats(), total)
+    eta = f" | ETA {_duration(v.eta)}" if total is not None else ""
     workers = ", ".join(
         f"w{w.slot} {w.state} {w.cpu_percent:.0f}% {_bytes(w.rss)}" + (f" recycled {w.recycled}" if w.recycled else "")
         for w in s.workers
     )
     return (
-        f"{title} {done:,}/{goal:,}{pct} | {rate:,.1f} tasks/s | ETA {_duration(eta)} | "
+        f"{title} {v.done:,}/{v.goal:,} {_pct(v.done, v.goal)} | {v.rate:,.1f} tasks/s{eta} | "
         f"pending {s.pending:,} in flight {s.in_flight:,} retrying {s.retrying:,} | "
-        f"failed {s.failed:,} retried {s.retried:,} crashed {s.crashed:,} timed out {s.timed_out:,} | {workers}"
+        f"failed {v.failed:,} retried {v.retried:,} crashed {v.crashed:,} timed out {v.timed_out:,} | {workers}"
     )
 
 
-def render(s: Stats, total: int | None = None, title: str = "procqueue") -> RenderableType:
+def render(
+    s: Stats,
+    total: int | None = None,
+    title: str = "procqueue",
+    base: Stats | None = None,
+    bars: tuple[MapProgress, ...] = (),
+) -> RenderableType:
     """The live view: a progress bar with rate and ETA, the queue, and one row per process."""
     from rich.console import Group
     from rich.progress_bar import ProgressBar
     from rich.table import Table
     from rich.text import Text
 
-    done, goal, rate, eta = _progress(s, total)
+    v = _Since(s, base or Stats(), total)
     head = Table.grid(padding=(0, 2))
     head.add_row(
-        Text(title, style="bold cyan"),
-        ProgressBar(total=max(goal, 1), completed=done, width=36),
-        f"{100 * done / goal:3.0f}%" if goal else "  -%",
-        f"{done:,}/{goal:,}",
-        f"{rate:,.1f} tasks/s",
-        f"ETA {_duration(eta)}",
-        f"elapsed {_duration(s.elapsed)}",
-    )
+        Text(title, style="bold cyan"), ProgressBar(total=max(v.goal, 1), completed=v.done, width=36),
+        f"{_pct(v.done, v.goal):>4}", f"{v.done:,}/{v.goal:,}", f"{v.rate:,.1f} tasks/s",
+        f"ETA {_duration(v.eta)}" if total is not None else "", f"elapsed {_duration(s.elapsed)}",
+    )  # fmt: skip
+    for bar in bars:
+        head.add_row(
+            Text(bar.title, style="cyan"), ProgressBar(total=bar.total or max(bar.count, 1), completed=bar.count, width=36),
+            f"{_pct(bar.count, bar.total):>4}", f"{bar.count:,}/{bar.total:,}" if bar.total else f"{bar.count:,}",
+            f"{bar.rate:,.0f}/s", f"ETA {_duration(_eta(bar.total - bar.count, bar.rate))}" if bar.total else "", "",
+        )  # fmt: skip
     queue = Text.assemble(
         ("pending ", "dim"), f"{s.pending:,}", ("  in flight ", "dim"), f"{s.in_flight:,}",
-        ("  retrying ", "dim"), f"{s.retrying:,}", ("  │  completed ", "dim"), (f"{s.completed:,}", "green"),
-        ("  failed ", "dim"), (f"{s.failed:,}", "red" if s.failed else ""), ("  retried ", "dim"),
-        (f"{s.retried:,}", "yellow" if s.retried else ""), ("  crashed ", "dim"), f"{s.crashed:,}",
-        ("  timed out ", "dim"), f"{s.timed_out:,}",
+        ("  retrying ", "dim"), f"{s.retrying:,}", ("  │  completed ", "dim"), (f"{v.completed:,}", "green"),
+        ("  failed ", "dim"), (f"{v.failed:,}", "red" if v.failed else ""), ("  retried ", "dim"),
+        (f"{v.retried:,}", "yellow" if v.retried else ""), ("  crashed ", "dim"), f"{v.crashed:,}",
+        ("  timed out ", "dim"), f"{v.timed_out:,}",
     )  # fmt: skip
     table = Table(box=None, padding=(0, 1), header_style="dim", show_edge=False)
     for name in ("worker", "pid", "state", "task", "cpu %", "rss", "done", "recycled"):
@@ -115,20 +221,25 @@ def render(s: Stats, total: int | None = None, title: str = "procqueue") -> Rend
 
 
 class LiveView:
-    """The live view of a pool, as a context manager: `with pool.live(total=n): ...`.
+    """The live view of a pool while a `with` block runs: `with pool.live(total=n): ...`.
 
     On a terminal (or in a notebook) it redraws in place every `interval`
     seconds (default 0.25): a progress bar with rate and ETA, the queue depth,
     in-flight tasks, retries and failures, and one row per worker with its
-    state, CPU and RSS. Otherwise it writes one plain line every `interval`
-    seconds (default 5) and a last one on exit. `total` is the number of tasks
-    the bar counts to (default: the tasks submitted so far); it can be set
-    while the view runs.
+    state, the task it runs, CPU and RSS. Otherwise it writes one plain line
+    every `interval` seconds (default 5) and a last one on exit.
+
+    It counts the work of its own block: tasks that end while it is open,
+    against `total` (the tasks you are about to run; settable while the view
+    runs) or, without one, against the tasks submitted since it opened (then
+    there is no ETA). A `map(..., progress=True)` inside the block adds its
+    bar to the view.
     """
 
     def __init__(
         self,
         stats: Callable[[], Stats],
+        registry: list[LiveView],
         total: int | None = None,
         file: IO[str] | None = None,
         interval: float | None = None,
@@ -136,18 +247,30 @@ class LiveView:
     ) -> None:
         self.total = total
         self._stats = stats
+        self._registry = registry
         self._console, self.fancy = _console(file)
         self._interval = interval or (REDRAW_EVERY if self.fancy else PLAIN_EVERY)
         self._title = title
+        self._base = Stats()
+        self._bars: list[MapProgress] = []
         self._live: Any = None
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
 
+    def attach(self, bar: MapProgress) -> None:
+        self._bars.append(bar)
+
+    def detach(self, bar: MapProgress) -> None:
+        self._bars.remove(bar)
+
     def _render(self) -> RenderableType:
-        return render(self._stats(), self.total, self._title)
+        return render(self._stats(), self.total, self._title, self._base, tuple(self._bars))
 
     def _print_plain(self) -> None:
-        self._console.file.write(plain_line(self._stats(), self.total, self._title) + "\n")
+        line = plain_line(self._stats(), self.total, self._title, self._base)
+        for bar in self._bars:
+            line += f" | {bar.describe()}"
+        self._console.file.write(line + "\n")
         self._console.file.flush()
 
     def _plain_loop(self) -> None:
@@ -155,6 +278,8 @@ class LiveView:
             self._print_plain()
 
     def __enter__(self) -> LiveView:
+        self._base = self._stats()
+        self._registry.append(self)
         if self.fancy:
             from rich.live import Live
 
@@ -168,6 +293,7 @@ class LiveView:
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
+        self._registry.remove(self)
         if self._live is not None:
             self._live.stop()  # draws once more: the view ends with the final figures
             self._live = None
@@ -176,52 +302,3 @@ class LiveView:
             self._thread.join()
             self._thread = None
             self._print_plain()
-
-
-class MapProgress:
-    """The progress bar of `map(..., progress=True)`: results handed out so far."""
-
-    def __init__(self, total: int | None, file: IO[str] | None = None, title: str = "map") -> None:
-        self.total = total
-        self.count = 0
-        self._title = title
-        self._console, fancy = _console(file)
-        self._t0 = self._last = time.monotonic()
-        self._bar: Any = None
-        self._closed = False
-        if fancy:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-            self._bar = Progress(
-                TextColumn("[bold cyan]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                TextColumn("{task.fields[rate]}"), TimeRemainingColumn(), console=self._console,
-            )  # fmt: skip
-            self._task = self._bar.add_task(title, total=total, rate="")
-            self._bar.start()
-
-    def advance(self, n: int) -> None:
-        self.count += n
-        now = time.monotonic()
-        if self._bar is not None:
-            rate = self.count / (now - self._t0) if now > self._t0 else 0.0
-            self._bar.update(self._task, advance=n, rate=f"{rate:,.0f}/s")
-        elif now - self._last >= PLAIN_EVERY:
-            self._last = now
-            self._line(now)
-
-    def _line(self, now: float) -> None:
-        took = now - self._t0
-        rate = self.count / took if took > 0 else 0.0
-        of = f"/{self.total:,} ({100 * self.count / self.total:.0f}%)" if self.total else ""
-        eta = f" ETA {_duration(_eta(self.total - self.count, rate))}" if self.total else ""
-        self._console.file.write(f"{self._title} {self.count:,}{of} {rate:,.0f}/s{eta} elapsed {_duration(took)}\n")
-        self._console.file.flush()
-
-    def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        if self._bar is not None:
-            self._bar.stop()
-        else:
-            self._line(time.monotonic())

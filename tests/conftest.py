@@ -3,12 +3,15 @@ from __future__ import annotations
 import contextlib
 import multiprocessing
 import os
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import TypeVar
 
 import psutil
 import pytest
 
+T = TypeVar("T")
 START_METHODS = [m for m in ("forkserver", "spawn", "fork") if m in multiprocessing.get_all_start_methods()]
 
 
@@ -25,18 +28,26 @@ def _helpers() -> set[int]:
     return keep
 
 
-def leftover_children(timeout: float = 5.0) -> list[psutil.Process]:
+def _settled(find: Callable[[], list[T]], timeout: float) -> list[T]:
+    """What `find()` still returns once it comes back empty or `timeout` passes."""
     deadline = time.monotonic() + timeout
     while True:
+        left = find()
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.05)
+
+
+def leftover_children(timeout: float = 5.0) -> list[psutil.Process]:
+    def find() -> list[psutil.Process]:
         helpers = _helpers()
-        left = [
+        return [
             c
             for c in psutil.Process().children(recursive=True)
             if c.pid not in helpers and c.is_running() and c.status() != psutil.STATUS_ZOMBIE
         ]
-        if not left or time.monotonic() > deadline:
-            return left
-        time.sleep(0.05)
+
+    return _settled(find, timeout)
 
 
 @pytest.fixture(autouse=True)
@@ -48,6 +59,21 @@ def no_leftover_processes() -> Iterator[None]:
         with contextlib.suppress(psutil.Error):
             proc.kill()
     assert not left, f"processes left behind: {[(p.pid, p.name()) for p in left]}"
+
+
+def leftover_threads(timeout: float = 5.0) -> list[str]:
+    """procqueue's threads (manager, monitor, view) and the Prometheus server's, still alive."""
+    return _settled(
+        lambda: [t.name for t in threading.enumerate() if t.name.startswith("procqueue") or "serve_forever" in t.name],
+        timeout,
+    )
+
+
+@pytest.fixture(autouse=True)
+def no_leftover_threads() -> Iterator[None]:
+    """Every pool ends its threads with it."""
+    yield
+    assert not leftover_threads(), f"threads left behind: {leftover_threads(0)}"
 
 
 @pytest.fixture(params=START_METHODS)
