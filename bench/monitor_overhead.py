@@ -29,6 +29,20 @@ def one_run(monitor: bool, items: int) -> float:
     return items / took
 
 
+def sample_cost(n: int = 300) -> float:
+    """Seconds the parent spends on one sample (2 workers busy with a tiny map)."""
+    with pq.Pool(workers=2, monitor=False, max_worker_memory=1 << 40) as pool:  # a sampler with no sinks
+        it = pool.map(tiny, range(50_000_000))
+        next(it)
+        sampler = pool._engine.sampler
+        t = time.perf_counter()
+        for _ in range(n):
+            sampler._sample()
+        took = (time.perf_counter() - t) / n
+        pool.shutdown(cancel_futures=True)
+    return took
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--repeats", type=int, default=9)
@@ -45,6 +59,8 @@ def main() -> None:
         off.append(pair[False])
         ratios.append(pair[True] / pair[False])
         print(f"run {i + 1}: on {pair[True] / 1e6:.2f}M/s  off {pair[False] / 1e6:.2f}M/s  ratio {ratios[-1]:.3f}")
+    cost = sample_cost()
+    print(f"one sample costs the parent {cost * 1e6:.0f} us: {100 * cost:.3f}% of a core at the default 1 s interval")
     print(
         f"median: on {statistics.median(on) / 1e6:.2f}M/s, off {statistics.median(off) / 1e6:.2f}M/s; "
         f"ratio of medians {statistics.median(on) / statistics.median(off):.3f}, "
