@@ -23,7 +23,9 @@ from ._serialization import by_value, describe, dumps, dumps_callable, name_bad_
 
 TARGET_BATCH_NS = 20_000_000  # auto chunksize aims at batches of about 20 ms
 MAX_BATCH = 4096
-EWMA = 0.3  # weight of the newest batch in a handler's per-item estimate
+MIN_DIRECT_NS = 1_000_000  # ... nor smaller than this much work, when it can be avoided
+MAX_DIRECT_BATCH = 65536  # cut from a sequence: not bounded by the heap's capacity (the marker allows 2**20)
+EWMA = 0.3  # per batch, how much older measurements of a handler fade
 HANDLER_REGISTRY = 256
 
 
@@ -36,6 +38,8 @@ class Handler:
     blob: bytes | None = None
     error: SerializationError | None = None
     est_ns: float | None = None
+    _ns: float = 0.0
+    _n: float = 0.0
 
     def wire(self) -> bytes:
         """The cloudpickled handler, made once; raises SerializationError if it will not pickle."""
@@ -57,8 +61,11 @@ class Handler:
         return self.blob
 
     def measured(self, total_ns: int, count: int) -> None:
-        per = total_ns / count
-        self.est_ns = per if self.est_ns is None else (1 - EWMA) * self.est_ns + EWMA * per
+        # Weighted by items, so the tail's batches of a few items (dominated by
+        # fixed costs) do not drag the estimate of a handler of big batches.
+        self._ns = (1 - EWMA) * self._ns + total_ns
+        self._n = (1 - EWMA) * self._n + count
+        self.est_ns = self._ns / self._n
 
 
 class Handlers:
@@ -198,6 +205,16 @@ class Dispatcher:
             return 1  # measure first: a long task must not be batched blindly
         # Batches of ~TARGET_BATCH_NS bound the tail imbalance to about one batch.
         return max(1, min(int(TARGET_BATCH_NS / max(est, 1.0)), MAX_BATCH))
+
+    def direct_size(self, handler: Handler, total: int, workers: int) -> int:
+        """A batch cut straight from a sequence of `total` items: ~TARGET_BATCH_NS of
+        work, but at least four batches per worker, so the tail stays even."""
+        est = handler.est_ns
+        if est is None:
+            return 1
+        per = max(est, 1.0)
+        spread = max(-(-total // (4 * workers)), int(MIN_DIRECT_NS / per))
+        return max(1, min(int(TARGET_BATCH_NS / per), spread, MAX_DIRECT_BATCH))
 
     def feed_size(self, handler: Handler) -> int:
         """How many items a map feeds as one run: about one batch."""

@@ -34,6 +34,10 @@ Actors, what they read, write and own:
 - collector (`_collector.py`): the only writer of the counters and the only
   judge of retry-or-final. Values pass through it as bytes.
 
+A map over a list, tuple or range skips the heap: the manager cuts its
+batches straight from the sequence whenever nothing in the heap outranks it,
+so tiny tasks travel in batches of tens of thousands, not `capacity`.
+
 Why a worker holds at most ~40 ms of estimated work (one task, for tasks over
 2 ms): a batch on a pipe can no longer be reordered, so the prefetch is the
 only place where a newly submitted urgent task can be overtaken. Batch sizes
@@ -80,13 +84,14 @@ from ._monitor import Sampler, Stats
 from ._outcomes import Outcomes
 from ._results import Later, Stream, run_all
 from ._serialization import dumps_callable
-from ._supervisor import Slot, Supervisor
+from ._supervisor import Slot, Supervisor, widen_pipe
 
 FAST_ITEM_NS = 50_000  # tasks shorter than this run unmarked in a tight loop (no timeout)
 STOP_GRACE = 5.0  # seconds an idle worker gets to exit after Stop
 MAX_BARREN_DEATHS = 5  # workers in a row that die before any outcome: the pool is broken
 FAST_TASK_NS = 2_000_000  # below this per-item estimate a worker gets more than one batch queued
 PREFETCH_NS = 40_000_000  # ... up to this much estimated work
+MAX_HELD = 2  # ... in at most this many batches: the one running and the next (the rest stays to balance the tail)
 
 
 @dataclass
@@ -179,6 +184,7 @@ class Engine(Outcomes):
         listener.listen(128)
         control_r, self.control = self.ctx.Pipe(duplex=False)
         self.results, results_w = self.ctx.Pipe(duplex=False)
+        widen_pipe(results_w.fileno())
         self._counters: Any = self.ctx.RawArray("q", _collector.SLOTS + cfg.workers)  # type: ignore[attr-defined]
         self.collector_counts = memoryview(self._counters).cast("B").cast("q")
         self.collector = self.ctx.Process(  # type: ignore[attr-defined]
@@ -241,8 +247,9 @@ class Engine(Outcomes):
         """A map over a sequence: the manager feeds it as room frees."""
         with self.lock:
             self.check_open()
+            feeder.order = next(self.dispatcher.seq)  # its place in line among equal priorities
             self.feeders.append(feeder)
-            self._top_up()
+            self.feeders.sort(key=lambda f: (-f.opts.priority, f.order))
             self.wake()
 
     def check_open(self) -> None:
@@ -299,26 +306,21 @@ class Engine(Outcomes):
         if self.counts.started is None:
             self.counts.started = time.monotonic()
 
-    def _top_up(self) -> None:
-        """Feed maps over sequences from the manager, as soon as there is room (lock held)."""
-        for f in list(self.feeders):
-            if f.stream.cancelled or self.broken is not None:
-                self.feeders.remove(f)
-                continue
-            while f.pos < len(f.seq):
-                room = self.dispatcher.room()
-                if not self.closed:  # after shutdown, no one may be reading yet: run it all, as Executor.map
-                    room = min(room, f.limit - f.stream.outstanding)
-                if room <= 0:
-                    break
-                n = min(room, f.size or self.dispatcher.feed_size(f.handler), len(f.seq) - f.pos)
-                items = list(f.seq[f.pos : f.pos + n])  # slicing a list, tuple or range runs no user code
-                f.pos += n
-                self._accept(f.make_run(items, self.reserve_ids_locked(n)))
-            if f.pos >= len(f.seq):
+    def _next_feeder(self) -> Any:
+        """The map over a sequence to cut the next batch from, if it outranks the heap (lock held)."""
+        feeders = self.feeders
+        while feeders:
+            f = feeders[0]
+            if f.stream.cancelled or self.broken is not None or f.pos >= len(f.seq):
                 f.exhausted = True
-                self.feeders.remove(f)
-            self.cv.notify_all()
+                feeders.pop(0)
+                self.cv.notify_all()
+                continue
+            heap = self.dispatcher.heap
+            if heap and heap[0][:2] < (-f.opts.priority, f.order):
+                return None  # something more urgent (or older at equal priority) waits in the heap
+            return f
+        return None
 
     def room_for(self, stream: Stream, window: int) -> int:
         """How many more items a map may feed now (lock held)."""
@@ -492,25 +494,28 @@ class Engine(Outcomes):
         if self.phase != "running" or self.broken is not None:
             return
         slots = self.supervisor.slots
+        heap = self.dispatcher.heap
         progress = True
-        while progress:  # round robin, one batch per slot per round, feeding maps as room frees
-            if self.feeders:
-                self._top_up()
+        while progress:  # round robin, one batch per slot per round
             progress = False
             for slot in slots:
-                if not self.dispatcher.heap:
-                    break
-                if slot.alive and not slot.retiring and self._has_room(slot):
+                if not slot.alive or slot.retiring:
+                    continue
+                f = self._next_feeder() if self.feeders else None
+                if f is not None:
+                    if self._has_room(slot, f.handler.est_ns) and self._cut_from_sequence(f, slot, later):
+                        progress = True
+                elif heap and self._has_room(slot, heap[0][-1].handler.est_ns):
                     self._dispatch_one(slot, later)
                     progress = True
 
-    def _has_room(self, slot: Slot) -> bool:
+    def _has_room(self, slot: Slot, est: float | None) -> bool:
         """The prefetch rule: a worker holds at most ~PREFETCH_NS of queued work, and
-        tasks over FAST_TASK_NS get no second batch (an idle worker can take it)."""
+        tasks over FAST_TASK_NS (`est`, the next batch's) get no second batch (an
+        idle worker can take it)."""
         if not slot.batches:
             return True
-        est = self.dispatcher.heap[0][-1].handler.est_ns
-        if est is None or est >= FAST_TASK_NS:
+        if est is None or est >= FAST_TASK_NS or len(slot.batches) >= MAX_HELD:
             return False
         queued = 0.0
         for b in slot.batches.values():
@@ -520,25 +525,53 @@ class Engine(Outcomes):
             queued += (b.count - b.done) * e
         return queued < PREFETCH_NS
 
+    def _task_limit(self, slot: Slot) -> int | None:
+        cap = self.cfg.max_tasks_per_worker
+        return None if cap is None else cap - slot.tasks_sent
+
     def _dispatch_one(self, slot: Slot, later: Later) -> None:
-        limit = None
-        if self.cfg.max_tasks_per_worker is not None:
-            limit = self.cfg.max_tasks_per_worker - slot.tasks_sent
+        limit = self._task_limit(slot)
         while True:
             segments = self.dispatcher.take(limit, lambda r, s, n: self._on_cancel(r, s, n, later))
-            if not segments:
+            if not segments or self._send_batch(slot, segments, later):
                 return
-            run = segments[0][0]
-            try:
-                blob = run.handler.wire()
-            except ProcQueueError as exc:
-                for r, s, n in segments:
-                    for j in range(s, s + n):
-                        self._reject(r, j, exc, later)
-                continue
-            payload, segments = encode_items(segments, lambda r, j, e: self._reject(r, j, e, later))
-            if segments:
-                break
+
+    def _cut_from_sequence(self, f: Any, slot: Slot, later: Later) -> bool:
+        """A batch cut straight from a map's list, tuple or range: it never waits in
+        the heap, so `capacity` does not cap its size. False when the map's window
+        of unconsumed results is full."""
+        left = len(f.seq) - f.pos
+        n = f.size or self.dispatcher.direct_size(f.handler, len(f.seq), len(self.supervisor.slots))
+        if not self.closed:  # after shutdown no one may be reading yet: run it all, as Executor.map
+            window = max(f.limit, 2 * len(self.supervisor.slots) * n)
+            n = min(n, window - f.stream.outstanding)
+        limit = self._task_limit(slot)
+        n = min(n, left, n if limit is None else limit)
+        if n <= 0:
+            return False
+        items = list(f.seq[f.pos : f.pos + n])  # slicing a list, tuple or range runs no user code
+        f.pos += n
+        run = f.make_run(items, self.reserve_ids_locked(n))
+        run.seq = f.order  # retries and requeues keep the map's place in line
+        self._account_new(run, n)
+        self._moves(run, 0, n, S.PENDING)
+        run.pos = n
+        self._send_batch(slot, [(run, 0, n)], later)
+        return True
+
+    def _send_batch(self, slot: Slot, segments: list[tuple[Run, int, int]], later: Later) -> bool:
+        """Encode and send a batch; items that do not pickle fail alone. False when none was left to send."""
+        run = segments[0][0]
+        try:
+            blob = run.handler.wire()
+        except ProcQueueError as exc:
+            for r, s, n in segments:
+                for j in range(s, s + n):
+                    self._reject(r, j, exc, later)
+            return False
+        payload, segments = encode_items(segments, lambda r, j, e: self._reject(r, j, e, later))
+        if not segments:
+            return False
         count = sum(n for _, _, n in segments)
         batch = Batch(next(self.dispatcher.batch_ids), segments, count, slot.index)
         for r, s, n in segments:
@@ -554,8 +587,10 @@ class Engine(Outcomes):
             run.call, run.attempt, run.retries, careful, run.by_value,
         )  # fmt: skip
         self._send(slot, m.framed(msg, payload))
-        if limit is not None and slot.tasks_sent >= self.cfg.max_tasks_per_worker:  # type: ignore[operator]
+        cap = self.cfg.max_tasks_per_worker
+        if cap is not None and slot.tasks_sent >= cap:
             self._retire(slot)
+        return True
 
     # --- outcomes ---------------------------------------------------------------------
 

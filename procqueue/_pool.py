@@ -8,9 +8,9 @@ import math
 import time
 import weakref
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from types import TracebackType
-from typing import IO, TYPE_CHECKING, Any, Literal, TypeVar
+from typing import IO, TYPE_CHECKING, Any, Literal, TypeVar, cast
 
 from . import _messages as m
 from ._config import BACKPRESSURE, Config, default_start_method, default_workers
@@ -151,13 +151,13 @@ class Options:
 
 
 class _Feeder:
-    """Pulls a map's input into the heap as room frees, and hands results back.
+    """Pulls a map's input into the pool as room frees, and hands results back.
 
-    A list, tuple or range is fed by the manager thread itself, the moment
-    room frees (slicing one runs no user code); any other iterable is pulled
-    by the consuming thread, so a slow or blocking generator never stalls the
-    manager. Chunk bookkeeping is shared with the manager: touch it under the
-    engine's lock.
+    A list, tuple or range is cut into batches by the manager thread itself
+    (slicing one runs no user code), straight to the workers; any other
+    iterable is pulled by the consuming thread into the heap, so a slow or
+    blocking generator never stalls the manager. Chunk bookkeeping is shared
+    with the manager: touch it under the engine's lock.
     """
 
     def __init__(
@@ -180,6 +180,7 @@ class _Feeder:
         self.seq: Any = source if self.managed else None
         self.source: Iterator[Any] = iter(()) if self.managed else iter(source)
         self.pos = 0
+        self.order = 0  # arrival order among equal priorities (maps over sequences)
 
     def make_run(self, items: list[Any], first_id: int) -> Run:
         """A chunk of the map and the run that fills it (caller holds the engine lock)."""
@@ -238,6 +239,16 @@ class _Feeder:
         return not self.managed and not self.exhausted and self.engine.room_for(self.stream, self.limit) > 0
 
     def results(self, deadline: float | None, progress: tuple[int | None, str, list[LiveView]] | None) -> Iterator[Any]:
+        """The map's results: chunk by chunk in Python, item by item in C."""
+        chunks = self._chunks(deadline, progress)
+        self._stop = chunks.close
+        results = cast(_MapIterator, _MapIterator.from_iterable(chunks))
+        results.chunks = chunks
+        return results
+
+    def _chunks(
+        self, deadline: float | None, progress: tuple[int | None, str, list[LiveView]] | None
+    ) -> Generator[Iterable[Any], None, None]:
         engine = self.engine
         bar = None
         if progress is not None:  # the bar starts with the iteration, not with the call to map()
@@ -245,8 +256,12 @@ class _Feeder:
 
             total, title, views = progress
             bar = MapProgress(total, title, views[-1] if views else None)
+        last = 0  # items of the chunk handed out before: consumed once the next one is asked for
         try:
             while True:
+                if bar is not None and last:
+                    bar.advance(last)
+                    last = 0
                 if not self.managed:
                     self.feed()
                 with engine.lock:
@@ -258,15 +273,10 @@ class _Feeder:
                             engine.wake()  # the window moved: the manager may feed more
                     finished = self.exhausted and self.consumed >= self.fed
                 if chunk is not None:
-                    if chunk.errors is None:
-                        yield from chunk.values
-                    else:
-                        for i, value in enumerate(chunk.values):
-                            if i in chunk.errors:
-                                raise chunk.errors[i]
-                            yield value
-                    if bar is not None:
-                        bar.advance(len(chunk.values))
+                    last = len(chunk.values)
+                    # After a failed task the map ends (as Executor.map's does): the
+                    # chunk's values are handed out up to it, then this generator closes.
+                    yield chunk.values if chunk.errors is None else _until_error(chunk, self._stop)
                     continue
                 if finished:
                     if self.error is not None:
@@ -464,3 +474,24 @@ class Pool(concurrent.futures.Executor):
 
 def _name(fn: Callable[..., Any]) -> str:
     return getattr(fn, "__name__", None) or type(fn).__name__
+
+
+class _MapIterator(itertools.chain):  # type: ignore[type-arg]
+    """What `map` returns: items come out at C speed; `close()` ends the map early
+    (tasks not started are cancelled), as closing a generator would."""
+
+    chunks: Generator[Iterable[Any], None, None]
+
+    def close(self) -> None:
+        self.chunks.close()
+
+
+def _until_error(chunk: Chunk, stop: Callable[[], None]) -> Iterator[Any]:
+    """A chunk's values up to its first failed task, whose error is raised there after `stop()`."""
+    errors = chunk.errors
+    assert errors is not None
+    for i, value in enumerate(chunk.values):
+        if i in errors:
+            stop()
+            raise errors[i]
+        yield value

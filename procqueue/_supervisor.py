@@ -11,6 +11,7 @@ worker's handler cache.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import signal
 import time
@@ -24,6 +25,7 @@ from typing import Any
 from . import _worker
 from ._dispatcher import Batch
 
+PIPE_SIZE = 1 << 20  # bytes: a big batch crosses in one write, not in 16 wake-ups of the manager
 POLL_UNSTARTED = 0.05  # a timed task its worker has not started yet: look again this soon
 
 
@@ -93,6 +95,7 @@ class Supervisor:
 
     def spawn(self, slot: Slot) -> None:
         task_r, task_w = self.ctx.Pipe(duplex=False)
+        widen_pipe(task_w.fileno())
         fault_r, fault_w = self.ctx.Pipe(duplex=False)
         self.marks[2 * slot.index] = 0
         proc = self.ctx.Process(  # type: ignore[attr-defined]
@@ -218,3 +221,11 @@ class Supervisor:
         slot.process, slot.task_w, slot.fault_r = None, None, None
         slot.pid = -1
         return exitcode, text.decode("utf-8", "replace")
+
+
+def widen_pipe(fd: int) -> None:
+    """Grow a pipe's buffer where the OS allows it (Linux); elsewhere keep the default."""
+    setsize = getattr(fcntl, "F_SETPIPE_SZ", None)
+    if setsize is not None:
+        with contextlib.suppress(OSError):  # over /proc/sys/fs/pipe-max-size: keep what it has
+            fcntl.fcntl(fd, setsize, PIPE_SIZE)

@@ -91,6 +91,11 @@ def stamp(tag: Any) -> tuple[Any, float]:
     return tag, time.monotonic()
 
 
+def slow_stamp(tag: Any) -> tuple[Any, float]:
+    time.sleep(0.001)
+    return tag, time.monotonic()
+
+
 def unpicklable_result(_: Any = None) -> Any:
     return threading.Lock()
 

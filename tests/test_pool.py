@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures as cf
+import itertools
 import os
 import time
 import traceback
@@ -109,6 +110,32 @@ def test_priority_holds_at_dispatch() -> None:
         t_low = [f.result(timeout=30)[1] for f in low]
         assert t_high <= t_mid <= min(t_low)
         assert t_low == sorted(t_low)  # equal priority: submission order
+
+
+def test_priority_holds_against_a_map_over_a_list() -> None:
+    """A map over a list is cut straight from the list, never queued in the heap:
+    an urgent submit still overtakes what it has not handed out, and an equal
+    priority submit still waits its turn."""
+    with pq.Pool(workers=1) as pool:
+        results = pool.map(h.slow_stamp, list(range(600)))  # ~0.6 s of 1 ms tasks
+        time.sleep(0.1)
+        later = pool.submit(h.stamp, "later")  # equal priority: after the whole map
+        urgent = pool.options(priority=9).submit(h.sleep_then, "urgent", 0.3)
+        stamps = [t for _, t in results]
+        urgent.result(timeout=30)
+        t_later = later.result(timeout=30)[1]
+    gaps = sorted(b - a for a, b in itertools.pairwise(stamps))
+    assert gaps[-1] >= 0.25, "the urgent task did not run in the middle of the map"
+    assert t_later >= max(stamps)
+
+
+def test_a_tiny_map_over_a_list_keeps_every_worker_busy() -> None:
+    with pq.Pool(workers=2) as pool:
+        list(pool.map(h.square, range(1000)))  # measure the handler
+        before = [w.tasks_done for w in pool.stats().workers]
+        assert list(pool.map(h.square, list(range(200_000)))) == [x * x for x in range(200_000)]
+        done = [w.tasks_done - b for w, b in zip(pool.stats().workers, before)]
+    assert sum(done) == 200_000 and min(done) >= 40_000, done
 
 
 def test_retries_with_backoff_spacing(tmp_path: object) -> None:
