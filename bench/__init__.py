@@ -1,1 +1,1 @@
-"""procqueue's bench suite (run from the repository root)."""
+"""procqueue's bench suite: procqueue against its peers, side by side (`procqueue bench`)."""

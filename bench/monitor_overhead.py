@@ -12,7 +12,8 @@ import statistics
 import time
 
 import procqueue as pq
-from bench.core_figures import tiny
+
+from .workloads import tiny
 
 
 def one_run(monitor: bool, items: int) -> float:

@@ -48,3 +48,22 @@ def demo(blocks: int, workers: int | None) -> None:
         f"on average {busy_ms / 1000 / wall:.2f} tasks ran at once"
     )
     sys.exit(0 if stats.failed == 0 else 1)
+
+
+@main.command(
+    context_settings={"ignore_unknown_options": True, "allow_extra_args": True, "help_option_names": []},
+    add_help_option=False,
+)
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def bench(args: tuple[str, ...]) -> None:
+    """Run the bench suite: procqueue against its peers (--help for its options).
+
+    Example: procqueue bench --quick
+    """
+    try:
+        from procqueue_bench.suite import main as suite
+    except ImportError:
+        raise click.ClickException(
+            "the bench suite is not installed with this copy of procqueue; from a checkout, run: python -m bench"
+        ) from None
+    sys.exit(suite(list(args)))

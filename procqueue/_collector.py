@@ -72,8 +72,8 @@ class Collector:
 
     # --- plumbing -------------------------------------------------------------------
 
-    def send(self, header: object, body: bytes | memoryview = b"") -> None:
-        self.results.send_bytes(m.encode(header, body))
+    def send(self, header: object, body: m.Body = b"") -> None:
+        m.write_frame(self.results.fileno(), header, body)
 
     def accept_all(self) -> None:
         while True:
@@ -128,7 +128,7 @@ class Collector:
         counts[FAILED] += 1
         return FINAL
 
-    def on_worker_frame(self, link: _Link, frame: bytes) -> None:
+    def on_worker_frame(self, link: _Link, frame: memoryview) -> None:
         msg, body = m.decode(frame)
         if link.pid < 0 and not (isinstance(msg, m.Hello) and msg.token == self.token):
             self.close(link)  # not one of ours

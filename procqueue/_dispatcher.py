@@ -19,7 +19,7 @@ from typing import Any
 from . import _messages as m
 from ._errors import SerializationError
 from ._results import Chunk, Sink
-from ._serialization import by_value, describe, dumps, dumps_callable, name_bad_argument
+from ._serialization import describe, dumps, dumps_body, dumps_callable, name_bad_argument
 
 TARGET_BATCH_NS = 20_000_000  # auto chunksize aims at batches of about 20 ms
 MAX_BATCH = 4096
@@ -279,7 +279,7 @@ class Dispatcher:
 
 def encode_items(
     segments: list[tuple[Run, int, int]], reject: Callable[[Run, int, BaseException], None]
-) -> tuple[bytes, list[tuple[Run, int, int]]]:
+) -> tuple[list[bytes | memoryview], list[tuple[Run, int, int]]]:
     """Pickle a batch's items in one go; on failure find each item that does not
     pickle, fail it alone (naming the argument) and send the rest."""
     if len(segments) == 1 and segments[0][1] == 0 and segments[0][2] == len(segments[0][0].items):
@@ -289,7 +289,7 @@ def encode_items(
         for run, start, count in segments:
             items.extend(run.items[start : start + count])
     try:
-        return (by_value(items) if segments[0][0].by_value else dumps(items)), segments
+        return dumps_body(items, segments[0][0].by_value), segments
     except Exception:
         pass
     kept: list[tuple[Run, int, int]] = []
@@ -322,7 +322,7 @@ def encode_items(
                 run_start = j
         if run_start is not None:
             kept.append((run, run_start, start + count - run_start))
-    return (dumps(good) if good else b""), kept
+    return (dumps_body(good) if good else []), kept
 
 
 def _call_args(call: m.Call, item: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:

@@ -68,7 +68,7 @@ from typing import Any
 from . import _collector, _worker
 from . import _messages as m
 from ._config import Config
-from ._dispatcher import Batch, Dispatcher, Handlers, Run, encode_items
+from ._dispatcher import MAX_DIRECT_BATCH, Batch, Dispatcher, Handlers, Run, encode_items
 from ._errors import (
     Dropped,
     InitializerFailed,
@@ -307,13 +307,17 @@ class Engine(Outcomes):
             self.counts.started = time.monotonic()
 
     def _next_feeder(self) -> Any:
-        """The map over a sequence to cut the next batch from, if it outranks the heap (lock held)."""
+        """The map to cut the next batch from, if it outranks the heap (lock held)."""
         feeders = self.feeders
-        while feeders:
-            f = feeders[0]
+        i = 0
+        while i < len(feeders):
+            f = feeders[i]
+            if f.pos >= len(f.seq) and not f.input_done and not f.stream.cancelled and self.broken is None:
+                i += 1  # its consumer has not pulled more input yet
+                continue
             if f.stream.cancelled or self.broken is not None or f.pos >= len(f.seq):
                 f.exhausted = True
-                feeders.pop(0)
+                feeders.pop(i)
                 self.cv.notify_all()
                 continue
             heap = self.dispatcher.heap
@@ -322,13 +326,24 @@ class Engine(Outcomes):
             return f
         return None
 
-    def room_for(self, stream: Stream, window: int) -> int:
-        """How many more items a map may feed now (lock held)."""
-        return max(0, min(self.dispatcher.room(), window - stream.outstanding))
+    def feeder_batch(self, f: Any) -> int:
+        """Items per batch cut from a map's input (lock held)."""
+        if f.size:
+            return int(f.size)
+        workers = len(self.supervisor.slots)
+        total = len(f.seq) if f.managed else MAX_DIRECT_BATCH * 4 * workers
+        return self.dispatcher.direct_size(f.handler, total, workers)
 
-    def map_room(self, stream: Stream, window: int) -> int:
-        with self.lock:
-            return self.room_for(stream, window)
+    def feeder_want(self, f: Any) -> int:
+        """How many items an iterator map's consumer should pull now: `capacity` or a
+        batch per worker waiting in the buffer, whichever is more, within the window
+        of unconsumed results (lock held)."""
+        n = self.feeder_batch(f)
+        workers = len(self.supervisor.slots)
+        buffered: int = len(f.seq) - f.pos
+        window: int = max(f.limit, 2 * workers * n)
+        target = max(self.cfg.capacity, n * workers)
+        return max(0, min(target - buffered, window - int(f.stream.outstanding) - buffered))
 
     def wait_until(self, ready: Callable[[], bool], deadline: float | None) -> None:
         """Sleep until `ready()` (checked under the lock) or the deadline (TimeoutError)."""
@@ -353,9 +368,17 @@ class Engine(Outcomes):
             self.closed = True
             if cancel:
                 self.dispatcher.cancel_all(self._on_cancel)
-                for f in self.feeders:  # maps over sequences: the rest of the input is not read
-                    f.exhausted, f.error = True, CancelledError("the pool was shut down with cancel_futures=True")
+                for f in self.feeders:  # the rest of their input is not read
+                    f.exhausted, f.input_done = True, True
+                    f.error = CancelledError("the pool was shut down with cancel_futures=True")
                 self.feeders.clear()
+            for f in self.feeders:
+                if not f.managed and not f.input_done:  # what was read still runs; then this
+                    f.input_done = True
+                    f.error = PoolClosed(
+                        "the pool was shut down before this map's input was read to the end; "
+                        "iterate the results inside the `with` block, or pass a list"
+                    )
             self.cv.notify_all()
             self.wake()
         run_all(later)
@@ -477,10 +500,10 @@ class Engine(Outcomes):
         """Let the worker finish what it holds, then exit; a fresh one takes its slot."""
         slot.retiring = True
         slot.recycled += 1
-        self._send(slot, m.framed(m.Stop()))
+        self._send(slot, m.frame_parts(m.Stop()))
 
-    def _send(self, slot: Slot, data: bytes) -> None:
-        if self.supervisor.send(slot, data):
+    def _send(self, slot: Slot, parts: list[bytes | memoryview]) -> None:
+        if self.supervisor.send(slot, parts):
             with contextlib.suppress(KeyError):
                 self.sel.register(slot.fd, selectors.EVENT_WRITE, ("write", slot, slot.generation))
 
@@ -541,7 +564,7 @@ class Engine(Outcomes):
         the heap, so `capacity` does not cap its size. False when the map's window
         of unconsumed results is full."""
         left = len(f.seq) - f.pos
-        n = f.size or self.dispatcher.direct_size(f.handler, len(f.seq), len(self.supervisor.slots))
+        n = self.feeder_batch(f)
         if not self.closed:  # after shutdown no one may be reading yet: run it all, as Executor.map
             window = max(f.limit, 2 * len(self.supervisor.slots) * n)
             n = min(n, window - f.stream.outstanding)
@@ -557,6 +580,8 @@ class Engine(Outcomes):
         self._moves(run, 0, n, S.PENDING)
         run.pos = n
         self._send_batch(slot, [(run, 0, n)], later)
+        if not f.managed:
+            self.cv.notify_all()  # its consumer may pull more input
         return True
 
     def _send_batch(self, slot: Slot, segments: list[tuple[Run, int, int]], later: Later) -> bool:
@@ -586,7 +611,7 @@ class Engine(Outcomes):
             batch.batch_id, count, run.handler.id, None if slot.knows(run.handler.id) else blob,
             run.call, run.attempt, run.retries, careful, run.by_value,
         )  # fmt: skip
-        self._send(slot, m.framed(msg, payload))
+        self._send(slot, m.frame_parts(msg, payload))
         cap = self.cfg.max_tasks_per_worker
         if cap is not None and slot.tasks_sent >= cap:
             self._retire(slot)
@@ -595,7 +620,7 @@ class Engine(Outcomes):
     # --- outcomes ---------------------------------------------------------------------
 
     def _on_results(self) -> None:
-        frames: list[bytes] = []
+        frames: list[memoryview] = []
         fd = self.results.fileno()
         while True:
             try:
@@ -711,7 +736,7 @@ class Engine(Outcomes):
             for slot in self.supervisor.slots:
                 if slot.alive and not slot.retiring:
                     slot.retiring = True
-                    self._send(slot, m.framed(m.Stop()))
+                    self._send(slot, m.frame_parts(m.Stop()))
         if self.phase == "stopping" and time.monotonic() > self._stop_deadline:
             # Idle workers exit within milliseconds of Stop; one that does not is killed.
             stuck = [(s.index, s.pid) for s in self.supervisor.slots if s.alive]

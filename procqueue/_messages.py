@@ -28,6 +28,7 @@ DISPATCHED too.
 from __future__ import annotations
 
 import enum
+import os
 import pickle
 import struct
 from dataclasses import dataclass, field
@@ -231,15 +232,69 @@ def encode(header: object, body: bytes | memoryview = b"") -> bytes:
     return b"".join((_HDR.pack(len(head)), head, body))
 
 
-def framed(header: object, body: bytes | memoryview = b"") -> bytes:
-    """A whole frame, length-prefixed as `Connection.send_bytes` writes it, for raw writes."""
+Body = bytes | memoryview | list[bytes | memoryview]
+
+
+def frame_parts(header: object, body: Body = b"") -> list[bytes | memoryview]:
+    """A whole frame, length-prefixed as `Connection.send_bytes` writes it, as the
+    buffers to write in turn: the body (one buffer or several) is never copied
+    into a joined frame."""
     head = pickle.dumps(header, protocol=pickle.HIGHEST_PROTOCOL)
-    size = _HDR.size + len(head) + len(body)
+    parts = body if isinstance(body, list) else [body]
+    size = _HDR.size + len(head) + sum(memoryview(p).nbytes for p in parts)
     prefix = _LEN.pack(size) if size < 0x7FFFFFFF else _LEN.pack(-1) + _LEN64.pack(size)
-    return b"".join((prefix, _HDR.pack(len(head)), head, body))
+    first = b"".join((prefix, _HDR.pack(len(head)), head))
+    return [first, *(p for p in parts if len(p))]
 
 
-def decode(payload: bytes | memoryview) -> tuple[Any, memoryview]:
+def framed(header: object, body: Body = b"") -> bytes:
+    """A whole frame as one bytes object (small messages)."""
+    return b"".join(frame_parts(header, body))
+
+
+def write_frame(fd: int, header: object, body: Body = b"") -> None:
+    """Write a whole frame to a blocking descriptor, with one gathered write when it fits."""
+    parts = frame_parts(header, body)
+    while parts:
+        n = os.writev(fd, parts)
+        parts = drop_written(parts, n)
+
+
+def drop_written(parts: list[bytes | memoryview], n: int) -> list[bytes | memoryview]:
+    """What is left of `parts` after `n` bytes of them were written."""
+    while n and parts:
+        first = parts[0]
+        size = memoryview(first).nbytes
+        if n >= size:
+            n -= size
+            parts = parts[1:]
+        else:
+            parts = [memoryview(first).cast("B")[n:], *parts[1:]]
+            n = 0
+    return parts
+
+
+def read_frame(fd: int) -> bytearray:
+    """Read one whole frame's payload from a blocking descriptor, into a buffer of its size."""
+    (size,) = _LEN.unpack(_read_exactly(fd, 4))
+    if size == -1:
+        (size,) = _LEN64.unpack(_read_exactly(fd, 8))
+    return _read_exactly(fd, size)
+
+
+def _read_exactly(fd: int, size: int) -> bytearray:
+    buf = bytearray(size)
+    view = memoryview(buf)
+    got = 0
+    while got < size:
+        n = os.readv(fd, [view[got:]])
+        if n == 0:
+            raise EOFError("the writer closed the pipe")
+        got += n
+    return buf
+
+
+def decode(payload: bytes | bytearray | memoryview) -> tuple[Any, memoryview]:
     """Split a frame's payload (without its length prefix) into header and body."""
     view = memoryview(payload)
     (hlen,) = _HDR.unpack_from(view)
@@ -250,41 +305,71 @@ def decode(payload: bytes | memoryview) -> tuple[Any, memoryview]:
 class FrameReader:
     """Reassembles frames from bytes read off a non-blocking descriptor.
 
-    A writer killed mid-frame leaves a torn tail here; it is simply never
+    Whole frames inside one read come out as views of it (no copy); a frame
+    split across reads is gathered once into a buffer of its exact size. A
+    writer killed mid-frame leaves a torn tail here; it is simply never
     completed, so it cannot block the reader.
     """
 
-    __slots__ = ("_buf",)
+    __slots__ = ("_buf", "_head", "_need", "_prefix_len")
 
     def __init__(self) -> None:
-        self._buf = bytearray()
+        self._head = bytearray()  # a length prefix not yet whole
+        self._buf: bytearray | None = None  # the frame being gathered
+        self._need = 0  # bytes it still lacks
+        self._prefix_len = 0  # of the frame being gathered
 
-    def feed(self, data: bytes) -> list[bytes]:
-        buf = self._buf
-        buf += data
-        frames: list[bytes] = []
-        pos = 0
-        end = len(buf)
-        while end - pos >= 4:
-            (size,) = _LEN.unpack_from(buf, pos)
-            start = pos + 4
-            if size == -1:
-                if end - pos < 12:
-                    break
-                (size,) = _LEN64.unpack_from(buf, start)
-                start += 8
-            if end - start < size:
+    def feed(self, data: bytes) -> list[memoryview]:
+        frames: list[memoryview] = []
+        view = memoryview(data)
+        if self._buf is not None:  # finish the frame in progress
+            take = min(self._need, len(view))
+            filled = len(self._buf) - self._need
+            self._buf[filled : filled + take] = view[:take]
+            self._need -= take
+            if self._need:
+                return frames
+            frames.append(memoryview(self._buf))
+            self._buf = None
+            view = view[take:]
+        if self._head:  # rare: a read ended inside a length prefix
+            view = memoryview(bytes(self._head) + bytes(view))
+            self._head = bytearray()
+        pos, end = 0, len(view)
+        while pos < end:
+            size, start = _prefix(view, pos)
+            if size is None:
+                self._head = bytearray(view[pos:])
                 break
-            frames.append(bytes(buf[start : start + size]))
-            pos = start + size
-        if pos:
-            del buf[:pos]
+            if end - start >= size:
+                frames.append(view[start : start + size])
+                pos = start + size
+            else:  # gather the rest of this frame, once, into a buffer of its size
+                self._buf = bytearray(size)
+                self._buf[: end - start] = view[start:]
+                self._need = size - (end - start)
+                self._prefix_len = start - pos
+                break
         return frames
 
     @property
     def pending(self) -> int:
         """Bytes of an incomplete frame held back."""
-        return len(self._buf)
+        gathered = self._prefix_len + len(self._buf) - self._need if self._buf is not None else 0
+        return len(self._head) + gathered
+
+
+def _prefix(buf: bytes | bytearray | memoryview, pos: int) -> tuple[int | None, int]:
+    """`(frame size, where its payload starts)` from a length prefix at `pos`; None when incomplete."""
+    if len(buf) - pos < 4:
+        return None, pos
+    (size,) = _LEN.unpack_from(buf, pos)
+    if size != -1:
+        return size, pos + 4
+    if len(buf) - pos < 12:
+        return None, pos
+    (size,) = _LEN64.unpack_from(buf, pos + 4)
+    return size, pos + 12
 
 
 # --- the task state machine -------------------------------------------------------

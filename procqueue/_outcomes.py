@@ -22,7 +22,7 @@ from ._dispatcher import Batch, Dispatcher, Run
 from ._errors import SerializationError
 from ._messages import TaskState as S
 from ._results import Chunk, Later, crash_error, remote_error
-from ._serialization import loads
+from ._serialization import loads_body
 
 if TYPE_CHECKING:
     from ._engine import _Counts, _Lost
@@ -64,7 +64,7 @@ class Outcomes:
 
     def _on_batch_result(self, msg: m.BatchResult, body: memoryview, later: Later) -> None:
         try:
-            values: list[Any] = loads(body)
+            values: list[Any] = loads_body(body)
             unpickle_error: BaseException | None = None
         except Exception as exc:
             values, unpickle_error = [None] * msg.count, exc

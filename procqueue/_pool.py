@@ -16,7 +16,6 @@ from . import _messages as m
 from ._config import BACKPRESSURE, Config, default_start_method, default_workers
 from ._dispatcher import Run
 from ._engine import Engine
-from ._errors import PoolClosed
 from ._monitor import Monitor, Stats
 from ._results import Chunk, FutureSink, Later, Stream, run_all
 from ._results import Future as Future
@@ -173,14 +172,17 @@ class _Feeder:
         self.window: deque[Chunk] = deque()  # chunks in input order (ordered maps)
         self.fed = 0  # chunks fed
         self.consumed = 0  # chunks handed to the consumer
-        self.exhausted = False
+        self.exhausted = False  # every input item was cut into a run
         self.error: BaseException | None = None
         self.limit = WINDOW * opts._pool._cfg.capacity
         self.managed = type(source) in (list, tuple, range)
-        self.seq: Any = source if self.managed else None
+        # The manager cuts batches from seq[pos:]: the whole sequence, or for other
+        # input a buffer the consumer's thread refills from the iterator.
+        self.seq: Any = source if self.managed else []
         self.source: Iterator[Any] = iter(()) if self.managed else iter(source)
         self.pos = 0
-        self.order = 0  # arrival order among equal priorities (maps over sequences)
+        self.input_done = self.managed  # nothing more will be added to seq
+        self.order = 0  # arrival order among equal priorities
 
     def make_run(self, items: list[Any], first_id: int) -> Run:
         """A chunk of the map and the run that fills it (caller holds the engine lock)."""
@@ -196,39 +198,32 @@ class _Feeder:
         )  # fmt: skip
 
     def start(self) -> None:
-        if self.managed:
-            self.engine.add_feeder(self)
-        else:
-            self.feed()
+        self.engine.add_feeder(self)
+        self.feed()
 
     def feed(self) -> None:
-        """Generator input: pull in the consumer's thread while there is room."""
+        """Iterator input: refill the buffer the manager cuts from, in the consumer's
+        thread (user code never runs in the manager), while the window has room."""
         engine = self.engine
-        while not self.exhausted:
-            if engine.closed:  # results already computed are still handed out, then this
-                self.error = PoolClosed(
-                    "the pool was shut down before this map's input was read to the end; "
-                    "iterate the results inside the `with` block, or pass a list"
-                )
-                self.exhausted = True
+        while not self.input_done:
+            with engine.lock:
+                want = engine.feeder_want(self)
+            if want <= 0:
                 return
-            room = engine.map_room(self.stream, self.limit)
-            if room <= 0:
-                return
-            n = min(room, self.size or engine.dispatcher.feed_size(self.handler))
             try:
-                items = list(itertools.islice(self.source, n))
+                items = list(itertools.islice(self.source, want))
             except Exception as exc:  # the input itself failed: yield what came before, then raise
                 self.error, items = exc, []
             with engine.lock:
-                if len(items) < n:
-                    self.exhausted = True
-                run = self.make_run(items, engine.reserve_ids_locked(len(items))) if items else None
-            if run is None:
-                return
-            later: Later = []
-            engine.enqueue(run, "block", None, later)
-            run_all(later)
+                if self.input_done:  # the pool was shut down meanwhile: these never run
+                    return
+                if len(items) < want:
+                    self.input_done = True
+                if self.pos:
+                    del self.seq[: self.pos]
+                    self.pos = 0
+                self.seq.extend(items)
+                engine.wake()
 
     def _ready(self) -> bool:
         """Something to do for the consumer (called under the engine lock)."""
@@ -236,7 +231,7 @@ class _Feeder:
             return True
         if self.exhausted and self.consumed >= self.fed:
             return True
-        return not self.managed and not self.exhausted and self.engine.room_for(self.stream, self.limit) > 0
+        return not self.input_done and self.engine.feeder_want(self) > 0
 
     def results(self, deadline: float | None, progress: tuple[int | None, str, list[LiveView]] | None) -> Iterator[Any]:
         """The map's results: chunk by chunk in Python, item by item in C."""

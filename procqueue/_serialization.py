@@ -4,9 +4,10 @@ and precise about what failed when nothing works."""
 from __future__ import annotations
 
 import pickle
+import struct
 import sys
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, cast
 
 import cloudpickle
@@ -20,7 +21,7 @@ def _main_is_importable() -> bool:
     return bool(getattr(sys.modules.get("__main__"), "__file__", None))
 
 
-def dumps(obj: Any) -> bytes:
+def dumps(obj: Any, buffer_callback: Callable[[pickle.PickleBuffer], Any] | None = None) -> bytes:
     """Plain pickle (fast C path, by reference), else cloudpickle (by value).
 
     By reference, a worker's handler, initializer and globals are the module's
@@ -28,17 +29,67 @@ def dumps(obj: Any) -> bytes:
     cannot import, lambdas and closures go by value.
     """
     try:
-        data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+        data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL, buffer_callback=buffer_callback)
     except Exception:
-        return by_value(obj)
-    if _MAIN in data and not _main_is_importable():
-        return by_value(obj)
+        return by_value(obj, buffer_callback)
+    if not _main_is_importable() and _MAIN in data:
+        return by_value(obj, buffer_callback)
     return data
 
 
-def by_value(obj: Any) -> bytes:
+def by_value(obj: Any, buffer_callback: Callable[[pickle.PickleBuffer], Any] | None = None) -> bytes:
     """cloudpickle: functions and classes travel as code, not as names."""
-    return cast(bytes, cloudpickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL))
+    return cast(bytes, cloudpickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL, buffer_callback=buffer_callback))
+
+
+OUT_OF_BAND = 1 << 16  # buffers this big (numpy arrays, PickleBuffers) travel beside the pickle, uncopied
+_COUNT = struct.Struct("<Q")
+
+
+def dumps_body(obj: Any, by_value_: bool = False) -> list[bytes | memoryview]:
+    """A batch's items or values as the buffers of a frame body: a table of the
+    out-of-band buffers' sizes, the pickle, then those buffers themselves."""
+    bufs: list[memoryview] = []
+
+    def keep(pb: pickle.PickleBuffer) -> bool:
+        try:
+            raw = pb.raw()
+        except BufferError:  # not contiguous: in the pickle
+            return True
+        if raw.nbytes < OUT_OF_BAND:
+            return True
+        bufs.append(raw)
+        return False
+
+    try:
+        stream = by_value(obj, keep) if by_value_ else dumps(obj, keep)
+    except Exception:
+        bufs.clear()
+        raise
+    table = struct.pack(f"<Q{len(bufs)}Q", len(bufs), *(b.nbytes for b in bufs))
+    return [table, stream, *bufs]
+
+
+def loads_body(body: memoryview | bytes | bytearray) -> Any:
+    """The inverse of `dumps_body`. Buffers come back writable (numpy arrays built
+    on them can be written to), copied only when the frame itself was read-only."""
+    view = memoryview(body)
+    (k,) = _COUNT.unpack_from(view)
+    if not k:
+        return pickle.loads(view[_COUNT.size :])
+    sizes = struct.unpack_from(f"<{k}Q", view, _COUNT.size)
+    end = len(view) - sum(sizes)
+    buffers = []
+    at = end
+    for size in sizes:
+        piece = view[at : at + size]
+        buffers.append(bytearray(piece) if piece.readonly else piece)
+        at += size
+    return pickle.loads(view[_COUNT.size * (k + 1) : end], buffers=buffers)
+
+
+def body_size(parts: list[bytes | memoryview]) -> int:
+    return sum(len(p) if isinstance(p, bytes) else p.nbytes for p in parts)
 
 
 def dumps_callable(obj: Any) -> bytes:
@@ -88,11 +139,11 @@ def name_bad_argument(args: Sequence[Any], kwargs: dict[str, Any]) -> tuple[str,
     return "the arguments", None
 
 
-def dumps_values(values: list[Any]) -> tuple[bytes, list[tuple[int, str]]]:
-    """Pickle a batch of results; a value that will not pickle is replaced by
-    None and reported as `(index, message)`, so the others still travel."""
+def dumps_values(values: list[Any]) -> tuple[list[bytes | memoryview], list[tuple[int, str]]]:
+    """Pickle a batch of results (see `dumps_body`); a value that will not pickle
+    is replaced by None and reported as `(index, message)`, so the others still travel."""
     try:
-        return dumps(values), []
+        return dumps_body(values), []
     except Exception:
         pass
     bad: list[tuple[int, str]] = []
@@ -100,7 +151,7 @@ def dumps_values(values: list[Any]) -> tuple[bytes, list[tuple[int, str]]]:
         if (exc := _fails(value)) is not None:
             bad.append((i, f"the result ({describe(value)}) could not be pickled: {type(exc).__name__}: {exc}"))
             values[i] = None
-    return dumps(values), bad
+    return dumps_body(values), bad
 
 
 def pack_exception(exc: BaseException) -> tuple[bytes | None, str, str, str]:

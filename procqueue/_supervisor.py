@@ -22,10 +22,12 @@ from multiprocessing.context import BaseContext
 from multiprocessing.process import BaseProcess
 from typing import Any
 
+from . import _messages as m
 from . import _worker
 from ._dispatcher import Batch
 
 PIPE_SIZE = 1 << 20  # bytes: a big batch crosses in one write, not in 16 wake-ups of the manager
+WRITEV_MAX = 512  # buffers per writev (IOV_MAX is at least 1024)
 POLL_UNSTARTED = 0.05  # a timed task its worker has not started yet: look again this soon
 
 
@@ -38,7 +40,7 @@ class Slot:
     pid: int = -1
     task_w: connection.Connection | None = None
     fault_r: connection.Connection | None = None
-    out: bytearray = field(default_factory=bytearray)
+    out: list[bytes | memoryview] = field(default_factory=list)  # frames the pipe has not taken yet
     batches: dict[int, Batch] = field(default_factory=dict)  # in dispatch order
     tasks_sent: int = 0
     known: OrderedDict[int, None] = field(default_factory=OrderedDict)
@@ -110,7 +112,7 @@ class Supervisor:
         os.set_blocking(fault_r.fileno(), False)
         slot.process, slot.pid, slot.task_w, slot.fault_r = proc, proc.pid or -1, task_w, fault_r
         slot.generation += 1
-        slot.out.clear()
+        slot.out = []
         slot.batches = {}
         slot.tasks_sent = 0
         slot.known.clear()
@@ -118,37 +120,29 @@ class Supervisor:
         slot.kill_reason = None
         slot.productive = False
 
-    def send(self, slot: Slot, data: bytes) -> bool:
-        """Queue bytes for the worker and write what the pipe takes now.
-        True when some are left over (wait for the pipe to be writable)."""
+    def send(self, slot: Slot, parts: list[bytes | memoryview]) -> bool:
+        """Queue a frame (its buffers, uncopied) for the worker and write what the
+        pipe takes now. True when some are left over (wait for the pipe to be writable)."""
         if slot.task_w is None:
             return False
         if slot.out:
-            slot.out += data
+            slot.out.extend(parts)
             return True
-        try:
-            n = os.write(slot.fd, data)
-        except BlockingIOError:
-            n = 0
-        except OSError:  # the worker is gone; its sentinel will tell
-            return False
-        if n < len(data):
-            slot.out += data[n:] if n else data
-            return True
-        return False
+        slot.out = parts
+        return self.flush(slot)
 
     def flush(self, slot: Slot) -> bool:
-        """Write buffered bytes; True while some remain."""
+        """Write queued buffers; True while some remain."""
         if not slot.out or slot.task_w is None:
             return False
         try:
-            n = os.write(slot.fd, slot.out)
+            n = os.writev(slot.fd, slot.out[:WRITEV_MAX])
         except BlockingIOError:
             return True
-        except OSError:
-            slot.out.clear()
+        except OSError:  # the worker is gone; its sentinel will tell
+            slot.out = []
             return False
-        del slot.out[:n]
+        slot.out = m.drop_written(slot.out, n)
         return bool(slot.out)
 
     def running(self, slot: Slot) -> tuple[int, int, int] | None:

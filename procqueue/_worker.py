@@ -26,7 +26,7 @@ from multiprocessing import connection, parent_process
 from typing import Any
 
 from . import _messages as m
-from ._serialization import dumps_values, loads, loads_callable, pack_exception
+from ._serialization import dumps_values, loads_body, loads_callable, pack_exception
 
 # A batch reports what it has so far at least this often, so a crash late in a
 # long batch re-runs little, and the collector's counters stay fresh.
@@ -78,14 +78,14 @@ class _Worker:
         self.mark = 2 * slot
         self.handlers: OrderedDict[int, Callable[..., Any]] = OrderedDict()
 
-    def send(self, header: object, body: bytes = b"") -> None:
-        self.out.send_bytes(m.encode(header, body))
+    def send(self, header: object, body: m.Body = b"") -> None:
+        m.write_frame(self.out.fileno(), header, body)
 
     def serve(self) -> None:
-        recv = self.task_conn.recv_bytes
+        fd = self.task_conn.fileno()
         while True:
             try:
-                payload = recv()
+                payload = m.read_frame(fd)
             except (EOFError, OSError):
                 return  # the parent closed our pipe: nothing more will come
             msg, body = m.decode(payload)
@@ -128,7 +128,7 @@ class _Worker:
             self.fail_all(msg, m.Fault.HANDLER_UNPICKLE, exc)
             return
         try:
-            items = loads(body)
+            items = loads_body(body)
         except BaseException as exc:
             self.fail_all(msg, m.Fault.ARGS_UNPICKLE, exc)
             return

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import itertools
 import pickle
 import random
 import statistics
+import struct
 
 import pytest
 
@@ -65,6 +67,38 @@ def test_torn_frame_is_held_back_not_misread() -> None:
     frames = reader.feed(good + torn)
     assert len(frames) == 1
     assert reader.pending == len(torn)
+
+
+def test_frames_survive_any_split_of_the_byte_stream() -> None:
+    import random
+
+    rng = random.Random(3)
+    bodies = [b"", b"x", bytes(range(256)) * 3, bytes(rng.randrange(256) for _ in range(70_000)), b"end"]
+    wire = b"".join(m.framed(m.Stop(), body) for body in bodies)
+    # a frame with the 64-bit length prefix, as Connection writes frames over 2 GiB
+    payload = m.encode(m.Stop(), b"long")
+    wire += struct.pack("!i", -1) + struct.pack("!Q", len(payload)) + payload
+    for trial in range(200):
+        # trial 0 feeds the first 3,000 bytes one at a time (every prefix split), then the rest
+        cuts = list(range(1, 3000)) if trial == 0 else sorted(rng.sample(range(1, len(wire)), rng.randrange(1, 12)))
+        reader = m.FrameReader()
+        got = []
+        for a, b in itertools.pairwise([0, *cuts, len(wire)]):
+            got.extend(bytes(m.decode(f)[1]) for f in reader.feed(wire[a:b]))
+        assert got == [*bodies, b"long"], cuts
+        assert reader.pending == 0
+
+
+def test_out_of_band_buffers_round_trip_writable() -> None:
+    from procqueue._serialization import dumps_body, loads_body
+
+    big = bytearray(range(256)) * 1024  # 256 KiB: out of band
+    parts = dumps_body([pickle.PickleBuffer(big), "small", 3])
+    assert any(isinstance(p, memoryview) and p.nbytes == len(big) for p in parts)  # not copied
+    body = b"".join(bytes(p) for p in parts)  # as a reader sees it: read-only
+    back = loads_body(body)
+    assert bytes(back[0]) == bytes(big) and back[1:] == ["small", 3]
+    memoryview(back[0])[0] = 7  # writable, as a numpy array from a pool should be
 
 
 def test_state_machine_accepts_a_full_life_and_rejects_skips() -> None:

@@ -1,0 +1,216 @@
+"""One bench case (a workload, a peer, a setting) in a fresh process:
+
+    python -m bench.case '{"workload": "tiny", "peer": "procqueue", ...}' [result.json]
+
+writes one JSON line with the raw figures (to the file, or to stdout). The suite runs each case under a
+hard time limit and records a case that overruns it as a hang.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import psutil
+
+from . import workloads as w
+from .peers import Peer, by_name
+
+Spec = dict[str, Any]
+
+
+def fitted(n: int, budget: float, probe: Callable[[int], float]) -> int:
+    """`n`, or fewer items when a probe of n/50 says one run would take over `budget` seconds."""
+    k = max(1, n // 50)
+    took = probe(k)
+    projected = took * n / k
+    return n if projected <= budget else max(k, int(n * budget / projected))
+
+
+def timed_runs(peer: Peer, fn: Callable[[Any], Any], items: list[Any], spec: Spec) -> dict[str, Any]:
+    cs = spec.get("chunksize")
+    peer.map(fn, items[: max(1, min(len(items), 200))], cs)  # warm: workers up, handler known
+    n = fitted(len(items), spec["budget"], lambda k: _time(lambda: peer.map(fn, items[:k], cs)))
+    items = items[:n]
+    times = []
+    for _ in range(spec["repeats"]):
+        t = time.perf_counter()
+        out = peer.map(fn, items, cs)
+        times.append(time.perf_counter() - t)
+        assert len(out) == n, f"{peer.name} returned {len(out)} results for {n} tasks"
+    return {"n": n, "times": times}
+
+
+def _time(fn: Callable[[], object]) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def tiny(peer: Peer, spec: Spec) -> dict[str, Any]:
+    return timed_runs(peer, w.tiny, list(range(spec["n"])), spec)
+
+
+def cpu(peer: Peer, spec: Spec) -> dict[str, Any]:
+    return timed_runs(peer, w.burn, [spec["loops_per_ms"]] * spec["n"], spec)
+
+
+def skewed(peer: Peer, spec: Spec) -> dict[str, Any]:
+    loops = w.skewed_loops(spec["n"], spec["loops_per_ms"])
+    out = timed_runs(peer, w.burn, loops, spec)
+    out["longest_ms"] = max(loops) / spec["loops_per_ms"]
+    return out
+
+
+def payload(peer: Peer, spec: Spec) -> dict[str, Any]:
+    arrays = [w.make_array(spec["mb"], i) for i in range(spec["n"])]
+    out = timed_runs(peer, w.double, arrays, spec)
+    out["mb"] = spec["mb"]
+    return out
+
+
+def stream(peer: Peer, spec: Spec) -> dict[str, Any]:
+    me = psutil.Process()
+    cs = spec.get("chunksize")
+    for _ in peer.imap(w.tiny, w.numbers(1000), cs):  # warm
+        pass
+    times, growth = [], []
+    for _ in range(spec["repeats"]):
+        base = me.memory_info().rss
+        peak = [base]
+        done = threading.Event()
+
+        def watch(peak: list[int] = peak, done: threading.Event = done) -> None:
+            while not done.wait(0.01):
+                peak[0] = max(peak[0], me.memory_info().rss)
+
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
+        t = time.perf_counter()
+        count = sum(1 for _ in peer.imap(w.tiny, w.numbers(spec["n"]), cs))
+        times.append(time.perf_counter() - t)
+        done.set()
+        watcher.join()
+        growth.append(max(peak[0], me.memory_info().rss) - base)
+        assert count == spec["n"], f"{peer.name} yielded {count} of {spec['n']} results"
+    return {"n": spec["n"], "times": times, "rss_growth": growth}
+
+
+def startup(peer: Peer, spec: Spec) -> dict[str, Any]:
+    """Each repeat: a cold pool to its first result, then its shutdown."""
+    first, down = [], []
+    for _ in range(spec["repeats"]):
+        t0 = time.perf_counter()
+        peer.start(spec["workers"], **spec.get("options", {}))
+        assert list(peer.imap(w.tiny, [1], None)) == [2]
+        t1 = time.perf_counter()
+        peer.stop()
+        first.append(t1 - t0)
+        down.append(time.perf_counter() - t1)
+    return {"times": first, "shutdown": down}
+
+
+def faults(peer: Peer, spec: Spec) -> dict[str, Any]:
+    """One task exits its worker, one segfaults it (each on its first attempt only)."""
+    n, kill_at, segv_at = spec["n"], spec["n"] // 3, 2 * spec["n"] // 3
+    with tempfile.TemporaryDirectory() as markers:
+        t = time.perf_counter()
+        ok, errors = 0, []
+        futures = [peer.submit(w.crash_once, x, markers, kill_at, segv_at) for x in range(n)]
+        if futures[0] is None:  # no submit API: its map, which stops at the first error
+            try:
+                ok = sum(1 for _ in peer.imap(_crash_partial(markers, kill_at, segv_at), range(n), None))
+            except Exception as exc:
+                errors.append(type(exc).__name__)
+        else:
+            for fut in futures:
+                try:
+                    fut.result()
+                    ok += 1
+                except Exception as exc:
+                    errors.append(type(exc).__name__)
+        took = time.perf_counter() - t
+    kinds = sorted(set(errors))
+    outcome = "completed" if ok == n else f"{ok}/{n} done, {len(errors) or n - ok} failed ({', '.join(kinds)})"
+    return {"times": [took], "outcome": outcome, "ok": ok, "n": n}
+
+
+class _crash_partial:  # a picklable partial of crash_once, for maps of one argument
+    def __init__(self, markers: str, kill_at: int, segv_at: int) -> None:
+        self.args = (markers, kill_at, segv_at)
+
+    def __call__(self, x: int) -> int:
+        return w.crash_once(x, *self.args)
+
+
+def priority(peer: Peer, spec: Spec) -> dict[str, Any]:
+    """How long an urgent task, submitted behind `n` queued ones of ~1 ms, takes to complete."""
+    lpm = spec["loops_per_ms"]
+    peer.map(w.stamp, [lpm] * 20, None)  # warm
+    waits, behind = [], []
+    for _ in range(spec["repeats"]):
+        low = [peer.submit(w.stamp, lpm) for _ in range(spec["n"])]
+        t = time.monotonic()
+        high = peer.submit(w.stamp, lpm, priority=9)
+        done_at = high.result()
+        waits.append(done_at - t)
+        lows = [f.result() for f in low]
+        behind.append(sum(1 for x in lows if x > done_at))  # queued before it, finished after it
+    return {"times": waits, "overtaken": behind, "n": spec["n"]}
+
+
+def durations(peer: Peer, spec: Spec) -> dict[str, Any]:
+    """Throughput against task duration; peers get 20 ms batches unless they size their own."""
+    lpm, rows = spec["loops_per_ms"], []
+    for ms in spec["durations_ms"]:
+        n = int(min(100_000, max(200, spec["seconds"] * spec["workers"] * 1000 / ms)))
+        cs = None if peer.name == "procqueue" else max(1, int(20 / ms))
+        sub = dict(spec, chunksize=cs, repeats=spec["repeats"])
+        out = timed_runs(peer, w.burn, [max(1, int(ms * lpm))] * n, sub)
+        rows.append({"ms": ms, "n": out["n"], "times": out["times"], "chunksize": cs})
+    return {"rows": rows, "times": []}
+
+
+WORKLOADS: dict[str, Callable[[Peer, Spec], dict[str, Any]]] = {
+    "tiny": tiny, "cpu": cpu, "skewed": skewed, "payload": payload, "stream": stream,
+    "startup": startup, "faults": faults, "priority": priority, "durations": durations,
+}  # fmt: skip
+STARTS_ITS_OWN = {"startup"}
+
+
+def main() -> None:
+    spec: Spec = json.loads(sys.argv[1])
+    peer = by_name(spec["peer"])
+    started = False
+    try:
+        if spec["workload"] not in STARTS_ITS_OWN:
+            peer.start(spec["workers"], **spec.get("options", {}))
+            started = True
+        result = WORKLOADS[spec["workload"]](peer, spec)
+    except Exception as exc:
+        result = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc(limit=5)}
+    finally:
+        if started:
+            try:
+                peer.stop()
+            except Exception as exc:
+                result = {"error": f"shutdown failed: {type(exc).__name__}: {exc}"}
+    line = json.dumps(result) + "\n"
+    if len(sys.argv) > 2:
+        with open(sys.argv[2], "w") as out:
+            out.write(line)
+    else:
+        sys.stdout.write(line)
+        sys.stdout.flush()
+    os._exit(0)  # a peer's leftover threads must not keep a finished case alive
+
+
+if __name__ == "__main__":
+    main()

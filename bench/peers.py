@@ -1,0 +1,246 @@
+"""One adapter per pool. Each runs with its own defaults when `chunksize` is None,
+or with the chunk/batch size given. A peer whose package is missing is skipped."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import importlib
+import importlib.metadata
+import itertools
+import multiprocessing as mp
+import os
+import pickle
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+
+class Peer:
+    """A pool as the bench drives it."""
+
+    name = ""
+    package: str | None = None  # the distribution to import and report the version of
+    lazy = True  # its map reads the input as it goes (False: it reads it all first)
+    priorities = False  # it can run a task before others queued earlier
+
+    def available(self) -> bool:
+        if self.package is None:
+            return True
+        try:
+            importlib.import_module(self.package)
+        except ImportError:
+            return False
+        return True
+
+    def version(self) -> str:
+        if self.package is None:
+            return ""
+        try:
+            return importlib.metadata.version(self.package)
+        except importlib.metadata.PackageNotFoundError:
+            return "?"
+
+    def start(self, workers: int, **options: Any) -> None:
+        self.workers = workers
+
+    def stop(self) -> None:
+        pass
+
+    def map(self, fn: Callable[[Any], Any], items: list[Any], chunksize: int | None) -> list[Any]:
+        return list(self.imap(fn, items, chunksize))
+
+    def imap(self, fn: Callable[[Any], Any], items: Iterable[Any], chunksize: int | None) -> Iterator[Any]:
+        raise NotImplementedError
+
+    def submit(self, fn: Callable[..., Any], *args: Any, priority: int = 0) -> Any:
+        """A future-like object with `result()`; None when the peer has no such API."""
+        return None
+
+
+class Serial(Peer):
+    name = "serial"
+
+    def map(self, fn: Callable[[Any], Any], items: list[Any], chunksize: int | None) -> list[Any]:
+        return list(map(fn, items))
+
+    def imap(self, fn: Callable[[Any], Any], items: Iterable[Any], chunksize: int | None) -> Iterator[Any]:
+        return map(fn, items)
+
+
+class Procqueue(Peer):
+    name = "procqueue"
+    package = "procqueue"
+    priorities = True
+
+    def start(self, workers: int, **options: Any) -> None:
+        import procqueue as pq
+
+        self.pool = pq.Pool(workers=workers, **options)
+
+    def stop(self) -> None:
+        self.pool.shutdown()
+
+    def imap(self, fn: Callable[[Any], Any], items: Iterable[Any], chunksize: int | None) -> Iterator[Any]:
+        return self.pool.map(fn, items, chunksize=chunksize or "auto")
+
+    def submit(self, fn: Callable[..., Any], *args: Any, priority: int = 0) -> Any:
+        return self.pool.options(priority=priority).submit(fn, *args)
+
+
+class Executor(Peer):
+    name = "ProcessPoolExecutor"
+    lazy = False
+
+    def start(self, workers: int, **options: Any) -> None:
+        self.pool = cf.ProcessPoolExecutor(workers)
+
+    def stop(self) -> None:
+        self.pool.shutdown()
+
+    def imap(self, fn: Callable[[Any], Any], items: Iterable[Any], chunksize: int | None) -> Iterator[Any]:
+        return self.pool.map(fn, items, chunksize=chunksize or 1)
+
+    def submit(self, fn: Callable[..., Any], *args: Any, priority: int = 0) -> Any:
+        return self.pool.submit(fn, *args)
+
+
+class MpPool(Peer):
+    name = "multiprocessing.Pool"
+
+    def start(self, workers: int, **options: Any) -> None:
+        self.pool = mp.Pool(workers)
+
+    def stop(self) -> None:
+        self.pool.close()
+        self.pool.join()
+
+    def map(self, fn: Callable[[Any], Any], items: list[Any], chunksize: int | None) -> list[Any]:
+        return self.pool.map(fn, items, chunksize)
+
+    def imap(self, fn: Callable[[Any], Any], items: Iterable[Any], chunksize: int | None) -> Iterator[Any]:
+        return self.pool.imap(fn, items, chunksize or 1)
+
+    def submit(self, fn: Callable[..., Any], *args: Any, priority: int = 0) -> Any:
+        result = self.pool.apply_async(fn, args)
+        result.result = result.get  # type: ignore[attr-defined]
+        return result
+
+
+class Loky(Peer):
+    name = "loky"
+    package = "loky"
+    lazy = False
+
+    def start(self, workers: int, **options: Any) -> None:
+        from loky import get_reusable_executor
+
+        self.pool = get_reusable_executor(max_workers=workers)
+
+    def stop(self) -> None:
+        self.pool.shutdown(wait=True)
+
+    def imap(self, fn: Callable[[Any], Any], items: Iterable[Any], chunksize: int | None) -> Iterator[Any]:
+        return self.pool.map(fn, items, chunksize=chunksize or 1)  # type: ignore[no-any-return]
+
+    def submit(self, fn: Callable[..., Any], *args: Any, priority: int = 0) -> Any:
+        return self.pool.submit(fn, *args)
+
+
+class Mpire(Peer):
+    name = "mpire"
+    package = "mpire"
+
+    def start(self, workers: int, **options: Any) -> None:
+        from mpire.pool import WorkerPool
+
+        self.pool = WorkerPool(n_jobs=workers, keep_alive=True)
+
+    def stop(self) -> None:
+        self.pool.terminate()
+
+    def map(self, fn: Callable[[Any], Any], items: list[Any], chunksize: int | None) -> list[Any]:
+        return self.pool.map(fn, items, chunk_size=chunksize, concatenate_numpy_output=False)  # type: ignore[no-any-return]
+
+    def imap(self, fn: Callable[[Any], Any], items: Iterable[Any], chunksize: int | None) -> Iterator[Any]:
+        return self.pool.imap(fn, items, chunk_size=chunksize)  # type: ignore[no-any-return]
+
+    def submit(self, fn: Callable[..., Any], *args: Any, priority: int = 0) -> Any:
+        result = self.pool.apply_async(fn, args)
+        result.result = result.get  # type: ignore[attr-defined]
+        return result
+
+
+class Joblib(Peer):
+    name = "joblib"
+    package = "joblib"
+
+    def start(self, workers: int, **options: Any) -> None:
+        self.workers = workers
+
+    def _parallel(self, chunksize: int | None) -> Any:
+        from joblib import Parallel
+
+        return Parallel(n_jobs=self.workers, batch_size=chunksize or "auto", return_as="generator")
+
+    def imap(self, fn: Callable[[Any], Any], items: Iterable[Any], chunksize: int | None) -> Iterator[Any]:
+        from joblib import delayed
+
+        return self._parallel(chunksize)(delayed(fn)(x) for x in items)  # type: ignore[no-any-return]
+
+
+class Pebble(Peer):
+    name = "pebble"
+    package = "pebble"
+    lazy = False
+
+    def start(self, workers: int, **options: Any) -> None:
+        from pebble import ProcessPool
+
+        self.pool = ProcessPool(max_workers=workers)
+
+    def stop(self) -> None:
+        self.pool.close()  # type: ignore[no-untyped-call]
+        self.pool.join()
+
+    def imap(self, fn: Callable[[Any], Any], items: Iterable[Any], chunksize: int | None) -> Iterator[Any]:
+        return iter(self.pool.map(fn, items, chunksize=chunksize or 1).result())
+
+    def submit(self, fn: Callable[..., Any], *args: Any, priority: int = 0) -> Any:
+        return self.pool.schedule(fn, args)
+
+
+class Limit(Peer):
+    """The reference for tiny tasks: fork one process per worker, each maps its
+    share of the list and pickles the results back. No pool, no accounting."""
+
+    name = "limit (bare fork)"
+
+    def map(self, fn: Callable[[Any], Any], items: list[Any], chunksize: int | None) -> list[Any]:
+        share = -(-len(items) // self.workers)
+        children = []
+        for k in range(self.workers):
+            r, w = os.pipe()
+            pid = os.fork()
+            if pid == 0:  # the child: map, send, leave without any cleanup
+                os.close(r)
+                data = pickle.dumps(list(map(fn, items[k * share : (k + 1) * share])), pickle.HIGHEST_PROTOCOL)
+                with os.fdopen(w, "wb") as out:
+                    out.write(data)
+                os._exit(0)
+            os.close(w)
+            children.append((pid, r))
+        results = []
+        for pid, r in children:
+            with os.fdopen(r, "rb") as inp:
+                results.append(pickle.loads(inp.read()))
+            os.waitpid(pid, 0)
+        return list(itertools.chain.from_iterable(results))
+
+
+PEERS: list[Peer] = [Procqueue(), Serial(), Limit(), Executor(), MpPool(), Loky(), Mpire(), Joblib(), Pebble()]
+
+
+def by_name(name: str) -> Peer:
+    for peer in PEERS:
+        if peer.name == name:
+            return peer
+    raise KeyError(name)

@@ -1,0 +1,32 @@
+"""The bench suite runs end to end for a new user (stdlib peers only here)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_bench_quick_runs_and_reports(tmp_path: Path) -> None:
+    cmd = [
+        sys.executable, "-m", "procqueue", "bench", "--quick", "--repeats", "1", "--out", str(tmp_path),
+        "--workload", "tiny", "--workload", "faults", "--workload", "priority",
+        "--peer", "serial", "--peer", "ProcessPoolExecutor", "--peer", "multiprocessing.Pool",
+    ]  # fmt: skip
+    got = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert got.returncode == 0, got.stdout[-3000:] + got.stderr[-3000:]
+    out = got.stdout
+    assert "tiny: ordered map of 200,000 trivial tasks" in out
+    assert "vs best peer" in out and "best peer: multiprocessing.Pool" in out
+    # the standard library's pools do not survive a dying worker; procqueue with a retry completes
+    assert "procqueue              max_retries=1    completed" in out
+    assert "multiprocessing.Pool   defaults         HANG" in out
+    assert "failed (BrokenProcessPool)" in out
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert data["machine"]["python"] == sys.version.split()[0] and data["machine"]["logical_cpus"]
+    kinds = {(c["spec"]["workload"], c["spec"]["peer"]) for c in data["cases"]}
+    assert ("tiny", "procqueue") in kinds and ("priority", "ProcessPoolExecutor") in kinds
+    assert (tmp_path / "table.txt").read_text().strip()
