@@ -34,18 +34,29 @@ def fitted(n: int, budget: float, probe: Callable[[int], float]) -> int:
     return n if projected <= budget else max(k, int(n * budget / projected))
 
 
-def timed_runs(peer: Peer, fn: Callable[[Any], Any], items: list[Any], spec: Spec) -> dict[str, Any]:
+def timed_runs(
+    peer: Peer, fn: Callable[[Any], Any], items: list[Any], spec: Spec, probe: bool = False
+) -> dict[str, Any]:
+    """Time `repeats` maps of `items`. With `probe`, each run is preceded by a
+    serial run of every fourth item, so serial time is judged at the machine's
+    speed of that moment (a shared machine drifts by tens of percent over minutes)."""
     cs = spec.get("chunksize")
     peer.map(fn, items[: max(1, min(len(items), 200))], cs)  # warm: workers up, handler known
     n = fitted(len(items), spec["budget"], lambda k: _time(lambda: peer.map(fn, items[:k], cs)))
     items = items[:n]
-    times = []
+    times, per_loop = [], []
     for _ in range(spec["repeats"]):
+        if probe:
+            sample = items[::4]
+            t = time.perf_counter()
+            for x in sample:
+                fn(x)
+            per_loop.append((time.perf_counter() - t) / sum(sample))
         t = time.perf_counter()
         out = peer.map(fn, items, cs)
         times.append(time.perf_counter() - t)
         assert len(out) == n, f"{peer.name} returned {len(out)} results for {n} tasks"
-    return {"n": n, "times": times}
+    return {"n": n, "times": times, "per_loop": per_loop}
 
 
 def _time(fn: Callable[[], object]) -> float:
@@ -59,13 +70,15 @@ def tiny(peer: Peer, spec: Spec) -> dict[str, Any]:
 
 
 def cpu(peer: Peer, spec: Spec) -> dict[str, Any]:
-    return timed_runs(peer, w.burn, [spec["loops_per_ms"]] * spec["n"], spec)
+    out = timed_runs(peer, w.burn, [spec["loops_per_ms"]] * spec["n"], spec, probe=True)
+    out["loops"] = [out["n"] * spec["loops_per_ms"]] * 2
+    return out
 
 
 def skewed(peer: Peer, spec: Spec) -> dict[str, Any]:
     loops = w.skewed_loops(spec["n"], spec["loops_per_ms"])
-    out = timed_runs(peer, w.burn, loops, spec)
-    out["longest_ms"] = max(loops) / spec["loops_per_ms"]
+    out = timed_runs(peer, w.burn, loops, spec, probe=True)
+    out["loops"] = [sum(loops[: out["n"]]), max(loops[: out["n"]])]  # all of them, the longest
     return out
 
 
@@ -81,6 +94,7 @@ def stream(peer: Peer, spec: Spec) -> dict[str, Any]:
     cs = spec.get("chunksize")
     for _ in peer.imap(w.tiny, w.numbers(1000), cs):  # warm
         pass
+    n = fitted(spec["n"], spec["budget"], lambda k: _time(lambda: sum(1 for _ in peer.imap(w.tiny, w.numbers(k), cs))))
     times, growth = [], []
     for _ in range(spec["repeats"]):
         base = me.memory_info().rss
@@ -94,13 +108,13 @@ def stream(peer: Peer, spec: Spec) -> dict[str, Any]:
         watcher = threading.Thread(target=watch, daemon=True)
         watcher.start()
         t = time.perf_counter()
-        count = sum(1 for _ in peer.imap(w.tiny, w.numbers(spec["n"]), cs))
+        count = sum(1 for _ in peer.imap(w.tiny, w.numbers(n), cs))
         times.append(time.perf_counter() - t)
         done.set()
         watcher.join()
         growth.append(max(peak[0], me.memory_info().rss) - base)
-        assert count == spec["n"], f"{peer.name} yielded {count} of {spec['n']} results"
-    return {"n": spec["n"], "times": times, "rss_growth": growth}
+        assert count == n, f"{peer.name} yielded {count} of {n} results"
+    return {"n": n, "times": times, "rss_growth": growth}
 
 
 def startup(peer: Peer, spec: Spec) -> dict[str, Any]:

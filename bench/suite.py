@@ -53,15 +53,15 @@ class Workload:
 
 WORKLOADS = [
     Workload("tiny", "ordered map of {n:,} trivial tasks (a list in)", "tasks/s", True, 200_000, 200_000,
-             (None, 1000, 10_000, 25_000), (None, 10_000), serial=True, limit_peer=True),
+             (None, 1000, 10_000), (None, 10_000), serial=True, limit_peer=True),
     Workload("cpu", "{n:,} tasks of ~1 ms pure-Python CPU", "speedup over serial", True, 4000, 1000,
-             (None, 1, 10, 50), (None, 10), serial=True),
+             (None, 1, 10), (None, 10), limit_peer=True),
     Workload("skewed", "{n:,} tasks with heavy-tailed durations (mean ~2 ms)", "makespan / ideal", False, 1000, 300,
-             (None, 1, 10), (None,), serial=True),
+             (None, 1, 10), (None,), limit_peer=True),
     Workload("payload", "{n} tasks of 8 MB numpy arrays in and out", "MB/s moved", True, 32, 8, needs="numpy",
              serial=True, extra={"mb": 8}),
     Workload("stream", "lazy map over a generator of {n:,} items", "items/s", True, 2_000_000, 500_000,
-             (None, 1000, 10_000), (None, 10_000), limit=30.0, quick_limit=8.0, serial=True),
+             (None, 1000, 10_000), (None, 10_000), limit=60.0, quick_limit=15.0, serial=True),
     Workload("startup", "a cold pool to its first result", "seconds", False, 1, 1, limit=60.0, quick_limit=20.0),
     Workload("faults", "{n} tasks: one exits its worker, one segfaults it", "outcome", True, 100, 100,
              limit=20.0, quick_limit=8.0),
@@ -159,18 +159,19 @@ def plan(wl: Workload, chosen: list[Peer], two_best: list[str]) -> list[Peer]:
     return peers
 
 
-def figures(wl: Workload, result: dict[str, Any], ref: dict[str, float], workers: int) -> list[float]:
+def figures(wl: Workload, result: dict[str, Any], workers: int) -> list[float]:
     """Per-repeat figures in the workload's unit."""
     times = result.get("times", [])
     n = result.get("n", wl.n)
     if wl.name in ("tiny", "stream"):
         return [n / t for t in times]
-    if wl.name == "cpu":
-        serial = ref.get("cpu")
-        return [serial * n / t if serial else n / t for t in times]  # serial: seconds per task
-    if wl.name == "skewed":
-        ideal = max(ref.get("skewed", 0.0) * n / workers, result.get("longest_ms", 0.0) / 1000)
-        return [t / ideal if ideal else t for t in times]
+    if wl.name in ("cpu", "skewed"):  # serial time: the loops at the speed probed just before each run
+        total, longest = result["loops"]
+        serial = [total * spl for spl in result["per_loop"]]
+        if wl.name == "cpu":
+            return [s / t for s, t in zip(serial, times, strict=True)]
+        ideal = [max(s / workers, longest * spl) for s, spl in zip(serial, result["per_loop"], strict=True)]
+        return [t / i for t, i in zip(times, ideal, strict=True)]
     if wl.name == "payload":
         return [n * result["mb"] * 2 / t for t in times]
     return list(times)
@@ -191,12 +192,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="smaller inputs, fewer repeats and settings: about 2 minutes")
     ap.add_argument("--workload", action="append", choices=list(BY_NAME), help="run only these (repeatable)")
     ap.add_argument("--peer", action="append", help="run only these peers (repeatable; procqueue always runs)")
-    ap.add_argument("--repeats", type=int, default=None, help="timed runs per case (default 5, quick 2)")
+    ap.add_argument("--repeats", type=int, default=None, help="timed runs per case (default 3, quick 2)")
     ap.add_argument("--workers", type=int, default=2, help="worker processes per pool (default 2)")
     ap.add_argument("--out", default="bench-results", help="where the JSON and PNG files go (default bench-results/)")
     args = ap.parse_args(argv)
     quick = args.quick
-    repeats = args.repeats or (2 if quick else 5)
+    repeats = args.repeats or (2 if quick else 3)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so a killed suite still ends the case it runs
     chosen = [p for p in PEERS if args.peer is None or p.name in args.peer or p.name == "procqueue"]
     notes = [
         f"{p.name} is not installed: skipped (pip install 'procqueue[bench]')" for p in chosen if not p.available()
@@ -215,7 +217,6 @@ def main(argv: list[str] | None = None) -> int:
     for note in notes:
         print(f"note: {note}")
     cases: list[dict[str, Any]] = []
-    ref: dict[str, float] = {}  # serial seconds per task, per workload
     two_best = ["multiprocessing.Pool", "ProcessPoolExecutor"]
     summary: dict[str, list[dict[str, Any]]] = {}
     for wl in todo:
@@ -237,9 +238,7 @@ def main(argv: list[str] | None = None) -> int:
                 cases.append({"spec": spec, "result": result})
                 row = {"peer": peer.name, "setting": setting["label"], "result": result}
                 if "times" in result and wl.name not in ("faults", "durations"):
-                    if peer.name == "serial" and result["times"]:
-                        ref[wl.name] = statistics.median(result["times"]) / result.get("n", n)
-                    vals = figures(wl, result, ref, args.workers)
+                    vals = figures(wl, result, args.workers)
                     row.update(median=statistics.median(vals), low=min(vals), high=max(vals))
                 rows.append(row)
                 print("  " + describe(wl, row))

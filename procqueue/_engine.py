@@ -38,11 +38,12 @@ A map over a list, tuple or range skips the heap: the manager cuts its
 batches straight from the sequence whenever nothing in the heap outranks it,
 so tiny tasks travel in batches of tens of thousands, not `capacity`.
 
-Why a worker holds at most ~40 ms of estimated work (one task, for tasks over
-2 ms): a batch on a pipe can no longer be reordered, so the prefetch is the
-only place where a newly submitted urgent task can be overtaken. Batch sizes
-aim at ~20 ms of work (auto chunksize), so an urgent task waits about two
-batches at most.
+Why a worker holds at most two batches, the second only while it holds under
+~40 ms of estimated work: a batch on a pipe can no longer be reordered (nor
+taken by a worker that frees up sooner), so the prefetch is the only place
+where a newly submitted urgent task can be overtaken. Batch sizes aim at
+~20 ms of work for tiny tasks and ~5 ms for tasks over 100 µs (auto
+chunksize), so an urgent task waits about two batches at most.
 """
 
 from __future__ import annotations
@@ -89,9 +90,8 @@ from ._supervisor import Slot, Supervisor, widen_pipe
 FAST_ITEM_NS = 50_000  # tasks shorter than this run unmarked in a tight loop (no timeout)
 STOP_GRACE = 5.0  # seconds an idle worker gets to exit after Stop
 MAX_BARREN_DEATHS = 5  # workers in a row that die before any outcome: the pool is broken
-FAST_TASK_NS = 2_000_000  # below this per-item estimate a worker gets more than one batch queued
-PREFETCH_NS = 40_000_000  # ... up to this much estimated work
-MAX_HELD = 2  # ... in at most this many batches: the one running and the next (the rest stays to balance the tail)
+PREFETCH_NS = 40_000_000  # a worker gets a second batch while it holds less than this much estimated work
+MAX_HELD = 2  # ... and never a third: the rest stays with the parent, for whichever worker frees first
 
 
 @dataclass
@@ -331,8 +331,10 @@ class Engine(Outcomes):
         if f.size:
             return int(f.size)
         workers = len(self.supervisor.slots)
-        total = len(f.seq) if f.managed else MAX_DIRECT_BATCH * 4 * workers
-        return self.dispatcher.direct_size(f.handler, total, workers)
+        if f.managed:
+            return self.dispatcher.direct_size(f.handler, len(f.seq), len(f.seq) - f.pos, workers)
+        unknown = MAX_DIRECT_BATCH * 4 * workers  # an iterator's length: no tail to plan for
+        return self.dispatcher.direct_size(f.handler, unknown, unknown, workers)
 
     def feeder_want(self, f: Any) -> int:
         """How many items an iterator map's consumer should pull now: `capacity` or a
@@ -533,12 +535,12 @@ class Engine(Outcomes):
                     progress = True
 
     def _has_room(self, slot: Slot, est: float | None) -> bool:
-        """The prefetch rule: a worker holds at most ~PREFETCH_NS of queued work, and
-        tasks over FAST_TASK_NS (`est`, the next batch's) get no second batch (an
-        idle worker can take it)."""
+        """The prefetch rule: a worker gets a second batch only while what it holds
+        (`est` is the next batch's cost per item, None when unmeasured) is under
+        ~PREFETCH_NS of estimated work; never a third."""
         if not slot.batches:
             return True
-        if est is None or est >= FAST_TASK_NS or len(slot.batches) >= MAX_HELD:
+        if est is None or len(slot.batches) >= MAX_HELD:
             return False
         queued = 0.0
         for b in slot.batches.values():

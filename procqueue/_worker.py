@@ -11,6 +11,7 @@ Wiring and channels are drawn in `_pool.py`. What a worker owns:
 
 from __future__ import annotations
 
+import contextlib
 import faulthandler
 import itertools
 import os
@@ -34,6 +35,7 @@ FLUSH_NS = 200_000_000
 FLUSH_GRACE_NS = 60_000_000_000
 HANDLER_CACHE = 256  # the parent mirrors this LRU to know what a worker holds
 TAG_BITS = 20  # marker tag = (batch_id << TAG_BITS | index) + 1; 0 means idle
+SOCKET_BUFFER = 4 << 20
 EXIT_INIT_FAILED = 3
 EXIT_ORPHANED = 4
 
@@ -235,6 +237,8 @@ def main(
     faulthandler.enable(file=fault_conn.fileno(), all_threads=True)
     _watch_parent()
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    with contextlib.suppress(OSError):  # big results in fewer wake-ups of the collector (capped by the OS)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
     sock.connect(address)
     out = connection.Connection(sock.detach())
     worker = _Worker(slot, task_conn, out, markers)

@@ -155,12 +155,17 @@ def test_take_merges_runs_and_splits_by_measured_cost() -> None:
     assert d.pending == 30
     segs = d.take(None, lambda *a: None)
     assert [(r, s, n) for r, s, n in segs] == [(runs[0], 0, 1)]  # cost unknown: one item
-    runs[0].handler.measured(1_000_000, 1)  # 1 ms per item -> about 20 per batch
+    runs[0].handler.measured(50_000, 1)  # 50 us per item -> 400 per 20 ms batch: all that waits
     segs = d.take(None, lambda *a: None)
-    assert sum(n for _, _, n in segs) == 20
+    assert sum(n for _, _, n in segs) == 29
     assert segs[0] == (runs[0], 1, 9)  # merged across runs of the same handler
     assert segs[1] == (runs[1], 0, 10)
-    assert segs[2] == (runs[2], 0, 1)
+    assert segs[2] == (runs[2], 0, 10)
+    more = [_run(d, h, 10, 0) for _ in range(2)]
+    runs[0].handler.measured(1_000_000, 1)  # the estimate moves to ~0.6 ms: batches of ~5 ms for tasks this long
+    assert 500_000 < (runs[0].handler.est_ns or 0) < 700_000
+    segs = d.take(None, lambda *a: None)
+    assert segs == [(more[0], 0, 8)]
 
 
 def test_cancelled_runs_are_skipped_and_counted() -> None:
