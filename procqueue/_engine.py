@@ -151,6 +151,8 @@ class Engine(Outcomes):
     def _start(self, cfg: Config, init: bytes | None) -> None:
         self._recycle: list[tuple[int, int]] = []  # (slot, pid) past max_worker_memory, from the sampler
         self.ctx = multiprocessing.get_context(cfg.start_method)
+        if cfg.start_method == "forkserver":
+            _preload_in_forkserver()
         self.lock = threading.Lock()
         self.cv = threading.Condition(self.lock)
         self.dispatcher = Dispatcher(cfg.capacity)
@@ -784,6 +786,18 @@ class Engine(Outcomes):
             self.cv.notify_all()
         self.sampler.stop()
         _live.discard(self)
+
+
+def _preload_in_forkserver() -> None:
+    """Have the fork server import the worker and collector once, so each new
+    process starts from a copy instead of importing procqueue afresh (takes
+    effect when the server starts; what is preloaded already stays)."""
+    from multiprocessing import forkserver
+
+    have = list(getattr(forkserver._forkserver, "_preload_modules", ["__main__"]))
+    want = [m for m in ("procqueue._worker", "procqueue._collector") if m not in have]
+    if want:
+        forkserver.set_forkserver_preload(have + want)
 
 
 def _pickle_initializer(cfg: Config) -> bytes | None:
