@@ -19,8 +19,6 @@ class Peer:
 
     name = ""
     package: str | None = None  # the distribution to import and report the version of
-    lazy = True  # its map reads the input as it goes (False: it reads it all first)
-    priorities = False  # it can run a task before others queued earlier
 
     def available(self) -> bool:
         if self.package is None:
@@ -69,7 +67,6 @@ class Serial(Peer):
 class Procqueue(Peer):
     name = "procqueue"
     package = "procqueue"
-    priorities = True
 
     def start(self, workers: int, **options: Any) -> None:
         import procqueue as pq
@@ -88,7 +85,6 @@ class Procqueue(Peer):
 
 class Executor(Peer):
     name = "ProcessPoolExecutor"
-    lazy = False
 
     def start(self, workers: int, **options: Any) -> None:
         self.pool = cf.ProcessPoolExecutor(workers)
@@ -120,15 +116,12 @@ class MpPool(Peer):
         return self.pool.imap(fn, items, chunksize or 1)
 
     def submit(self, fn: Callable[..., Any], *args: Any, priority: int = 0) -> Any:
-        result = self.pool.apply_async(fn, args)
-        result.result = result.get  # type: ignore[attr-defined]
-        return result
+        return _future_like(self.pool.apply_async(fn, args))
 
 
 class Loky(Peer):
     name = "loky"
     package = "loky"
-    lazy = False
 
     def start(self, workers: int, **options: Any) -> None:
         from loky import get_reusable_executor
@@ -164,9 +157,7 @@ class Mpire(Peer):
         return self.pool.imap(fn, items, chunk_size=chunksize)  # type: ignore[no-any-return]
 
     def submit(self, fn: Callable[..., Any], *args: Any, priority: int = 0) -> Any:
-        result = self.pool.apply_async(fn, args)
-        result.result = result.get  # type: ignore[attr-defined]
-        return result
+        return _future_like(self.pool.apply_async(fn, args))
 
 
 class Joblib(Peer):
@@ -190,7 +181,6 @@ class Joblib(Peer):
 class Pebble(Peer):
     name = "pebble"
     package = "pebble"
-    lazy = False
 
     def start(self, workers: int, **options: Any) -> None:
         from pebble import ProcessPool
@@ -206,6 +196,12 @@ class Pebble(Peer):
 
     def submit(self, fn: Callable[..., Any], *args: Any, priority: int = 0) -> Any:
         return self.pool.schedule(fn, args)
+
+
+def _future_like(result: Any) -> Any:
+    """An AsyncResult (multiprocessing, mpire) with the `result()` of a future."""
+    result.result = result.get
+    return result
 
 
 class Limit(Peer):

@@ -220,13 +220,6 @@ class Dispatcher:
         spread = max(spread, int(MIN_DIRECT_NS / max(est, 1.0)))
         return max(1, min(per_batch(est), spread, MAX_DIRECT_BATCH))
 
-    def feed_size(self, handler: Handler) -> int:
-        """How many items a map feeds as one run: about one batch."""
-        est = handler.est_ns
-        if est is None:
-            return 1
-        return max(1, min(per_batch(est), MAX_BATCH))
-
     def take(self, limit: int | None, on_cancel: Callable[[Run, int, int], None]) -> list[tuple[Run, int, int]]:
         """Cut the next batch off the top of the heap: at most `limit` items.
 
