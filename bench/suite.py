@@ -4,6 +4,8 @@ the machine's description, and draws PNG charts (with matplotlib).
 
     procqueue bench [--quick] [--workload tiny --workload cpu ...] [--out DIR]
     python -m bench ...                       (the same, from a checkout)
+
+Example: procqueue bench --quick --workload tiny --workload faults
 """
 
 from __future__ import annotations

@@ -7,7 +7,9 @@ Wiring is drawn in `_pool.py`. What the collector owns:
   completed / failed / retried / crashed / timed-out and per-slot work into a
   shared array the parent reads without asking;
 - forwards values to the parent as the bytes the worker pickled (never
-  unpickled here), with its decisions in a small header;
+  unpickled here), with its decisions in a small header; or, with a sink
+  (`procqueue run`), writes them to the output file itself (`_sink.py`) and
+  forwards only the header;
 - on `WorkerLost` drains the dead worker's socket to its end before charging
   the task it was running, so an outcome that made it out is never charged
   twice, then answers `WorkerGone`.
@@ -27,6 +29,7 @@ from typing import Any
 
 from . import _messages as m
 from ._retry import backoff_delay, should_retry
+from ._sink import OUTPUT, FileSink, SinkSpec
 
 # Indexes into the shared counters array; slot k's work is at SLOTS + k.
 COMPLETED, FAILED, RETRIED, CRASHED, TIMED_OUT, ATTEMPTS = range(6)
@@ -56,6 +59,7 @@ class Collector:
         counters: Any,
         backoff: float,
         backoff_max: float,
+        sink: SinkSpec | None = None,
     ) -> None:
         self.listener = listener
         self.control = control
@@ -69,6 +73,7 @@ class Collector:
         self.links: dict[int, _Link] = {}
         self.by_pid: dict[int, _Link] = {}
         self.running = True
+        self.sink = FileSink(sink) if sink is not None else None
 
     # --- plumbing -------------------------------------------------------------------
 
@@ -144,6 +149,9 @@ class Collector:
                 counts[ATTEMPTS] += msg.count
                 counts[SLOTS + link.slot] += msg.count
                 link.last = (msg.batch_id, msg.start, msg.count)
+                if self.sink is not None:
+                    self.sink_values(body)
+                    body = memoryview(b"")
                 self.send(
                     m.BatchResult(msg.batch_id, msg.start, msg.count, link.pid, errors, decisions, msg.durations), body
                 )
@@ -156,6 +164,13 @@ class Collector:
                 pass
             case _:
                 raise TypeError(f"collector got an unknown worker message {msg!r}")
+
+    def sink_values(self, body: memoryview) -> None:
+        from ._serialization import loads_body
+
+        values = loads_body(body)  # (seq, line) per item; None where it failed
+        assert self.sink is not None
+        self.sink.add((v[0], OUTPUT, v[1]) for v in values if v is not None)
 
     def on_worker_lost(self, msg: m.WorkerLost) -> None:
         self.accept_all()
@@ -184,14 +199,23 @@ class Collector:
         match msg:
             case m.WorkerLost():
                 self.on_worker_lost(msg)
+            case m.SinkRecords():
+                if self.sink is not None:
+                    self.sink.add(msg.records)
             case m.Shutdown():
                 self.accept_all()
                 for link in list(self.links.values()):
                     self.drain(link)
+                self.close_sink()
                 self.send(m.CollectorDone())
                 self.running = False
             case _:
                 raise TypeError(f"collector got an unknown control message {msg!r}")
+
+    def close_sink(self) -> None:
+        if self.sink is not None:
+            self.sink.close()
+            self.sink = None
 
     def serve(self) -> None:
         self.listener.setblocking(False)
@@ -220,6 +244,11 @@ class Collector:
 def main(*args: Any) -> None:
     """Entry point of the collector process: `args` are `Collector`'s."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # the parent went away
-        Collector(*args).serve()
+    collector = Collector(*args)
+    try:
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # the parent went away
+            collector.serve()
+    finally:
+        with contextlib.suppress(OSError):  # what is written need not run again after a crash
+            collector.close_sink()
     os._exit(0)

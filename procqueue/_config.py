@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from ._monitor import Monitor
+    from ._sink import SinkSpec
 
 BACKPRESSURE = ("block", "drop", "error")
 
@@ -32,6 +33,7 @@ class Config:
     start_method: str
     block_timeout: float | None = None
     monitor: Monitor | None = None
+    sink: SinkSpec | None = None  # the collector writes values to files instead of returning them
 
 
 def default_workers() -> int:

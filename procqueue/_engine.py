@@ -185,13 +185,14 @@ class Engine(Outcomes):
         listener.bind(address)
         listener.listen(128)
         control_r, self.control = self.ctx.Pipe(duplex=False)
+        self._control_lock = threading.Lock()  # the manager and `sink_records` callers both send
         self.results, results_w = self.ctx.Pipe(duplex=False)
         widen_pipe(results_w.fileno())
         self._counters: Any = self.ctx.RawArray("q", _collector.SLOTS + cfg.workers)  # type: ignore[attr-defined]
         self.collector_counts = memoryview(self._counters).cast("B").cast("q")
         self.collector = self.ctx.Process(  # type: ignore[attr-defined]
             target=_collector.main,
-            args=(listener, control_r, results_w, token, self._counters, cfg.backoff, cfg.backoff_max),
+            args=(listener, control_r, results_w, token, self._counters, cfg.backoff, cfg.backoff_max, cfg.sink),
             name="procqueue-collector",
         )
         self.collector.start()
@@ -253,6 +254,16 @@ class Engine(Outcomes):
             self.feeders.append(feeder)
             self.feeders.sort(key=lambda f: (-f.opts.priority, f.order))
             self.wake()
+
+    def send_control(self, msg: object) -> None:
+        """A message to the collector, from any thread."""
+        with self._control_lock, contextlib.suppress(OSError):
+            self.control.send_bytes(m.encode(msg))
+
+    def sink_records(self, records: list[tuple[int, int, bytes]]) -> None:
+        """Records for the collector to write to its sink (`_sink.py`), from any thread."""
+        if records:
+            self.send_control(m.SinkRecords(records))
 
     def check_open(self) -> None:
         if self.broken is not None:
@@ -706,8 +717,7 @@ class Engine(Outcomes):
                     f"Check the worker's imports and initializer.{_fault_note(fault_text)}"
                 )
             )
-        with contextlib.suppress(OSError):
-            self.control.send_bytes(m.encode(m.WorkerLost(slot.index, pid, exitcode, timed_out, charged)))
+        self.send_control(m.WorkerLost(slot.index, pid, exitcode, timed_out, charged))
 
     def _on_collector_died(self) -> None:
         self.sel.unregister(self.collector.sentinel)
@@ -755,8 +765,7 @@ class Engine(Outcomes):
             self._stop_deadline = float("inf")
         if self.phase == "stopping" and not any(s.alive for s in self.supervisor.slots) and not self.lost:
             self.phase = "draining"
-            with contextlib.suppress(OSError):
-                self.control.send_bytes(m.encode(m.Shutdown()))
+            self.send_control(m.Shutdown())
 
     def _close(self) -> None:
         for slot in self.supervisor.slots:

@@ -8,7 +8,7 @@ the collector forwards without unpickling.
 
     parent  -> worker     RunBatch, Stop                 (one pipe per worker)
     worker  -> collector  Hello, BatchDone+body, InitFailed, Bye  (one socket per worker)
-    parent  -> collector  WorkerLost, Shutdown           (control pipe)
+    parent  -> collector  WorkerLost, SinkRecords, Shutdown  (control pipe)
     collector -> parent   BatchResult+body, WorkerGone, InitFailed, CollectorDone
 
 A task's states and the legal moves between them (`TRANSITIONS`):
@@ -46,6 +46,7 @@ class Fault(enum.IntEnum):
     HANDLER_UNPICKLE = 4  # the handler did not unpickle in the worker
     CRASHED = 5  # the worker died running it
     TIMED_OUT = 6  # the task ran past its timeout and the worker was killed
+    REJECTED = 7  # the handler raised an error marked final (bad input): never retried
 
 
 RETRYABLE = frozenset({Fault.RAISED, Fault.CRASHED, Fault.TIMED_OUT})
@@ -177,6 +178,14 @@ class WorkerLost:
 
 
 @dataclass(frozen=True)
+class SinkRecords:
+    """Records for the collector's output files (`_sink.py`): `(seq, target, line)`,
+    target 0 the output, 1 the errors file."""
+
+    records: list[tuple[int, int, bytes]]
+
+
+@dataclass(frozen=True)
 class Shutdown:
     """Every worker has ended: drain, answer CollectorDone and exit."""
 
@@ -216,7 +225,7 @@ class CollectorDone:
 
 
 WorkerMessage = RunBatch | Stop
-CollectorInbound = Hello | BatchDone | InitFailed | Bye | WorkerLost | Shutdown
+CollectorInbound = Hello | BatchDone | InitFailed | Bye | WorkerLost | SinkRecords | Shutdown
 ParentInbound = BatchResult | WorkerGone | InitFailed | CollectorDone
 
 # --- framing ------------------------------------------------------------------------

@@ -40,6 +40,9 @@ class Outcomes:
     supervisor: Supervisor
     ledger: m.Ledger | None
     _barren_deaths: int
+    # Called (item, error, attempts) for each task that failed for good, on the manager
+    # thread with the lock held: `procqueue run` turns it into an error record.
+    on_final_failure: Callable[[Any, BaseException, int], None] | None = None
 
     # validate mode: follow each task through the state machine
     def _moves(self, run: Run, start: int, count: int, to: S) -> None:
@@ -60,12 +63,16 @@ class Outcomes:
         """A task that failed before reaching a worker (it would not pickle)."""
         self.counts.rejected += 1
         self._moves(run, j, 1, S.FAILED)
+        if self.on_final_failure is not None:
+            self.on_final_failure(run.items[j], exc, 0)
         run.sink.fail(run.base + j, exc, 0, None, later)
 
     def _on_batch_result(self, msg: m.BatchResult, body: memoryview, later: Later) -> None:
+        values: list[Any] | None = None  # an empty body: the collector's sink took the values
+        unpickle_error: BaseException | None = None
         try:
-            values: list[Any] = loads_body(body)
-            unpickle_error: BaseException | None = None
+            if len(body):
+                values = loads_body(body)
         except Exception as exc:
             values, unpickle_error = [None] * msg.count, exc
         durations = array("q", msg.durations)
@@ -141,7 +148,10 @@ class Outcomes:
             self.dispatcher.push_delayed(run.single(j, run.attempt + 1), time.monotonic() + decision)
         else:
             self._moves(run, j, 1, S.FAILED)
-            run.sink.fail(run.base + j, make_error(), run.attempt, pid, later)
+            exc = make_error()
+            if self.on_final_failure is not None:
+                self.on_final_failure(run.items[j], exc, run.attempt)
+            run.sink.fail(run.base + j, exc, run.attempt, pid, later)
 
     def _finish_batch(self, batch: Batch) -> None:
         self.batches.pop(batch.batch_id, None)

@@ -21,6 +21,7 @@ from ._results import Chunk, FutureSink, Later, Stream, run_all
 from ._results import Future as Future
 
 if TYPE_CHECKING:
+    from ._sink import SinkSpec
     from ._view import LiveView
 
 T = TypeVar("T")
@@ -103,6 +104,7 @@ class Options:
         chunksize: Chunksize = "auto",
         ordered: bool = True,
         progress: bool = False,
+        return_exceptions: bool = False,
     ) -> Iterator[T]:
         """Lazy, bounded `map`: results in input order (or as completed with
         `ordered=False`).
@@ -112,7 +114,9 @@ class Options:
         bounded memory. `chunksize="auto"` sizes batches from measured task
         durations. `timeout` (seconds from this call) raises `TimeoutError`
         from the iterator if a result is late. If a task failed, its error is
-        raised at its place in the iteration. `progress=True` shows a progress
+        raised at its place in the iteration and ends it; with
+        `return_exceptions=True` the error takes the task's place as a value
+        and the map goes on. `progress=True` shows a progress
         bar of the results handed out (on stderr; plain lines when it is not a
         terminal), counting to the input's length when it has one.
         """
@@ -138,7 +142,7 @@ class Options:
         if progress:
             lengths = [len(it) for it in iterables if hasattr(it, "__len__")]  # type: ignore[arg-type]
             bar = (min(lengths) if len(lengths) == len(iterables) else None, _name(fn), self._pool._views)
-        feeder = _Feeder(self, handler, source, call, size, ordered)
+        feeder = _Feeder(self, handler, source, call, size, ordered, return_exceptions)
         feeder.start()  # start now, as Executor.map does, up to the queue's capacity
         return feeder.results(deadline, bar)
 
@@ -160,9 +164,17 @@ class _Feeder:
     """
 
     def __init__(
-        self, opts: Options, handler: Any, source: Iterable[Any], call: m.Call, size: int | None, ordered: bool
+        self,
+        opts: Options,
+        handler: Any,
+        source: Iterable[Any],
+        call: m.Call,
+        size: int | None,
+        ordered: bool,
+        return_exceptions: bool = False,
     ) -> None:
         self.opts = opts
+        self.return_exceptions = return_exceptions
         self.engine: Engine = opts._pool._engine
         self.handler = handler
         self.call = call
@@ -271,7 +283,12 @@ class _Feeder:
                     last = len(chunk.values)
                     # After a failed task the map ends (as Executor.map's does): the
                     # chunk's values are handed out up to it, then this generator closes.
-                    yield chunk.values if chunk.errors is None else _until_error(chunk, self._stop)
+                    if chunk.errors is None:
+                        yield chunk.values
+                    elif self.return_exceptions:
+                        yield _with_errors(chunk)
+                    else:
+                        yield _until_error(chunk, self._stop)
                     continue
                 if finished:
                     if self.error is not None:
@@ -336,6 +353,7 @@ class Pool(concurrent.futures.Executor):
         *,
         block_timeout: float | None = None,
         monitor: bool | float | Monitor = True,
+        _sink: SinkSpec | None = None,
     ) -> None:
         workers = default_workers() if workers is None else workers
         if not isinstance(workers, int) or workers < 1:
@@ -368,7 +386,7 @@ class Pool(concurrent.futures.Executor):
         self._cfg = Config(
             workers, capacity, backpressure, max_retries, backoff, backoff_max, task_timeout,
             max_tasks_per_worker, max_worker_memory, initializer, tuple(initargs), method, block_timeout,
-            Monitor.of(monitor),
+            Monitor.of(monitor), _sink,
         )  # fmt: skip
         self._engine = Engine(self._cfg)
         self._views: list[LiveView] = []  # live views open on this pool, innermost last
@@ -404,11 +422,13 @@ class Pool(concurrent.futures.Executor):
         chunksize: Chunksize = "auto",
         ordered: bool = True,
         progress: bool = False,
+        return_exceptions: bool = False,
     ) -> Iterator[T]:
         """Lazy, bounded, ordered map (see `Options.map`)."""
         return self._default.map(
-            fn, *iterables, timeout=timeout, chunksize=chunksize, ordered=ordered, progress=progress
-        )
+            fn, *iterables, timeout=timeout, chunksize=chunksize, ordered=ordered, progress=progress,
+            return_exceptions=return_exceptions,
+        )  # fmt: skip
 
     def imap_unordered(
         self, fn: Callable[..., T], iterable: Iterable[Any], chunksize: Chunksize = "auto"
@@ -479,6 +499,15 @@ class _MapIterator(itertools.chain):  # type: ignore[type-arg]
 
     def close(self) -> None:
         self.chunks.close()
+
+
+def _with_errors(chunk: Chunk) -> list[Any]:
+    """A chunk's values with each failed task's error in its place."""
+    values = list(chunk.values)
+    assert chunk.errors is not None
+    for i, exc in chunk.errors.items():
+        values[i] = exc
+    return values
 
 
 def _until_error(chunk: Chunk, stop: Callable[[], None]) -> Iterator[Any]:

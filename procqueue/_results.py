@@ -64,12 +64,12 @@ class FutureSink:
         return self.future.cancel() if not self.future._claimed else False
 
     def ok(
-        self, index: int, values: list[Any], lo: int, hi: int, meta: tuple[int, int, Any, int], later: Later
+        self, index: int, values: list[Any] | None, lo: int, hi: int, meta: tuple[int, int, Any, int], later: Later
     ) -> None:
         fut = self.future
         fut.attempts, fut.worker_pid, durations, offset = meta
         fut.duration_ms = durations[offset] / 1e6 if durations else None
-        later.append(partial(fut.set_result, values[lo]))
+        later.append(partial(fut.set_result, None if values is None else values[lo]))
 
     def fail(self, index: int, exc: BaseException, attempts: int, pid: int | None, later: Later) -> None:
         fut = self.future
@@ -118,9 +118,11 @@ class Chunk:
                 self.stream.finished.append(self)
 
     def ok(
-        self, index: int, values: list[Any], lo: int, hi: int, meta: tuple[int, int, Any, int], later: Later
+        self, index: int, values: list[Any] | None, lo: int, hi: int, meta: tuple[int, int, Any, int], later: Later
     ) -> None:
-        if index == 0 and lo == 0 and hi == len(values) == len(self.values):
+        if values is None:  # the collector wrote them to its sink: nothing comes back
+            pass
+        elif index == 0 and lo == 0 and hi == len(values) == len(self.values):
             self.values = values  # the whole chunk in one batch: no copy
         else:
             self.values[index : index + hi - lo] = values[lo:hi]
@@ -139,7 +141,7 @@ Sink = FutureSink | Chunk
 def remote_error(info: m.ErrorInfo, task_id: int, attempts: int, pid: int) -> BaseException:
     """Rebuild what a worker reported for one failed attempt as the exception to raise."""
     fault = info.fault
-    if fault == m.Fault.RAISED:
+    if fault in (m.Fault.RAISED, m.Fault.REJECTED):
         exc: BaseException | None = None
         if info.blob is not None:
             try:

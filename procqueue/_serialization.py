@@ -158,9 +158,16 @@ def pack_exception(exc: BaseException) -> tuple[bytes | None, str, str, str]:
     """`(pickled exception or None, type name, message, traceback text)`."""
     kind = type(exc)
     name = kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
-    text = "".join(traceback.format_exception(exc))
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None and _ours(tb.tb_frame.f_globals):
+        tb = tb.tb_next  # the remote traceback starts in the user's code, not in procqueue's loop
+    text = "".join(traceback.format_exception(kind, exc, tb))
     try:
         blob: bytes | None = dumps(exc)
     except Exception:
         blob = None
     return blob, name, str(exc), text
+
+
+def _ours(frame_globals: dict[str, Any]) -> bool:
+    return str(frame_globals.get("__name__", "")).startswith("procqueue.")

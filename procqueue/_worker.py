@@ -159,7 +159,7 @@ class _Worker:
             except BaseException as exc:
                 value = None
                 blob, name, text, tb = pack_exception(exc)
-                errors.append(m.ErrorInfo(i, m.Fault.RAISED, blob, name, text, tb))
+                errors.append(m.ErrorInfo(i, _fault(exc), blob, name, text, tb))
             marks[mark] = 0
             t1 = clock()
             values.append(value)
@@ -199,7 +199,7 @@ class _Worker:
                         append(fn(*item[0], **item[1]))
             except BaseException as exc:  # the item at len(values) raised; go on after it
                 blob, name, text, tb = pack_exception(exc)
-                errors.append(m.ErrorInfo(len(values), m.Fault.RAISED, blob, name, text, tb))
+                errors.append(m.ErrorInfo(len(values), _fault(exc), blob, name, text, tb))
                 append(None)
         marks[mark] = 0
         self.flush(msg, 0, values, array("q", [clock() - t0]), errors)  # one total: see BatchDone
@@ -220,6 +220,11 @@ class _Worker:
         )
         self.send(header, body)
         self.marks[self.mark] = 0
+
+
+def _fault(exc: BaseException) -> m.Fault:
+    """RAISED, or REJECTED for an error its class marks final (`procqueue_final = True`)."""
+    return m.Fault.REJECTED if getattr(exc, "procqueue_final", False) is True else m.Fault.RAISED
 
 
 def main(

@@ -253,6 +253,7 @@ def test_demo_runs_with_more_workers_than_retries() -> None:
     assert got.returncode == 0, got.stderr[-2000:]
     assert "80 tasks done, 2 retried after injected failures, 0 failed" in got.stdout
     assert "demo 80/80 100%" in got.stderr
+    assert "procqueue run mymodule:handle" in got.stdout and "procqueue bench --quick" in got.stdout  # what next
 
 
 def test_a_live_view_counts_its_own_block() -> None:

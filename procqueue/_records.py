@@ -1,0 +1,240 @@
+"""Records for `procqueue run`: reading the input formats, the handler wrapper
+that runs in the workers, the output records, and what `--resume` reads back.
+
+An input record travels to a worker as `(seq, line, raw)`: its place among
+the run's records, the line it starts on, and its unparsed form (the bytes of
+a JSON or plain line, or a CSV row's fields). Parsing and encoding happen in
+the workers, so the parent only splits lines and dispatches.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import IO, Any
+
+from ._errors import TaskFailed
+
+FORMATS = ("jsonl", "csv", "lines")
+_encode = json.JSONEncoder(ensure_ascii=False, allow_nan=False).encode
+
+
+class InvalidRecord(ValueError):
+    """An input record that cannot be read, or a value that is not JSON: never retried."""
+
+    procqueue_final = True  # the worker reports it as final (see `_worker._fault`)
+
+
+@dataclass(frozen=True)
+class BadInput:
+    """A record the parent could not even cut out (a bad CSV row, a bad priority)."""
+
+    line: int
+    message: str
+
+
+@dataclass
+class RecordHandler:
+    """The pool's handler: parses one record, calls the user's function, and
+    returns `(seq, output line)` for the collector to write."""
+
+    fn: Callable[[Any], Any]
+    fmt: str
+    id_field: str | None
+    header: list[str] | None = None  # CSV
+
+    def __call__(self, item: tuple[int, int, Any]) -> tuple[int, bytes]:
+        seq, line, raw = item
+        record = self.parse(line, raw)
+        value = self.fn(record)
+        try:
+            text = _encode(value)
+        except (TypeError, ValueError) as exc:
+            raise InvalidRecord(
+                f"line {line}: the handler returned {type(value).__name__}, which is not JSON: {exc}"
+            ) from None
+        ident = _encode(self.ident(record))
+        return seq, f'{{"line": {line}, "id": {ident}, "ok": true, "value": {text}}}\n'.encode()
+
+    def parse(self, line: int, raw: Any) -> Any:
+        if self.fmt == "jsonl":
+            try:
+                return json.loads(raw)
+            except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+                raise InvalidRecord(f"line {line} is not valid JSON: {exc}") from None
+        if self.fmt == "lines":
+            try:
+                return raw.decode()
+            except UnicodeDecodeError as exc:
+                raise InvalidRecord(f"line {line} is not valid UTF-8: {exc}") from None
+        assert self.header is not None
+        return dict(zip(self.header, raw, strict=True))
+
+    def ident(self, record: Any) -> Any:
+        if self.id_field is not None and isinstance(record, dict):
+            return record.get(self.id_field)
+        return None
+
+    def ident_of_raw(self, raw: Any) -> Any:
+        """The id of a record that failed (parsed again, in the parent; None if it cannot be)."""
+        try:
+            return self.ident(self.parse(0, raw))
+        except Exception:
+            return None
+
+
+def error_record(line: int, ident: Any, type_name: str, message: str, traceback: str, attempts: int) -> bytes:
+    """The output line of a record that failed for good."""
+    error = {"type": type_name, "message": message, "traceback": traceback, "attempts": attempts}
+    return f'{{"line": {line}, "id": {_encode(ident)}, "ok": false, "error": {_encode(error)}}}\n'.encode()
+
+
+def describe_failure(exc: BaseException) -> tuple[str, str, str]:
+    """`(type, message, traceback)` of a task's final error, as the error record shows it."""
+    cause = exc.__cause__
+    if isinstance(exc, InvalidRecord):
+        return "InvalidRecord", str(exc), ""  # bad input: a traceback would be noise
+    if isinstance(cause, TaskFailed):  # the handler's own exception, rebuilt
+        return _type_name(exc), str(exc), cause.remote_traceback
+    if isinstance(exc, TaskFailed):  # the exception itself did not travel back
+        return "TaskFailed", str(exc).split("\n\nRemote traceback:")[0], exc.remote_traceback
+    return type(exc).__name__, str(exc), getattr(exc, "fault_traceback", "") or ""
+
+
+def _type_name(exc: BaseException) -> str:
+    kind = type(exc)
+    return kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
+
+
+# --- reading the input ----------------------------------------------------------------
+
+
+def read_lines(stream: IO[bytes], fmt: str) -> Iterator[tuple[int, bytes]]:
+    """`(line number, bytes without the newline)`; blank JSON lines are skipped."""
+    for n, raw in enumerate(stream, 1):
+        raw = raw.rstrip(b"\r\n")
+        if fmt == "jsonl" and not raw.strip():
+            continue
+        yield n, raw
+
+
+def csv_header(text: IO[str]) -> tuple[Any, list[str]]:
+    """The reader over a CSV stream and its header row (empty for an empty input)."""
+    reader = csv.reader(text, strict=True)
+    return reader, next(reader, [])
+
+
+def read_csv(reader: Any, header: list[str]) -> Iterator[tuple[int, list[str] | BadInput]]:
+    """`(line a row starts on, its fields)`; a bad row comes as `BadInput` and reading goes on."""
+    while True:
+        line = reader.line_num + 1
+        try:
+            row = next(reader)
+        except csv.Error as exc:
+            yield line, BadInput(line, f"line {line} is not a valid CSV row: {exc}")
+            continue
+        except StopIteration:
+            return
+        if not row:
+            continue
+        if len(row) != len(header):
+            yield line, BadInput(line, f"line {line} has {len(row)} fields where the header has {len(header)}")
+            continue
+        yield line, row
+
+
+def text_of(stream: IO[bytes]) -> IO[str]:
+    return io.TextIOWrapper(stream, encoding="utf-8", errors="replace", newline="")
+
+
+# --- reading the output back (--resume) -------------------------------------------------
+
+
+@dataclass
+class Done:
+    """Which input lines already have a record, from the output files of an earlier run."""
+
+    lines: bytearray  # lines[n] == 1: line n has its record
+    records: int = 0
+    repaired: int = 0  # bytes of a torn last line cut off
+    foreign: int = 0  # lines that are not records of ours (left as they are)
+
+    def __contains__(self, n: int) -> bool:
+        return n < len(self.lines) and self.lines[n] == 1
+
+    def add(self, n: int) -> None:
+        if n >= len(self.lines):
+            self.lines.extend(bytes(n + 1 - len(self.lines) + len(self.lines) // 2))
+        self.lines[n] = 1
+        self.records += 1
+
+
+def scan_done(path: str, done: Done) -> None:
+    """Add the records in `path` to `done`; first cut off a torn last line, if the
+    writer was killed inside a write, so the file ends on a whole record."""
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except FileNotFoundError:
+        return
+    try:
+        size = os.fstat(fd).st_size
+        if size:
+            with open(fd, "rb", closefd=False) as f:
+                f.seek(max(0, size - 1))
+                if f.read(1) != b"\n":
+                    data_end = _last_newline(f, size)
+                    os.ftruncate(fd, data_end)
+                    done.repaired += size - data_end
+        with open(fd, "rb", closefd=False) as f:
+            f.seek(0)
+            for raw in f:
+                n = _line_of(raw)
+                if n is None:
+                    done.foreign += 1
+                else:
+                    done.add(n)
+    finally:
+        os.close(fd)
+
+
+def _last_newline(f: IO[bytes], size: int) -> int:
+    """Offset just after the last newline of a file of `size` bytes (0 if none)."""
+    pos = size
+    while pos > 0:
+        step = min(pos, 1 << 16)
+        f.seek(pos - step)
+        at = f.read(step).rfind(b"\n")
+        if at >= 0:
+            return pos - step + at + 1
+        pos -= step
+    return 0
+
+
+_PREFIX = b'{"line": '
+
+
+def _line_of(raw: bytes) -> int | None:
+    if raw.startswith(_PREFIX):  # the records we write: no need to parse the whole line
+        end = raw.find(b",", len(_PREFIX))
+        try:
+            return int(raw[len(_PREFIX) : end])
+        except ValueError:
+            pass
+    try:
+        n = json.loads(raw).get("line")
+    except (ValueError, AttributeError):
+        return None
+    return n if isinstance(n, int) else None
+
+
+def count_lines(path: str) -> int:
+    """Lines in a file, fast (for the live view's total)."""
+    n = 0
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            n += block.count(b"\n")
+    return n

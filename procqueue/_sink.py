@@ -1,0 +1,108 @@
+"""The collector's sink: output files it writes itself, so values go from the
+workers to disk without passing through the parent (`procqueue run`).
+
+Each value a worker returns for the sink is `(seq, line)`: `line` is whole
+lines of bytes, `seq` the record's place in the input (0, 1, 2, ... over every
+record of the run). The parent sends the records it makes itself (errors) as
+`SinkRecords`. Every write is whole lines in one `write()` on an O_APPEND
+descriptor, so a reader never sees a record cut short unless the writer was
+killed inside a write (`procqueue run --resume` repairs that tail).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+OUTPUT, ERRORS = 0, 1
+
+
+@dataclass(frozen=True)
+class SinkSpec:
+    """Where the collector writes: `output` (target 0), `errors` (target 1, or
+    the output when None), in input order (`ordered`) or as records come."""
+
+    output: str | None
+    errors: str | None = None
+    ordered: bool = True
+    stream: Any = None  # instead of `output`: a `Connection` on stdout (descriptors reach the collector so)
+
+
+class FileSink:
+    """Writes records to their files, in `seq` order when ordered."""
+
+    def __init__(self, spec: SinkSpec) -> None:
+        self.spec = spec
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT
+        out = spec.stream.fileno() if spec.output is None else os.open(spec.output, flags, 0o644)
+        self.fds = [out, os.open(spec.errors, flags, 0o644) if spec.errors else out]
+        for fd, path in zip(self.fds, (spec.output, spec.errors), strict=True):
+            if path is not None:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held while we write: see `wait_unlocked`
+        self.next = 0  # ordered: the seq to write next
+        self.held: dict[int, tuple[int, bytes]] = {}  # ordered: records waiting for an earlier one
+
+    def add(self, records: Iterable[tuple[int, int, bytes]]) -> None:
+        if not self.spec.ordered:
+            self._write(records)
+            return
+        held = self.held
+        for seq, target, line in records:
+            held[seq] = (target, line)
+        ready = []
+        while self.next in held:
+            ready.append((self.next, *held.pop(self.next)))
+            self.next += 1
+        self._write(ready)
+
+    def close(self) -> None:
+        """Write what is still held (the run ended early: gaps are for `--resume`), then close."""
+        self._write((seq, *self.held.pop(seq)) for seq in sorted(self.held))
+        for fd in set(self.fds):
+            if self.spec.stream is None or fd != self.spec.stream.fileno():
+                os.close(fd)
+        self.fds = []
+
+    def _write(self, records: Iterable[tuple[int, int, bytes]]) -> None:
+        parts: tuple[list[bytes], list[bytes]] = ([], [])
+        for _, target, line in records:
+            parts[target].append(line)
+        for target, lines in enumerate(parts):
+            if lines:
+                _write_all(self.fds[target], b"".join(lines))
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def wait_unlocked(path: str, timeout: float) -> bool:
+    """Whether no collector is writing `path` (waiting up to `timeout` seconds for
+    one that is ending, e.g. of a run just killed). False if one still is."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return True
+    deadline = time.monotonic() + timeout
+    try:
+        while not _try_lock(fd):
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
+        return True
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _try_lock(fd: int) -> bool:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True

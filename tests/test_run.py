@@ -1,0 +1,364 @@
+"""`procqueue run` end to end: the installed console script in a subprocess,
+real files, real pipes, a real SIGKILL, and every process it started gone after."""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+from procqueue import _records as r
+from procqueue._cli import _Size
+from tests.conftest import _settled
+
+SCRIPT = str(Path(sys.executable).with_name("procqueue"))
+pytestmark = pytest.mark.timeout(120)
+
+HANDLERS = """
+import os, sys, time
+
+def double(rec):
+    if rec.get("boom"):
+        raise ValueError(f"boom on record {rec['id']}")
+    return rec["x"] * 2
+
+def upper(row):
+    return {k: v.upper() for k, v in row.items()}
+
+def greet(line):
+    return "hi " + line
+
+def spin(rec):
+    end = time.perf_counter() + 30e-6
+    while time.perf_counter() < end:
+        pass
+    return rec["x"]
+
+def faults(rec):
+    if rec.get("crash"):
+        os._exit(3)
+    if rec.get("hang"):
+        time.sleep(60)
+    return rec["x"]
+
+def slow(rec):
+    time.sleep(0.002)
+    return rec["x"]
+
+def pid(rec):
+    return os.getpid()
+
+def setup(value="ready"):
+    global STATE
+    STATE = value
+
+def state(rec):
+    return STATE
+
+def not_json(rec):
+    return {1, 2}
+"""
+
+
+@pytest.fixture
+def work(tmp_path: Path) -> Path:
+    (tmp_path / "h.py").write_text(HANDLERS)
+    return tmp_path
+
+
+@pytest.fixture
+def tag() -> Iterator[str]:
+    """A mark in the environment of every process a run starts: after the test,
+    none may be left (they are not our children once the CLI has exited)."""
+    mark = uuid.uuid4().hex
+    yield mark
+    left = _settled(lambda: _tagged(mark), 10.0)
+    for proc in left:
+        proc.kill()
+    assert not left, f"processes left behind by procqueue run: {[(p.pid, p.name()) for p in left]}"
+
+
+def _tagged(mark: str) -> list[psutil.Process]:
+    found = []
+    for proc in psutil.process_iter():
+        try:
+            if proc.environ().get("PROCQUEUE_TEST_TAG") == mark and proc.status() != psutil.STATUS_ZOMBIE:
+                found.append(proc)
+        except psutil.Error:
+            continue
+    return found
+
+
+def cli(
+    args: list[str], cwd: Path, tag: str, stdin: str | None = None, timeout: float = 90
+) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PROCQUEUE_TEST_TAG": tag}
+    return subprocess.run(
+        [SCRIPT, *args], cwd=cwd, env=env, input=stdin, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def write_jsonl(path: Path, records: list[Any], extra: str = "") -> None:
+    path.write_text("".join(json.dumps(rec) + "\n" for rec in records) + extra)
+
+
+def read_records(path: Path) -> list[dict[str, Any]]:
+    text = path.read_text()
+    assert not text or text.endswith("\n"), "the output ends inside a record"
+    return [json.loads(line) for line in text.splitlines()]
+
+
+def by_line(records: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
+    counts = collections.Counter(rec["line"] for rec in records)
+    dupes = [line for line, n in counts.items() if n > 1]
+    assert not dupes, f"records written twice for lines {dupes[:10]}"
+    return {rec["line"]: rec for rec in records}
+
+
+# --- formats ---------------------------------------------------------------------------
+
+
+def test_jsonl_in_order_with_bad_lines_and_raising_records(work: Path, tag: str) -> None:
+    recs = [{"id": f"r{i}", "x": i, "boom": i % 50 == 7} for i in range(300)]
+    write_jsonl(work / "in.jsonl", recs[:100], extra='{"id": "torn", "x": \n\n')
+    with (work / "in.jsonl").open("a") as f:
+        f.write("".join(json.dumps(rec) + "\n" for rec in recs[100:]))
+    got = cli(["run", "h:double", "-i", "in.jsonl", "-o", "out.jsonl"], work, tag)
+    assert got.returncode == 1, got.stderr
+    out = read_records(work / "out.jsonl")
+    lines = [rec["line"] for rec in out]
+    assert lines == sorted(lines) and len(out) == 301  # ordered; the blank line is not a record
+    rows = by_line(out)
+    assert rows[1] == {"line": 1, "id": "r0", "ok": True, "value": 0}
+    bad = rows[101]
+    assert bad["ok"] is False and bad["error"]["type"] == "InvalidRecord"
+    assert "line 101 is not valid JSON" in bad["error"]["message"]
+    raised = [rec for rec in out if not rec["ok"] and rec["error"]["type"] == "ValueError"]
+    assert [rec["id"] for rec in raised] == [f"r{i}" for i in range(300) if i % 50 == 7]
+    err = raised[0]["error"]
+    assert err["message"] == "boom on record r7" and err["attempts"] == 1
+    assert 'h.py", line' in err["traceback"] and "in double" in err["traceback"]
+    assert "_worker.py" not in err["traceback"]  # the traceback starts in the user's code
+    assert rows[300 + 2]["value"] == 2 * 299  # lines after the bad one keep their numbers
+    assert "301 records in" in got.stderr and "294 ok, 7 failed, 0 retried" in got.stderr
+
+
+def test_csv_rows_as_dicts_and_bad_rows(work: Path, tag: str) -> None:
+    (work / "in.csv").write_text('id,name\n1,ann\n2,bob,extra\n3,"multi\nline"\n4,"unclosed\n')
+    got = cli(["run", "h:upper", "--format", "csv", "-i", "in.csv", "-o", "out.jsonl"], work, tag)
+    assert got.returncode == 1, got.stderr
+    rows = by_line(read_records(work / "out.jsonl"))
+    assert rows[2] == {"line": 2, "id": "1", "ok": True, "value": {"id": "1", "name": "ANN"}}
+    assert rows[3]["ok"] is False and rows[3]["error"]["message"] == "line 3 has 3 fields where the header has 2"
+    assert rows[4]["value"] == {"id": "3", "name": "MULTI\nLINE"}  # a row may span lines
+    assert rows[6]["ok"] is False and "line 6 is not a valid CSV row" in rows[6]["error"]["message"]
+    assert sorted(rows) == [2, 3, 4, 6]
+
+
+def test_lines_through_a_shell_pipe(work: Path, tag: str) -> None:
+    env = {**os.environ, "PROCQUEUE_TEST_TAG": tag}
+    got = subprocess.run(
+        ["bash", "-c", f"printf 'ann\\n\\nbob\\n' | {SCRIPT} run h:greet --format lines | cat > piped.jsonl"],
+        cwd=work, env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert got.returncode == 0, got.stderr
+    out = read_records(work / "piped.jsonl")
+    assert [(rec["line"], rec["value"]) for rec in out] == [(1, "hi ann"), (2, "hi "), (3, "hi bob")]
+
+
+def test_stdin_to_stdout_unordered(work: Path, tag: str) -> None:
+    text = "".join(json.dumps({"id": i, "x": i}) + "\n" for i in range(2000))
+    got = cli(["run", "h:double", "--unordered", "--workers", "2"], work, tag, stdin=text)
+    assert got.returncode == 0, got.stderr
+    rows = by_line([json.loads(line) for line in got.stdout.splitlines()])
+    assert sorted(rows) == list(range(1, 2001))
+    assert all(rows[i + 1]["value"] == 2 * i and rows[i + 1]["id"] == i for i in range(2000))
+
+
+def test_file_path_handler_and_value_that_is_not_json(work: Path, tag: str) -> None:
+    write_jsonl(work / "in.jsonl", [{"x": 1}])
+    args = ["run", f"{work.name}/h.py:not_json", "-i", str(work / "in.jsonl"), "-o", str(work / "out.jsonl")]
+    got = cli(args, work.parent, tag)  # a file path, from another directory
+    assert got.returncode == 1, got.stderr
+    (rec,) = read_records(work / "out.jsonl")
+    assert rec["error"]["type"] == "InvalidRecord" and "returned set, which is not JSON" in rec["error"]["message"]
+
+
+# --- failures, retries, options ----------------------------------------------------------
+
+
+def test_errors_file_retries_crash_and_timeout(work: Path, tag: str) -> None:
+    recs = [{"id": i, "x": i} for i in range(40)]
+    recs[5]["crash"] = True
+    recs[9]["hang"] = True
+    write_jsonl(work / "in.jsonl", recs)
+    args = ["run", "h:faults", "-i", "in.jsonl", "-o", "ok.jsonl", "--errors", "bad.jsonl"]
+    got = cli([*args, "--retries", "1", "--timeout", "1"], work, tag)
+    assert got.returncode == 1, got.stderr
+    ok, bad = read_records(work / "ok.jsonl"), by_line(read_records(work / "bad.jsonl"))
+    assert sorted(rec["line"] for rec in ok) == [n for n in range(1, 41) if n not in (6, 10)]
+    assert all(rec["ok"] for rec in ok)
+    assert bad[6]["error"]["type"] == "WorkerCrashed" and bad[6]["error"]["attempts"] == 2
+    assert "exit code 3" in bad[6]["error"]["message"] and bad[6]["id"] == 5
+    assert bad[10]["error"]["type"] == "TaskTimeout" and bad[10]["error"]["attempts"] == 2
+    assert "38 ok, 2 failed, 2 retried" in got.stderr
+
+
+def test_priority_field_runs_urgent_records_first(work: Path, tag: str) -> None:
+    recs: list[dict[str, Any]] = [{"id": i, "x": i} for i in range(300)]
+    for rec in recs[-10:]:
+        rec["p"] = 9
+    recs[3]["p"] = "high"
+    write_jsonl(work / "in.jsonl", recs)
+    got = cli(["run", "h:slow", "--priority-field", "p", "--workers", "1", "-i", "in.jsonl", "-o", "out.jsonl"],
+              work, tag)  # fmt: skip
+    assert got.returncode == 1, got.stderr
+    out = read_records(work / "out.jsonl")
+    rows = by_line(out)
+    assert len(rows) == 300 and "must be an integer, not 'high'" in rows[4]["error"]["message"]
+    where = [i for i, rec in enumerate(out) if rec["line"] > 290]
+    assert max(where) < 150, f"urgent records were written at {where}"
+
+
+def test_initializer_and_worker_recycling(work: Path, tag: str) -> None:
+    write_jsonl(work / "in.jsonl", [{"x": i} for i in range(200)])
+    got = cli(["run", "h:state", "--initializer", "h:setup", "-i", "in.jsonl", "-o", "a.jsonl"], work, tag)
+    assert got.returncode == 0, got.stderr
+    assert {rec["value"] for rec in read_records(work / "a.jsonl")} == {"ready"}
+    args = ["--max-tasks-per-worker", "50", "--max-worker-memory", "2GB", "--workers", "2", "--chunksize", "10"]
+    got = cli(["run", "h:pid", "-i", "in.jsonl", "-o", "b.jsonl", *args], work, tag)
+    assert got.returncode == 0, got.stderr
+    pids = {rec["value"] for rec in read_records(work / "b.jsonl")}
+    assert len(pids) >= 4  # 200 records, at most 50 per worker
+
+
+# --- kill and resume -------------------------------------------------------------------
+
+
+def test_sigkill_halfway_then_resume_gives_each_record_once(work: Path, tag: str) -> None:
+    n = 100_000
+    write_jsonl(work / "in.jsonl", [{"id": i, "x": i} for i in range(n)])
+    out = work / "out.jsonl"
+    env = {**os.environ, "PROCQUEUE_TEST_TAG": tag}
+    args = [SCRIPT, "run", "h:spin", "-i", "in.jsonl", "-o", "out.jsonl"]
+    proc = subprocess.Popen(args, cwd=work, env=env, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while (not out.exists() or out.stat().st_size < 45 * n // 2) and time.monotonic() < deadline:
+        assert proc.poll() is None, "the run ended before it could be killed"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait(10) == -signal.SIGKILL
+    assert not _settled(lambda: _tagged(tag), 10.0), "workers or the collector outlived the killed run"
+    before = len(out.read_bytes().splitlines())
+    assert 0 < before < n, f"{before} records before the kill: not halfway"
+
+    got = cli(["run", "h:spin", "-i", "in.jsonl", "-o", "out.jsonl", "--resume"], work, tag)
+    assert got.returncode == 0, got.stderr
+    rows = by_line(read_records(out))
+    assert sorted(rows) == list(range(1, n + 1))
+    assert all(rows[i + 1]["value"] == i for i in range(n))
+    assert f"{before:,} skipped" in got.stderr or f"{before - 1:,} skipped" in got.stderr
+
+
+def test_resume_repairs_a_torn_last_line(work: Path, tag: str) -> None:
+    write_jsonl(work / "in.jsonl", [{"id": i, "x": i} for i in range(50)])
+    good = "".join(json.dumps({"line": i, "id": i - 1, "ok": True, "value": 0}) + "\n" for i in range(1, 21))
+    (work / "out.jsonl").write_text(good + '{"line": 21, "id": 20, "ok": tr')
+    got = cli(["run", "h:double", "-i", "in.jsonl", "-o", "out.jsonl", "--resume"], work, tag)
+    assert got.returncode == 0, got.stderr
+    rows = by_line(read_records(work / "out.jsonl"))
+    assert sorted(rows) == list(range(1, 51)) and rows[21]["value"] == 40
+    assert "20 skipped" in got.stderr
+
+
+# --- usage errors, exit codes, help ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["run", "nosuchmodule:f", "-i", "in.jsonl"], "could not import 'nosuchmodule'"),
+        (["run", "h:nosuchfunc", "-i", "in.jsonl"], "has no attribute 'nosuchfunc'"),
+        (["run", "h", "-i", "in.jsonl"], "is not MODULE:FUNC"),
+        (["run", "h:double", "-i", "missing.jsonl"], "cannot read the input 'missing.jsonl'"),
+        (["run", "h:double", "--bogus"], "No such option"),
+        (["run", "h:double", "-i", "in.jsonl", "-o", "full.jsonl"], "add --resume to finish that run"),
+        (["run", "h:double", "-i", "in.jsonl", "--resume"], "--resume needs the output file"),
+        (["run", "h:double", "--max-worker-memory", "lots"], "'lots' is not a size"),
+        (["run", "h:double", "--workers", "0"], "0 is not in the range x>=1"),
+    ],
+)
+def test_usage_errors_exit_2_and_say_what_to_fix(work: Path, tag: str, args: list[str], message: str) -> None:
+    write_jsonl(work / "in.jsonl", [{"x": 1}])
+    (work / "full.jsonl").write_text('{"line": 1}\n')
+    got = cli(args, work, tag)
+    assert got.returncode == 2, (got.stdout, got.stderr)
+    assert message in got.stderr, got.stderr
+    assert not got.stdout
+
+
+@pytest.mark.parametrize("command", [[], ["run"], ["demo"], ["bench"]])
+def test_help_shows_an_example(work: Path, tag: str, command: list[str]) -> None:
+    got = cli([*command, "--help"], work, tag)
+    assert got.returncode == 0, got.stderr
+    assert "Example" in got.stdout and "procqueue " in got.stdout
+
+
+def test_live_view_on_a_terminal(work: Path, tag: str) -> None:
+    pexpect = pytest.importorskip("pexpect")
+    write_jsonl(work / "in.jsonl", [{"x": i} for i in range(20_000)])
+    env = {**os.environ, "PROCQUEUE_TEST_TAG": tag}
+    child = pexpect.spawn(
+        SCRIPT, ["run", "h:spin", "-i", "in.jsonl", "-o", "out.jsonl"], cwd=str(work), env=env,
+        encoding="utf-8", timeout=60, dimensions=(40, 200),
+    )  # fmt: skip
+    child.expect(r"run h:spin")
+    child.expect(r"20,000 records in .* records/s\): 20,000 ok, 0 failed")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+    assert len(read_records(work / "out.jsonl")) == 20_000
+
+
+# --- pieces --------------------------------------------------------------------------------
+
+
+def test_sizes() -> None:
+    size = _Size()
+    assert size.convert("2GB", None, None) == 2 << 30
+    assert size.convert("512m", None, None) == 512 << 20
+    assert size.convert("1.5GiB", None, None) == 3 << 29
+    assert size.convert("4096", None, None) == 4096
+
+
+def test_scan_done_reads_our_records_and_others(tmp_path: Path) -> None:
+    path = tmp_path / "out.jsonl"
+    path.write_text('{"line": 3, "ok": true}\n{"ok": true, "line": 7}\nnot a record\n{"line": 9')
+    done = r.Done(bytearray())
+    r.scan_done(str(path), done)
+    assert (3 in done, 7 in done, 9 in done, 4 in done) == (True, True, False, False)
+    assert (done.records, done.foreign, done.repaired) == (2, 1, len('{"line": 9'))
+    assert path.read_text().endswith("not a record\n")
+
+
+def test_record_handler_renders_records() -> None:
+    h = r.RecordHandler(lambda rec: rec["x"] + 1, "jsonl", "id")
+    assert h((0, 5, b'{"id": "a", "x": 1}')) == (0, b'{"line": 5, "id": "a", "ok": true, "value": 2}\n')
+    with pytest.raises(r.InvalidRecord, match="line 6 is not valid JSON"):
+        h((1, 6, b"{"))
+    line = r.error_record(8, None, "ValueError", "no", "tb", 3)
+    assert json.loads(line) == {
+        "line": 8, "id": None, "ok": False,
+        "error": {"type": "ValueError", "message": "no", "traceback": "tb", "attempts": 3},
+    }  # fmt: skip
