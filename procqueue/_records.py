@@ -13,6 +13,7 @@ import csv
 import io
 import json
 import os
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import IO, Any
@@ -108,6 +109,16 @@ def describe_failure(exc: BaseException) -> tuple[str, str, str]:
 def _type_name(exc: BaseException) -> str:
     kind = type(exc)
     return kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
+
+
+def prepare_worker(stdout_is_output: bool, init: Callable[[], Any] | None) -> None:
+    """Each worker's initializer: when the records go to stdout, what a handler
+    prints goes to stderr instead of into them; then the user's initializer."""
+    if stdout_is_output:
+        sys.stdout.flush()
+        os.dup2(2, 1)
+    if init is not None:
+        init()
 
 
 # --- reading the input ----------------------------------------------------------------

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
+import signal
 import sys
 import threading
 import time
@@ -92,7 +93,8 @@ class Summary:
         if self.skipped:
             text += f"; {self.skipped:,} skipped, already in the output"
         if self.interrupted:
-            text += f"; stopped early: {self.interrupted}"
+            unfinished = self.records - self.ok - self.failed
+            text += f"; stopped early, {unfinished:,} unfinished: {self.interrupted}"
         return text
 
 
@@ -189,12 +191,15 @@ class Run:
         pool = Pool(
             s.workers, s.capacity, max_retries=s.retries, task_timeout=s.timeout,
             max_tasks_per_worker=s.max_tasks_per_worker, max_worker_memory=s.max_worker_memory,
-            initializer=self.init, _sink=spec,
+            initializer=r.prepare_worker, initargs=(out_stream is not None, self.init), _sink=spec,
         )  # fmt: skip
         if out_stream is not None:
             out_stream.close()  # the collector holds its own copy
         pool._engine.on_final_failure = self.on_final_failure
         items = self.items(stream, csv_reader, header)
+        main_thread = threading.current_thread() is threading.main_thread()
+        if main_thread:
+            old = signal.signal(signal.SIGTERM, _terminated)  # stop as on Ctrl-C: what is written stays
         try:
             with pool, self.view(pool):
                 if s.priority_field is None:
@@ -205,9 +210,14 @@ class Run:
         except KeyboardInterrupt:
             self.summary.interrupted = "interrupted (Ctrl-C); run again with --resume to finish"
             self.summary.status = 130
+        except Terminated:
+            self.summary.interrupted = "terminated (SIGTERM); run again with --resume to finish"
+            self.summary.status = 128 + signal.SIGTERM
         except ProcQueueError as exc:
             self.summary.interrupted = f"{type(exc).__name__}: {exc}"
         finally:
+            if main_thread:
+                signal.signal(signal.SIGTERM, old)
             if stream is not sys.stdin.buffer:
                 stream.close()
         stats = pool.stats()
@@ -327,6 +337,14 @@ class Run:
         while pending:
             batch.append(pending.popleft())
         pool._engine.sink_records(batch)
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived (a BaseException, so that the pool is ended at once, as on Ctrl-C)."""
+
+
+def _terminated(signum: int, frame: object) -> None:
+    raise Terminated
 
 
 def _same_file(a: str, b: str) -> bool:

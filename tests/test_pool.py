@@ -63,6 +63,20 @@ def test_map_raises_at_the_failed_item_and_others_complete(pool: pq.Pool) -> Non
     assert out == [0, 1, 2, 3, 4]
 
 
+@pytest.mark.parametrize("ordered", [True, False])
+def test_map_return_exceptions_puts_errors_in_place_and_goes_on(pool: pq.Pool, ordered: bool) -> None:
+    bad = frozenset({5, 700, 2999})
+    got = list(pool.map(h.fail_if, range(3000), [bad] * 3000, ordered=ordered, return_exceptions=True))
+    errors = [e for e in got if isinstance(e, h.Boom)]
+    assert sorted(str(e) for e in errors) == sorted(f"bad item {x}" for x in bad)
+    assert isinstance(errors[0].__cause__, pq.TaskFailed)
+    if ordered:
+        assert [i for i, v in enumerate(got) if isinstance(v, h.Boom)] == sorted(bad)
+        assert all(got[i] == i for i in range(3000) if i not in bad)
+    else:
+        assert sorted(v for v in got if not isinstance(v, h.Boom)) == [i for i in range(3000) if i not in bad]
+
+
 def test_exceptions_that_do_not_pickle_or_unpickle(pool: pq.Pool) -> None:
     with pytest.raises(pq.TaskFailed, match=r"Unpicklable: cannot cross.*could not be sent back"):
         pool.submit(h.raise_unpicklable).result(timeout=30)

@@ -20,13 +20,18 @@ import pytest
 
 from procqueue import _records as r
 from procqueue._cli import _Size
-from tests.conftest import _settled
+
+from conftest import _settled
 
 SCRIPT = str(Path(sys.executable).with_name("procqueue"))
 pytestmark = pytest.mark.timeout(120)
 
 HANDLERS = """
 import os, sys, time
+
+def noisy(rec):
+    print("a handler that prints", rec["x"])
+    return rec["x"] * 2
 
 def double(rec):
     if rec.get("boom"):
@@ -179,11 +184,12 @@ def test_lines_through_a_shell_pipe(work: Path, tag: str) -> None:
 
 def test_stdin_to_stdout_unordered(work: Path, tag: str) -> None:
     text = "".join(json.dumps({"id": i, "x": i}) + "\n" for i in range(2000))
-    got = cli(["run", "h:double", "--unordered", "--workers", "2"], work, tag, stdin=text)
+    got = cli(["run", "h:noisy", "--unordered", "--workers", "2"], work, tag, stdin=text)
     assert got.returncode == 0, got.stderr
     rows = by_line([json.loads(line) for line in got.stdout.splitlines()])
     assert sorted(rows) == list(range(1, 2001))
     assert all(rows[i + 1]["value"] == 2 * i and rows[i + 1]["id"] == i for i in range(2000))
+    assert "a handler that prints 7" in got.stderr  # not in the records
 
 
 def test_file_path_handler_and_value_that_is_not_json(work: Path, tag: str) -> None:
@@ -269,6 +275,27 @@ def test_sigkill_halfway_then_resume_gives_each_record_once(work: Path, tag: str
     assert sorted(rows) == list(range(1, n + 1))
     assert all(rows[i + 1]["value"] == i for i in range(n))
     assert f"{before:,} skipped" in got.stderr or f"{before - 1:,} skipped" in got.stderr
+
+
+def test_sigterm_stops_cleanly_and_resume_finishes(work: Path, tag: str) -> None:
+    n = 50_000
+    write_jsonl(work / "in.jsonl", [{"id": i, "x": i} for i in range(n)])
+    out = work / "out.jsonl"
+    env = {**os.environ, "PROCQUEUE_TEST_TAG": tag}
+    args = [SCRIPT, "run", "h:spin", "-i", "in.jsonl", "-o", "out.jsonl", "--errors", "bad.jsonl"]
+    proc = subprocess.Popen(args, cwd=work, env=env, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while (not out.exists() or out.stat().st_size < 45 * n // 4) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "terminated (SIGTERM); run again with --resume" in err
+    assert not _settled(lambda: _tagged(tag), 10.0)
+    got = cli([*args[1:], "--resume"], work, tag)
+    assert got.returncode == 0, got.stderr
+    assert sorted(by_line(read_records(out))) == list(range(1, n + 1))
+    assert (work / "bad.jsonl").read_text() == ""
 
 
 def test_resume_repairs_a_torn_last_line(work: Path, tag: str) -> None:
