@@ -28,9 +28,13 @@ def main() -> None:
 
 @main.command()
 @click.option(
-    "--blocks", default=300, show_default=True, help="How many blocks of 10,000 integers to search for primes."
+    "--blocks",
+    type=click.IntRange(min=1),
+    default=300,
+    show_default=True,
+    help="How many blocks of 10,000 integers to search for primes.",
 )
-@click.option("--workers", type=int, default=None, help="Worker processes (default: usable CPUs).")
+@click.option("--workers", type=click.IntRange(min=1), default=None, help="Worker processes (default: usable CPUs).")
 def demo(blocks: int, workers: int | None) -> None:
     """Count primes below BLOCKS*10,000 on all cores, with a live view.
 
@@ -77,7 +81,7 @@ class _Size(click.ParamType):  # type: ignore[type-arg]
         unit = text[-1:] if text[-1:] in "KMGT" else ""
         try:
             size = int(float(text[: len(text) - len(unit)]) * self._UNITS[unit])
-        except ValueError:
+        except (ValueError, OverflowError):
             self.fail(f"{value!r} is not a size; write it like 2GB, 512MB or 1073741824", param, ctx)
         if size <= 0:
             self.fail(f"{value!r} must be more than 0 bytes", param, ctx)
@@ -110,7 +114,7 @@ Exit status: 0 every record ok, 1 some failed, 2 usage error.
 @click.option("--workers", type=click.IntRange(min=1), help="Worker processes (default: usable CPUs).")
 @click.option("--capacity", type=click.IntRange(min=1), default=1024, show_default=True, help="Tasks queued ahead.")
 @click.option("--retries", type=click.IntRange(min=0), default=0, show_default=True, help="Retries per record.")
-@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), help="Seconds a record may run.")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True, max=1e9), help="Seconds a record may run.")
 @click.option("--priority-field", metavar="NAME", help="Run records with a larger integer in field NAME first.")
 @click.option(
     "--ordered/--unordered", default=None,
@@ -138,8 +142,12 @@ def run(
     (even by SIGKILL), the same command with --resume finishes the job, with
     exactly one record per input.
     """
-    from ._run import RunSettings, UsageError
+    from ._records import UsageError
+    from ._run import RunSettings
     from ._run import run as run_records
+
+    if timeout is not None and timeout != timeout:
+        raise click.BadParameter("must be a number of seconds, not nan", param_hint="--timeout")
 
     settings = RunSettings(
         handler, None if input_ in (None, "-") else input_, None if output in (None, "-") else output, errors,

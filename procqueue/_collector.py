@@ -23,6 +23,7 @@ import random
 import selectors
 import signal
 import socket
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from multiprocessing import connection, parent_process
 from typing import Any
@@ -32,7 +33,7 @@ from ._retry import backoff_delay, should_retry
 from ._sink import OUTPUT, FileSink, SinkSpec
 
 # Indexes into the shared counters array; slot k's work is at SLOTS + k.
-COMPLETED, FAILED, RETRIED, CRASHED, TIMED_OUT, ATTEMPTS = range(6)
+COMPLETED, FAILED, RETRIED, CRASHED, TIMED_OUT, ATTEMPTS, WRITTEN = range(7)  # WRITTEN: records the sink wrote
 SLOTS = 8
 REQUEUE = -2.0  # decision: put the item back uncharged (a merged batch that would not unpickle)
 FINAL = -1.0
@@ -169,8 +170,17 @@ class Collector:
         from ._serialization import loads_body
 
         values = loads_body(body)  # (seq, line) per item; None where it failed
-        assert self.sink is not None
-        self.sink.add((v[0], OUTPUT, v[1]) for v in values if v is not None)
+        self.to_sink((v[0], OUTPUT, v[1]) for v in values if v is not None)
+
+    def to_sink(self, records: Iterable[tuple[int, int, bytes]]) -> None:
+        sink = self.sink
+        assert sink is not None
+        failed = sink.error is not None
+        sink.add(records)
+        self.counts[WRITTEN] = sink.written
+        if sink.error is not None and not failed:  # tell the parent once; it stops the run
+            err = sink.error
+            self.send(m.SinkFailed(f"{type(err).__name__}: {err}", isinstance(err, BrokenPipeError)))
 
     def on_worker_lost(self, msg: m.WorkerLost) -> None:
         self.accept_all()
@@ -201,7 +211,7 @@ class Collector:
                 self.on_worker_lost(msg)
             case m.SinkRecords():
                 if self.sink is not None:
-                    self.sink.add(msg.records)
+                    self.to_sink(msg.records)
             case m.Shutdown():
                 self.accept_all()
                 for link in list(self.links.values()):
@@ -215,6 +225,7 @@ class Collector:
     def close_sink(self) -> None:
         if self.sink is not None:
             self.sink.close()
+            self.counts[WRITTEN] = self.sink.written
             self.sink = None
 
     def serve(self) -> None:
@@ -244,6 +255,7 @@ class Collector:
 def main(*args: Any) -> None:
     """Entry point of the collector process: `args` are `Collector`'s."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # past a file size limit: an error to report, not death
     collector = Collector(*args)
     try:
         with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # the parent went away

@@ -171,6 +171,7 @@ class Engine(Outcomes):
         self._woken = False
         self._barren_deaths = 0
         self._stop_deadline = float("inf")
+        self.sink_error: m.SinkFailed | None = None
 
         token = secrets.token_bytes(16)
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -663,6 +664,9 @@ class Engine(Outcomes):
                             remote_traceback=msg.traceback,
                         )
                     )
+                case m.SinkFailed():
+                    self.sink_error = msg
+                    self._break(PoolBroken(f"the collector could not write the output: {msg.message}"))
                 case m.CollectorDone():
                     with self.lock:
                         self.phase = "done"

@@ -9,7 +9,7 @@ the collector forwards without unpickling.
     parent  -> worker     RunBatch, Stop                 (one pipe per worker)
     worker  -> collector  Hello, BatchDone+body, InitFailed, Bye  (one socket per worker)
     parent  -> collector  WorkerLost, SinkRecords, Shutdown  (control pipe)
-    collector -> parent   BatchResult+body, WorkerGone, InitFailed, CollectorDone
+    collector -> parent   BatchResult+body, WorkerGone, InitFailed, SinkFailed, CollectorDone
 
 A task's states and the legal moves between them (`TRANSITIONS`):
 
@@ -220,13 +220,21 @@ class WorkerGone:
 
 
 @dataclass(frozen=True)
+class SinkFailed:
+    """The collector could not write its sink's file; `broken_pipe`: stdout was closed."""
+
+    message: str
+    broken_pipe: bool
+
+
+@dataclass(frozen=True)
 class CollectorDone:
     """The collector has forwarded everything and is exiting."""
 
 
 WorkerMessage = RunBatch | Stop
 CollectorInbound = Hello | BatchDone | InitFailed | Bye | WorkerLost | SinkRecords | Shutdown
-ParentInbound = BatchResult | WorkerGone | InitFailed | CollectorDone
+ParentInbound = BatchResult | WorkerGone | InitFailed | SinkFailed | CollectorDone
 
 # --- framing ------------------------------------------------------------------------
 

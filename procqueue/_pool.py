@@ -96,6 +96,24 @@ class Options:
         run_all(later)
         return fut
 
+    def _submit_items(self, fn: Callable[..., Any], items: list[Any]) -> Chunk:
+        """`fn(item)` for each item, as one entry of the heap at these options'
+        priority; the returned chunk is `done` when all have ended (`procqueue run`)."""
+        pool = self._pool
+        engine = pool._engine
+        engine.check_open()
+        with engine.lock:
+            handler = engine.handlers.get(fn)
+            first_id = engine.reserve_ids_locked(len(items))
+        chunk = Chunk(Stream(), len(items))
+        run = Run(
+            handler, items, m.Call.ONE, chunk, first_id, self.priority, retries=self.retries, timeout=self.timeout
+        )
+        later: Later = []
+        engine.enqueue(run, pool._cfg.backpressure, self.block_timeout, later)
+        run_all(later)
+        return chunk
+
     def map(
         self,
         fn: Callable[..., T],
@@ -368,7 +386,7 @@ class Pool(concurrent.futures.Executor):
             raise ValueError("backoff and backoff_max must be >= 0 seconds")
         if task_timeout is not None and math.isinf(task_timeout):
             task_timeout = None
-        if task_timeout is not None and task_timeout <= 0:
+        if task_timeout is not None and not task_timeout > 0:  # NaN too
             raise ValueError(f"task_timeout must be > 0 seconds, got {task_timeout!r}")
         if max_tasks_per_worker is not None and max_tasks_per_worker < 1:
             raise ValueError(f"max_tasks_per_worker must be >= 1, got {max_tasks_per_worker!r}")

@@ -10,12 +10,14 @@ the workers, so the parent only splits lines and dispatches.
 from __future__ import annotations
 
 import csv
-import io
+import importlib
+import inspect
 import json
 import os
 import sys
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import IO, Any
 
 from ._errors import TaskFailed
@@ -53,13 +55,14 @@ class RecordHandler:
         record = self.parse(line, raw)
         value = self.fn(record)
         try:
-            text = _encode(value)
-        except (TypeError, ValueError) as exc:
+            out = (
+                f'{{"line": {line}, "id": {_ident_json(self.ident(record))}, "ok": true, "value": {_encode(value)}}}\n'
+            )
+            return seq, out.encode()
+        except (TypeError, ValueError) as exc:  # UnicodeEncodeError is a ValueError: a lone surrogate
             raise InvalidRecord(
                 f"line {line}: the handler returned {type(value).__name__}, which is not JSON: {exc}"
             ) from None
-        ident = _encode(self.ident(record))
-        return seq, f'{{"line": {line}, "id": {ident}, "ok": true, "value": {text}}}\n'.encode()
 
     def parse(self, line: int, raw: Any) -> Any:
         if self.fmt == "jsonl":
@@ -89,9 +92,21 @@ class RecordHandler:
 
 
 def error_record(line: int, ident: Any, type_name: str, message: str, traceback: str, attempts: int) -> bytes:
-    """The output line of a record that failed for good."""
+    """The output line of a record that failed for good (never raises: text that is
+    not valid Unicode is escaped, an id that is not JSON becomes null)."""
     error = {"type": type_name, "message": message, "traceback": traceback, "attempts": attempts}
-    return f'{{"line": {line}, "id": {_encode(ident)}, "ok": false, "error": {_encode(error)}}}\n'.encode()
+    text = f'{{"line": {line}, "id": {_ident_json(ident)}, "ok": false, "error": {json.dumps(error)}}}\n'
+    return text.encode("utf-8", "backslashreplace")
+
+
+def _ident_json(ident: Any) -> str:
+    """A record's id as JSON: null when it is not JSON (NaN, a set, a lone surrogate)."""
+    try:
+        text = _encode(ident)
+        text.encode()
+    except (TypeError, ValueError):
+        return "null"
+    return text
 
 
 def describe_failure(exc: BaseException) -> tuple[str, str, str]:
@@ -111,14 +126,65 @@ def _type_name(exc: BaseException) -> str:
     return kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
 
 
-def prepare_worker(stdout_is_output: bool, init: Callable[[], Any] | None) -> None:
-    """Each worker's initializer: when the records go to stdout, what a handler
-    prints goes to stderr instead of into them; then the user's initializer."""
+def prepare_worker(stdout_is_output: bool, init: str | None) -> None:
+    """Each worker's initializer: when the records go to stdout, what the user's
+    code prints (even as its module is imported) goes to stderr instead of into
+    them; then the user's initializer, `MODULE:FUNC`."""
     if stdout_is_output:
         sys.stdout.flush()
         os.dup2(2, 1)
     if init is not None:
-        init()
+        load_callable(init, "--initializer")()
+
+
+# --- finding the user's code ----------------------------------------------------------
+
+
+class UsageError(Exception):
+    """What the user must fix before the run can start (exit status 2)."""
+
+
+def load_callable(spec: str, what: str) -> Callable[..., Any]:
+    """`package.module:func` or `path/to/file.py:func`, imported here (and by
+    reference in the workers, which get the same `sys.path`)."""
+    module_name, sep, attr = spec.rpartition(":")
+    if not sep or not module_name or not attr:
+        raise UsageError(f"{what} {spec!r} is not MODULE:FUNC or path/to/file.py:FUNC (e.g. mymodule:handle)")
+    path = None
+    if module_name.endswith(".py") or os.sep in module_name:
+        path = Path(module_name)
+        if not path.is_file():
+            raise UsageError(f"{what}: no file {module_name!r} (from {os.getcwd()})")
+        directory, module_name = str(path.resolve().parent), path.stem
+    else:
+        directory = os.getcwd()  # as `python -m` does: modules beside you import
+    if directory not in sys.path:
+        sys.path.insert(0, directory)
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name != module_name.partition(".")[0] and exc.name != module_name:
+            raise UsageError(f"{what}: importing {module_name!r} failed: {exc}") from exc
+        raise UsageError(
+            f"{what}: could not import {module_name!r}: {exc} "
+            "(run from the directory that holds it, give its file's path, or add it to PYTHONPATH)"
+        ) from exc
+    except Exception as exc:
+        raise UsageError(f"{what}: importing {module_name!r} failed: {type(exc).__name__}: {exc}") from exc
+    if path is not None and Path(module.__file__ or "").resolve() != path.resolve():
+        raise UsageError(
+            f"{what}: {str(path)!r} is hidden by another module of the same name, {module.__file__}; rename the file"
+        )
+    fn = getattr(module, attr, None)
+    if fn is None:
+        raise UsageError(f"{what}: module {module_name!r} ({module.__file__}) has no attribute {attr!r}")
+    if not callable(fn):
+        raise UsageError(f"{what}: {spec} is a {type(fn).__name__}, not a function")
+    if inspect.iscoroutinefunction(fn):
+        raise UsageError(
+            f"{what}: {spec} is an async function; give a plain one (e.g. def f(r): return asyncio.run(g(r)))"
+        )
+    return fn  # type: ignore[no-any-return]
 
 
 # --- reading the input ----------------------------------------------------------------
@@ -133,33 +199,47 @@ def read_lines(stream: IO[bytes], fmt: str) -> Iterator[tuple[int, bytes]]:
         yield n, raw
 
 
-def csv_header(text: IO[str]) -> tuple[Any, list[str]]:
-    """The reader over a CSV stream and its header row (empty for an empty input)."""
-    reader = csv.reader(text, strict=True)
-    return reader, next(reader, [])
+class CsvInput:
+    """The rows of a CSV stream, decoded line by line, so a line that is not UTF-8
+    fails only its own row. A byte-order mark (as Excel writes) is dropped."""
 
+    def __init__(self, stream: IO[bytes]) -> None:
+        self.stream = stream
+        self.undecodable: set[int] = set()
+        self.reader = csv.reader(self._lines(), strict=True)
+        self.header: list[str] = next(self.reader, [])
+        repeated = sorted({name for name in self.header if self.header.count(name) > 1})
+        if repeated:
+            raise UsageError(f"the CSV header names {', '.join(map(repr, repeated))} more than once; rename them")
 
-def read_csv(reader: Any, header: list[str]) -> Iterator[tuple[int, list[str] | BadInput]]:
-    """`(line a row starts on, its fields)`; a bad row comes as `BadInput` and reading goes on."""
-    while True:
-        line = reader.line_num + 1
-        try:
-            row = next(reader)
-        except csv.Error as exc:
-            yield line, BadInput(line, f"line {line} is not a valid CSV row: {exc}")
-            continue
-        except StopIteration:
-            return
-        if not row:
-            continue
-        if len(row) != len(header):
-            yield line, BadInput(line, f"line {line} has {len(row)} fields where the header has {len(header)}")
-            continue
-        yield line, row
+    def _lines(self) -> Iterator[str]:
+        for n, raw in enumerate(self.stream, 1):
+            if n == 1:
+                raw = raw.removeprefix(b"\xef\xbb\xbf")
+            try:
+                yield raw.decode()
+            except UnicodeDecodeError:
+                self.undecodable.add(n)
+                yield raw.decode(errors="replace")
 
-
-def text_of(stream: IO[bytes]) -> IO[str]:
-    return io.TextIOWrapper(stream, encoding="utf-8", errors="replace", newline="")
+    def rows(self) -> Iterator[tuple[int, list[str] | BadInput]]:
+        """`(line a row starts on, its fields)`; a bad row comes as `BadInput` and reading goes on."""
+        reader, width = self.reader, len(self.header)
+        while True:
+            line = reader.line_num + 1
+            try:
+                row = next(reader)
+            except csv.Error as exc:
+                yield line, BadInput(line, f"line {line} is not a valid CSV row: {exc}")
+                continue
+            except StopIteration:
+                return
+            if self.undecodable and any(n in self.undecodable for n in range(line, reader.line_num + 1)):
+                yield line, BadInput(line, f"line {line} is not valid UTF-8")
+            elif len(row) != width and row:
+                yield line, BadInput(line, f"line {line} has {len(row)} fields where the header has {width}")
+            elif row:
+                yield line, row
 
 
 # --- reading the output back (--resume) -------------------------------------------------
@@ -171,16 +251,22 @@ class Done:
 
     lines: bytearray  # lines[n] == 1: line n has its record
     records: int = 0
+    failed: int = 0  # of `records`, errors
     repaired: int = 0  # bytes of a torn last line cut off
     foreign: int = 0  # lines that are not records of ours (left as they are)
 
+    far: set[int] = field(default_factory=set)  # line numbers too large for the bitmap
+
     def __contains__(self, n: int) -> bool:
-        return n < len(self.lines) and self.lines[n] == 1
+        return (n < len(self.lines) and self.lines[n] == 1) or (n >= BITMAP_LINES and n in self.far)
 
     def add(self, n: int) -> None:
-        if n >= len(self.lines):
-            self.lines.extend(bytes(n + 1 - len(self.lines) + len(self.lines) // 2))
-        self.lines[n] = 1
+        if n >= BITMAP_LINES:
+            self.far.add(n)
+        else:
+            if n >= len(self.lines):
+                self.lines.extend(bytes(n + 1 - len(self.lines) + len(self.lines) // 2))
+            self.lines[n] = 1
         self.records += 1
 
 
@@ -204,10 +290,11 @@ def scan_done(path: str, done: Done) -> None:
             f.seek(0)
             for raw in f:
                 n = _line_of(raw)
-                if n is None:
+                if n is None or n < 1:
                     done.foreign += 1
                 else:
                     done.add(n)
+                    done.failed += b'"ok": false' in raw
     finally:
         os.close(fd)
 
@@ -225,6 +312,7 @@ def _last_newline(f: IO[bytes], size: int) -> int:
     return 0
 
 
+BITMAP_LINES = 1 << 26  # a byte per line up to here (64 MB at most)
 _PREFIX = b'{"line": '
 
 

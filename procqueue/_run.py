@@ -15,31 +15,31 @@ collector to disk. It only counts, and renders the few error records.
 from __future__ import annotations
 
 import contextlib
-import importlib
+import itertools
+import json
 import os
 import signal
+import stat
 import sys
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import FIRST_COMPLETED, wait
 from dataclasses import dataclass
 from multiprocessing import connection
-from pathlib import Path
 from typing import IO, Any
 
 from . import _records as r
+from ._collector import WRITTEN
 from ._errors import ProcQueueError
-from ._pool import Future, Options, Pool
+from ._pool import Pool
+from ._records import UsageError
+from ._results import Chunk
 from ._sink import ERRORS, OUTPUT, SinkSpec, wait_unlocked
 
 LOCK_WAIT = 5.0  # seconds to wait for the collector of a killed run to let go of the output
-WINDOW = 4  # --priority-field: futures outstanding, in multiples of capacity
-
-
-class UsageError(Exception):
-    """What the user must fix before the run can start (exit status 2)."""
+PRIORITY_BLOCK = 256  # --priority-field: records read, grouped by priority, per heap entry
+WINDOW = 4  # --priority-field: records queued and unfinished, in multiples of capacity
 
 
 @dataclass
@@ -77,9 +77,12 @@ class Summary:
     bad: int = 0  # of `failed`: input the parent could not cut out
     retried: int = 0
     skipped: int = 0  # already in the output (--resume)
+    skipped_failed: int = 0  # of `skipped`: error records
+    repaired: int = 0  # bytes of a torn last line cut off the output
+    foreign: int = 0  # lines in the output that are not records
     wall: float = 0.0
     interrupted: str | None = None
-    status: int = 0  # the exit status: 0 all ok, 1 some failed or stopped early, 130 Ctrl-C
+    status: int = 0  # the exit status: 0 all ok, 1 some failed or stopped early, 128+N on signal N
 
     def line(self) -> str:
         rate = self.records / self.wall if self.wall > 0 else 0.0
@@ -92,87 +95,83 @@ class Summary:
         text += f", {self.retried:,} retried"
         if self.skipped:
             text += f"; {self.skipped:,} skipped, already in the output"
+            if self.skipped_failed:
+                text += f" ({self.skipped_failed:,} of them failed)"
+        if self.repaired:
+            text += f"; cut a torn last line ({self.repaired} bytes) off the output first"
+        if self.foreign:
+            text += f"; {self.foreign:,} lines in the output are not records (left as they are)"
         if self.interrupted:
             unfinished = self.records - self.ok - self.failed
             text += f"; stopped early, {unfinished:,} unfinished: {self.interrupted}"
         return text
 
 
-def load_callable(spec: str, what: str) -> Callable[..., Any]:
-    """`package.module:func` or `path/to/file.py:func`, imported here (and by
-    reference in the workers, which get the same `sys.path`)."""
-    module_name, sep, attr = spec.rpartition(":")
-    if not sep or not module_name or not attr:
-        raise UsageError(f"{what} {spec!r} is not MODULE:FUNC or path/to/file.py:FUNC (e.g. mymodule:handle)")
-    if module_name.endswith(".py") or os.sep in module_name:
-        path = Path(module_name)
-        if not path.is_file():
-            raise UsageError(f"{what}: no file {module_name!r} (from {os.getcwd()})")
-        directory, module_name = str(path.resolve().parent), path.stem
-    else:
-        directory = os.getcwd()  # as `python -m` does: modules beside you import
-    if directory not in sys.path:
-        sys.path.insert(0, directory)
-    try:
-        module = importlib.import_module(module_name)
-    except Exception as exc:
-        raise UsageError(
-            f"{what}: could not import {module_name!r}: {type(exc).__name__}: {exc} "
-            "(run from the directory that holds it, or add it to PYTHONPATH)"
-        ) from exc
-    fn = getattr(module, attr, None)
-    if fn is None:
-        raise UsageError(f"{what}: module {module_name!r} ({module.__file__}) has no attribute {attr!r}")
-    if not callable(fn):
-        raise UsageError(f"{what}: {spec} is a {type(fn).__name__}, not a function")
-    return fn  # type: ignore[no-any-return]
+class Terminated(BaseException):
+    """SIGTERM arrived (a BaseException, so that the pool is ended at once, as on Ctrl-C)."""
 
 
 class Run:
-    """One `procqueue run`: set up with `RunSettings`, then `execute()`."""
+    """One `procqueue run`: checked and set up by the constructor (which raises
+    `UsageError` before anything is touched), then `execute()`."""
 
     def __init__(self, s: RunSettings) -> None:
         self.s = s
         self.summary = Summary()
         self.pending: deque[tuple[int, int, bytes]] = deque()  # error records for the collector
         self.target = ERRORS if s.errors else OUTPUT
+        self.to_stdout = s.output is None
         self.failures = 0  # tasks that failed for good (counted by the pool's hook)
-        self.lock = threading.Lock()
+        self.skipped = 0
         self.check_files()
-        self.fn = load_callable(s.target, "handler")
-        self.init = load_callable(s.initializer, "--initializer") if s.initializer else None
+        with self.quiet_stdout():
+            self.fn = r.load_callable(s.target, "handler")
+            if s.initializer:
+                r.load_callable(s.initializer, "--initializer")  # the workers load it again, by name
         self.done = r.Done(bytearray())
         if s.resume:
             for path in (s.output, s.errors):
                 if path:
                     r.scan_done(path, self.done)
+        if s.overwrite:
+            for path in (s.output, s.errors):
+                if path:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.truncate(path, 0)
+
+    def quiet_stdout(self) -> contextlib.AbstractContextManager[Any]:
+        """When the records go to stdout, what user code prints goes to stderr."""
+        return contextlib.redirect_stdout(sys.stderr) if self.to_stdout else contextlib.nullcontext()
 
     def check_files(self) -> None:
         s = self.s
-        if s.input is not None and not os.access(s.input, os.R_OK):
-            raise UsageError(f"cannot read the input {s.input!r}")
+        if s.input is not None:
+            if os.path.isdir(s.input):
+                raise UsageError(f"the input {s.input!r} is a directory; give a file")
+            if not os.access(s.input, os.R_OK):
+                raise UsageError(f"cannot read the input {s.input!r}")
         if s.resume and s.output is None:
             raise UsageError("--resume needs the output file of the earlier run: add -o FILE")
         if s.resume and s.overwrite:
             raise UsageError("--resume and --overwrite contradict each other: pick one")
         outputs = [p for p in (s.output, s.errors) if p]
-        if s.input is not None and any(_same_file(s.input, p) for p in outputs):
+        if s.output and s.errors and _same_path(s.output, s.errors):
+            raise UsageError("-o and --errors name the same file; leave out --errors to keep failures in the output")
+        if s.input is not None and any(_same_path(s.input, p) for p in outputs):
             raise UsageError("the output would overwrite the input: choose another -o / --errors file")
         for path in outputs:
+            if os.path.isdir(path):
+                raise UsageError(f"{path!r} is a directory; give a file name for the records")
+            if not os.access(os.path.dirname(os.path.abspath(path)), os.W_OK):
+                raise UsageError(f"cannot write {path!r}: its directory is missing or not writable")
             if not wait_unlocked(path, LOCK_WAIT):
                 raise UsageError(
                     f"another procqueue run is still writing {path!r}; wait for it to end, or stop it first"
                 )
-            if s.overwrite:
-                with contextlib.suppress(FileNotFoundError):
-                    os.truncate(path, 0)
-            elif not s.resume and os.path.exists(path) and os.path.getsize(path) > 0:
+            if not s.resume and not s.overwrite and os.path.exists(path) and os.path.getsize(path) > 0:
                 raise UsageError(
                     f"{path!r} already holds records; add --resume to finish that run, or --overwrite to start over"
                 )
-            parent = os.path.dirname(os.path.abspath(path))
-            if not os.access(parent, os.W_OK):
-                raise UsageError(f"cannot write {path!r}: its directory is not writable")
 
     # --- the run ------------------------------------------------------------------
 
@@ -180,23 +179,38 @@ class Run:
         s = self.s
         t0 = time.perf_counter()
         stream: IO[bytes] = open(s.input, "rb") if s.input is not None else sys.stdin.buffer  # noqa: SIM115
-        header = None
-        csv_reader = None
-        if s.fmt == "csv":
-            csv_reader, header = r.csv_header(r.text_of(stream))
+        try:
+            return self._execute(stream, t0)
+        finally:
+            if s.input is not None:
+                stream.close()
+
+    def _execute(self, stream: IO[bytes], t0: float) -> Summary:
+        s = self.s
+        csv_in = r.CsvInput(stream) if s.fmt == "csv" else None
+        header = csv_in.header if csv_in is not None else None
+        if header is not None:
+            for name, what in ((s.priority_field, "--priority-field"), (s.id_field, "--id-field")):
+                if name is not None and name not in header and (what != "--id-field" or name != "id"):
+                    raise UsageError(f"{what} {name!r} is not a column of the CSV; its header is {header}")
+        if s.input is None and sys.stdin.isatty():
+            print("procqueue run: reading records from the terminal; end with Ctrl-D, or give -i FILE", file=sys.stderr)
         self.handler = r.RecordHandler(self.fn, s.fmt, s.id_field, header)
-        out_stream = None if s.output else connection.Connection(os.dup(sys.stdout.fileno()), readable=False)
+        out_stream = connection.Connection(os.dup(sys.stdout.fileno()), readable=False) if self.to_stdout else None
         ordered = s.ordered if s.ordered is not None else s.priority_field is None
         spec = SinkSpec(s.output, s.errors, ordered, out_stream)
         pool = Pool(
             s.workers, s.capacity, max_retries=s.retries, task_timeout=s.timeout,
             max_tasks_per_worker=s.max_tasks_per_worker, max_worker_memory=s.max_worker_memory,
-            initializer=r.prepare_worker, initargs=(out_stream is not None, self.init), _sink=spec,
+            initializer=r.prepare_worker, initargs=(self.to_stdout, s.initializer), _sink=spec,
         )  # fmt: skip
         if out_stream is not None:
             out_stream.close()  # the collector holds its own copy
-        pool._engine.on_final_failure = self.on_final_failure
-        items = self.items(stream, csv_reader, header)
+        engine = pool._engine
+        engine.on_final_failure = self.on_final_failure
+        source = csv_in.rows() if csv_in is not None else r.read_lines(stream, s.fmt)
+        items = self.items(source, header)
+        sm = self.summary
         main_thread = threading.current_thread() is threading.main_thread()
         if main_thread:
             old = signal.signal(signal.SIGTERM, _terminated)  # stop as on Ctrl-C: what is written stays
@@ -208,83 +222,81 @@ class Run:
                     self.by_priority(pool, items)
                 self.flush(pool)
         except KeyboardInterrupt:
-            self.summary.interrupted = "interrupted (Ctrl-C); run again with --resume to finish"
-            self.summary.status = 130
+            sm.interrupted, sm.status = "interrupted (Ctrl-C); run again with --resume to finish", 130
         except Terminated:
-            self.summary.interrupted = "terminated (SIGTERM); run again with --resume to finish"
-            self.summary.status = 128 + signal.SIGTERM
+            sm.interrupted = "terminated (SIGTERM); run again with --resume to finish"
+            sm.status = 128 + signal.SIGTERM
         except ProcQueueError as exc:
-            self.summary.interrupted = f"{type(exc).__name__}: {exc}"
+            sm.interrupted = f"{type(exc).__name__}: {exc}"
         finally:
             if main_thread:
                 signal.signal(signal.SIGTERM, old)
-            if stream is not sys.stdin.buffer:
-                stream.close()
         stats = pool.stats()
-        sm = self.summary
         sm.failed = self.failures + sm.bad
-        sm.ok = stats.completed
-        sm.retried = stats.retried
-        sm.skipped = self.skipped
+        sm.ok, sm.retried = stats.completed, stats.retried
+        sm.skipped, sm.skipped_failed = self.skipped, self.done.failed
+        sm.repaired, sm.foreign = self.done.repaired, self.done.foreign
         sm.wall = time.perf_counter() - t0
+        written = engine.collector_counts[WRITTEN]
+        if engine.sink_error is not None:
+            if engine.sink_error.broken_pipe:
+                sm.interrupted, sm.status = "the output was closed (broken pipe)", 128 + signal.SIGPIPE
+            else:
+                sm.interrupted = (
+                    f"could not write the output ({engine.sink_error.message}); fix that, then run again with --resume"
+                )
+        elif engine.broken is not None and sm.interrupted is None:
+            sm.interrupted = f"{type(engine.broken).__name__}: {engine.broken}"
+        elif sm.interrupted is None and written != sm.records:
+            sm.interrupted = f"only {written:,} of {sm.records:,} records reached the output; run again with --resume"
         return sm
 
-    def view(self, pool: Pool) -> Any:
+    def view(self, pool: Pool) -> contextlib.AbstractContextManager[Any]:
         s = self.s
         live = s.live if s.live is not None else sys.stderr.isatty()
         if not live:
             return contextlib.nullcontext()
         total = None
-        if s.input is not None and s.fmt != "csv":
-            total = max(0, r.count_lines(s.input) - self.done.records)
+        if s.input is not None and s.fmt != "csv" and stat.S_ISREG(os.stat(s.input).st_mode):
+            total = max(0, r.count_lines(s.input) - self.done.records)  # a pipe cannot be read twice
         return pool.live(total=total, title=f"run {s.target}")
 
-    def items(self, stream: IO[bytes], csv_reader: Any, header: list[str] | None) -> Iterator[Any]:
+    def items(self, source: Iterator[tuple[int, Any]], header: list[str] | None) -> Iterator[Any]:
         """The records to run: `(seq, line, raw)`, or with --priority-field
         `((seq, line, raw), priority)`. What cannot be cut out becomes an error record here."""
-        s = self.s
-        source: Iterator[tuple[int, Any]]
-        if csv_reader is not None:
-            assert header is not None
-            source = r.read_csv(csv_reader, header)
-        else:
-            source = r.read_lines(stream, s.fmt)
         done = self.done
-        prio = self.priority_of(header) if s.priority_field else None
+        prio = self.priority_of(header) if self.s.priority_field else None
         seq = 0
-        self.skipped = 0
         for line, raw in source:
             if line in done:
                 self.skipped += 1
                 continue
             self.summary.records += 1
             if isinstance(raw, r.BadInput):
-                self.reject(seq, line, raw.message)
+                self.reject(seq, line, raw.message, None)
             elif prio is None:
                 yield seq, line, raw
             else:
                 p = prio(line, raw)
                 if isinstance(p, str):
-                    self.reject(seq, line, p)
+                    self.reject(seq, line, p, self.handler.ident_of_raw(raw))
                 else:
                     yield (seq, line, raw), p
             seq += 1
 
-    def reject(self, seq: int, line: int, message: str) -> None:
+    def reject(self, seq: int, line: int, message: str, ident: Any) -> None:
         self.summary.bad += 1
-        self.pending.append((seq, self.target, r.error_record(line, None, "InvalidRecord", message, "", 0)))
+        self.pending.append((seq, self.target, r.error_record(line, ident, "InvalidRecord", message, "", 0)))
 
     def priority_of(self, header: list[str] | None) -> Callable[[int, Any], int | str]:
         """A record's priority from its field (0 without one), or the message of why not."""
-        import json
-
         name = self.s.priority_field
         assert name is not None
-        col = header.index(name) if header is not None and name in header else None
+        col = header.index(name) if header is not None else None
 
         def get(line: int, raw: Any) -> int | str:
-            if header is not None:
-                value: Any = raw[col] if col is not None else 0
+            if col is not None:
+                value: Any = raw[col]
             else:
                 try:
                     record = json.loads(raw)
@@ -308,27 +320,48 @@ class Run:
                 self.flush(pool)
 
     def by_priority(self, pool: Pool, items: Iterator[Any]) -> None:
-        options: dict[int, Options] = {}
-        futures: deque[Future] = deque()
-        limit = WINDOW * self.s.capacity
-        for item, p in items:
-            opts = options.get(p) or options.setdefault(p, pool.options(priority=p))
-            futures.append(opts.submit(self.handler, item))
+        """Records in blocks, each block's records grouped by priority into one run
+        of the heap: dispatch by priority, at the cost of a map rather than of a submit each."""
+        queued: deque[tuple[Chunk, int]] = deque()
+        held, limit = 0, WINDOW * self.s.capacity
+        block = max(1, min(PRIORITY_BLOCK, self.s.capacity))
+        while group := list(itertools.islice(items, block)):
+            by_priority: dict[int, list[Any]] = {}
+            for item, p in group:
+                by_priority.setdefault(p, []).append(item)
+            for p, records in by_priority.items():
+                queued.append((pool.options(priority=p)._submit_items(self.handler, records), len(records)))
+                held += len(records)
             if self.pending:
                 self.flush(pool)
-            while futures and futures[0].done():
-                futures.popleft()
-            if len(futures) > limit:
-                wait(futures, return_when=FIRST_COMPLETED)
-        wait(futures)
+            while queued and (queued[0][0].done or held > limit):
+                chunk, n = queued.popleft()
+                self.wait_for(pool, chunk)
+                held -= n
+        for chunk, _ in queued:
+            self.wait_for(pool, chunk)
+
+    def wait_for(self, pool: Pool, chunk: Chunk) -> None:
+        """Until `chunk` is done, sending error records as they come."""
+        while True:
+            pool._engine.wait_until(lambda: chunk.done or bool(self.pending), None)
+            self.flush(pool)
+            if chunk.done:
+                return
 
     def on_final_failure(self, item: Any, exc: BaseException, attempts: int) -> None:
-        """The pool's hook (manager thread): a task failed for good; record it. Sent
-        later, from this thread, so the manager never blocks on the collector."""
+        """The pool's hook (manager thread, lock held): a task failed for good; record it.
+        Sent later, from this thread, so the manager never blocks on the collector."""
         seq, line, raw = item
-        type_name, message, tb = r.describe_failure(exc)
         self.failures += 1
-        record = r.error_record(line, self.handler.ident_of_raw(raw), type_name, message, tb, attempts)
+        try:
+            type_name, message, tb = r.describe_failure(exc)
+            task_id = getattr(exc, "task_id", None)
+            if task_id is not None:  # the user thinks in lines, not in procqueue's task ids
+                message = message.replace(f"task {task_id}", f"the record on line {line}")
+            record = r.error_record(line, self.handler.ident_of_raw(raw), type_name, message, tb, attempts)
+        except Exception as bug:  # never let a record break the manager thread
+            record = r.error_record(line, None, type(exc).__name__, f"{exc!r} ({bug!r})", "", attempts)
         self.pending.append((seq, self.target, record))
 
     def flush(self, pool: Pool) -> None:
@@ -339,15 +372,13 @@ class Run:
         pool._engine.sink_records(batch)
 
 
-class Terminated(BaseException):
-    """SIGTERM arrived (a BaseException, so that the pool is ended at once, as on Ctrl-C)."""
-
-
 def _terminated(signum: int, frame: object) -> None:
     raise Terminated
 
 
-def _same_file(a: str, b: str) -> bool:
+def _same_path(a: str, b: str) -> bool:
+    if os.path.abspath(a) == os.path.abspath(b):
+        return True
     try:
         return os.path.samefile(a, b)
     except OSError:
@@ -355,9 +386,9 @@ def _same_file(a: str, b: str) -> bool:
 
 
 def run(settings: RunSettings) -> tuple[Summary, int]:
-    """Run it: the summary and the exit status (0 all ok, 1 some failed). Raises
-    `UsageError` before starting anything if the settings cannot work."""
+    """Run it: the summary and the exit status (0 all ok, 1 some failed, now or in
+    the run resumed). Raises `UsageError` before starting anything if the settings cannot work."""
     summary = Run(settings).execute()
-    if not summary.status and (summary.failed or summary.interrupted):
+    if not summary.status and (summary.failed or summary.skipped_failed or summary.interrupted):
         summary.status = 1
     return summary, summary.status

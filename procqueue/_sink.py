@@ -33,10 +33,13 @@ class SinkSpec:
 
 
 class FileSink:
-    """Writes records to their files, in `seq` order when ordered."""
+    """Writes records to their files, in `seq` order when ordered. After a failed
+    write (disk full, a closed pipe) it writes nothing more: `error` says why."""
 
     def __init__(self, spec: SinkSpec) -> None:
         self.spec = spec
+        self.written = 0  # records
+        self.error: OSError | None = None
         flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT
         out = spec.stream.fileno() if spec.output is None else os.open(spec.output, flags, 0o644)
         self.fds = [out, os.open(spec.errors, flags, 0o644) if spec.errors else out]
@@ -72,8 +75,13 @@ class FileSink:
         for _, target, line in records:
             parts[target].append(line)
         for target, lines in enumerate(parts):
-            if lines:
-                _write_all(self.fds[target], b"".join(lines))
+            if lines and self.error is None:
+                try:
+                    _write_all(self.fds[target], b"".join(lines))
+                except OSError as exc:
+                    self.error = exc
+                    return
+                self.written += len(lines)
 
 
 def _write_all(fd: int, data: bytes) -> None:

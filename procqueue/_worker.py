@@ -244,7 +244,10 @@ def main(
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     with contextlib.suppress(OSError):  # big results in fewer wake-ups of the collector (capped by the OS)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
-    sock.connect(address)
+    try:
+        sock.connect(address)
+    except OSError:  # the collector is gone: the pool is ending, nobody needs this worker
+        os._exit(EXIT_ORPHANED)
     out = connection.Connection(sock.detach())
     worker = _Worker(slot, task_conn, out, markers)
     worker.send(m.Hello(slot, worker.pid, token))

@@ -59,7 +59,15 @@ def faults(rec):
 
 def slow(rec):
     time.sleep(0.002)
+    if rec.get("boom"):
+        raise ValueError("boom")
     return rec["x"]
+
+def bad_init():
+    raise RuntimeError("the initializer broke")
+
+async def coroutine(rec):
+    return rec
 
 def pid(rec):
     return os.getpid()
@@ -160,15 +168,16 @@ def test_jsonl_in_order_with_bad_lines_and_raising_records(work: Path, tag: str)
 
 
 def test_csv_rows_as_dicts_and_bad_rows(work: Path, tag: str) -> None:
-    (work / "in.csv").write_text('id,name\n1,ann\n2,bob,extra\n3,"multi\nline"\n4,"unclosed\n')
+    (work / "in.csv").write_bytes(b'\xef\xbb\xbfid,name\n1,ann\n2,bob,extra\n3,"multi\nline"\n5,b\xffd\n4,"unclosed\n')
     got = cli(["run", "h:upper", "--format", "csv", "-i", "in.csv", "-o", "out.jsonl"], work, tag)
     assert got.returncode == 1, got.stderr
     rows = by_line(read_records(work / "out.jsonl"))
     assert rows[2] == {"line": 2, "id": "1", "ok": True, "value": {"id": "1", "name": "ANN"}}
     assert rows[3]["ok"] is False and rows[3]["error"]["message"] == "line 3 has 3 fields where the header has 2"
     assert rows[4]["value"] == {"id": "3", "name": "MULTI\nLINE"}  # a row may span lines
-    assert rows[6]["ok"] is False and "line 6 is not a valid CSV row" in rows[6]["error"]["message"]
-    assert sorted(rows) == [2, 3, 4, 6]
+    assert rows[6]["error"]["message"] == "line 6 is not valid UTF-8"  # and the BOM did not stick to "id"
+    assert rows[7]["ok"] is False and "line 7 is not a valid CSV row" in rows[7]["error"]["message"]
+    assert sorted(rows) == [2, 3, 4, 6, 7]
 
 
 def test_lines_through_a_shell_pipe(work: Path, tag: str) -> None:
@@ -226,6 +235,7 @@ def test_priority_field_runs_urgent_records_first(work: Path, tag: str) -> None:
     for rec in recs[-10:]:
         rec["p"] = 9
     recs[3]["p"] = "high"
+    recs[10]["boom"] = recs[295]["boom"] = True  # failures, urgent or not, are records too
     write_jsonl(work / "in.jsonl", recs)
     got = cli(["run", "h:slow", "--priority-field", "p", "--workers", "1", "-i", "in.jsonl", "-o", "out.jsonl"],
               work, tag)  # fmt: skip
@@ -233,6 +243,7 @@ def test_priority_field_runs_urgent_records_first(work: Path, tag: str) -> None:
     out = read_records(work / "out.jsonl")
     rows = by_line(out)
     assert len(rows) == 300 and "must be an integer, not 'high'" in rows[4]["error"]["message"]
+    assert rows[4]["id"] == 3 and rows[11]["error"]["type"] == "ValueError" and not rows[296]["ok"]
     where = [i for i, rec in enumerate(out) if rec["line"] > 290]
     assert max(where) < 150, f"urgent records were written at {where}"
 
@@ -324,15 +335,31 @@ def test_resume_repairs_a_torn_last_line(work: Path, tag: str) -> None:
         (["run", "h:double", "-i", "in.jsonl", "--resume"], "--resume needs the output file"),
         (["run", "h:double", "--max-worker-memory", "lots"], "'lots' is not a size"),
         (["run", "h:double", "--workers", "0"], "0 is not in the range x>=1"),
+        (["run", "h:double", "-i", "in.jsonl", "-o", "a.jsonl", "--errors", "a.jsonl"], "name the same file"),
+        (["run", "h:double", "-i", "."], "is a directory"),
+        (["run", "h:double", "-i", "in.jsonl", "-o", "."], "is a directory"),
+        (["run", "h:coroutine", "-i", "in.jsonl"], "is an async function"),
+        (["run", "broken:f", "-i", "in.jsonl"], "importing 'broken' failed: No module named 'nosuchdependency'"),
+        (["run", "sub/queue.py:f", "-i", "in.jsonl"], "is hidden by another module of the same name"),
+        (["run", "h:nosuchfunc", "-i", "in.jsonl", "-o", "full.jsonl", "--overwrite"], "has no attribute"),
+        (["run", "h:double", "--format", "csv", "-i", "in.csv", "--priority-field", "p"], "is not a column"),
+        (["run", "h:double", "--format", "csv", "-i", "twice.csv"], "names 'a' more than once"),
+        (["demo", "--workers", "0"], "0 is not in the range x>=1"),
     ],
 )
 def test_usage_errors_exit_2_and_say_what_to_fix(work: Path, tag: str, args: list[str], message: str) -> None:
     write_jsonl(work / "in.jsonl", [{"x": 1}])
     (work / "full.jsonl").write_text('{"line": 1}\n')
+    (work / "in.csv").write_text("id,x\n1,2\n")
+    (work / "twice.csv").write_text("a,a\n1,2\n")
+    (work / "broken.py").write_text("import nosuchdependency\n")
+    (work / "sub").mkdir()
+    (work / "sub" / "queue.py").write_text("def f(r):\n    return r\n")
     got = cli(args, work, tag)
     assert got.returncode == 2, (got.stdout, got.stderr)
     assert message in got.stderr, got.stderr
     assert not got.stdout
+    assert (work / "full.jsonl").read_text() == '{"line": 1}\n'  # nothing was touched
 
 
 @pytest.mark.parametrize("command", [[], ["run"], ["demo"], ["bench"]])
@@ -356,6 +383,48 @@ def test_live_view_on_a_terminal(work: Path, tag: str) -> None:
     child.close()
     assert child.exitstatus == 0
     assert len(read_records(work / "out.jsonl")) == 20_000
+
+
+def test_an_initializer_that_raises_stops_the_run_with_its_traceback(work: Path, tag: str) -> None:
+    write_jsonl(work / "in.jsonl", [{"x": i} for i in range(3)])
+    got = cli(["run", "h:double", "--initializer", "h:bad_init", "-i", "in.jsonl", "-o", "out.jsonl"], work, tag)
+    assert got.returncode == 1, got.stderr
+    assert "InitializerFailed" in got.stderr and "the initializer broke" in got.stderr
+    assert "3 unfinished" in got.stderr
+
+
+def test_an_output_that_cannot_be_written_is_reported(work: Path, tag: str) -> None:
+    write_jsonl(work / "in.jsonl", [{"id": i, "x": i} for i in range(20_000)])
+    got = cli(["run", "h:double", "-i", "in.jsonl", "-o", "/dev/full"], work, tag)
+    assert got.returncode == 1, got.stderr
+    assert "could not write the output (OSError: [Errno 28] No space left on device)" in got.stderr
+    env = {**os.environ, "PROCQUEUE_TEST_TAG": tag}
+    piped = subprocess.run(
+        ["bash", "-c", f"{SCRIPT} run h:double -i in.jsonl | head -2; echo status ${{PIPESTATUS[0]}}"],
+        cwd=work, env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert piped.stdout.splitlines()[-1] == "status 141", piped
+    assert "the output was closed (broken pipe)" in piped.stderr
+
+
+def test_failing_records_with_ids_that_are_not_json(work: Path, tag: str) -> None:
+    text = '{"id": NaN, "x": 1, "boom": true}\n{"id": "\\udc00", "x": 2, "boom": true}\n{"id": 3, "x": 3}\n'
+    got = cli(["run", "h:double"], work, tag, stdin=text)
+    assert got.returncode == 1, got.stderr
+    rows = by_line([json.loads(line) for line in got.stdout.splitlines()])
+    assert rows[1]["id"] is None and rows[2]["id"] is None and rows[3]["value"] == 6
+    assert rows[1]["error"]["message"].startswith("boom on record")
+
+
+def test_resuming_a_finished_run_reports_its_failures(work: Path, tag: str) -> None:
+    write_jsonl(work / "in.jsonl", [{"id": i, "x": i, "boom": i == 1} for i in range(3)])
+    args = ["run", "h:double", "-i", "in.jsonl", "-o", "out.jsonl", "--errors", "bad.jsonl"]
+    assert cli(args, work, tag).returncode == 1
+    again = cli([*args, "--resume"], work, tag)
+    assert again.returncode == 1 and "3 skipped, already in the output (1 of them failed)" in again.stderr
+    (work / "bad.jsonl").unlink()  # to run the failures again: drop them, resume
+    again = cli([*args, "--resume"], work, tag)
+    assert again.returncode == 1 and "1 records in" in again.stderr and "2 skipped" in again.stderr
 
 
 # --- pieces --------------------------------------------------------------------------------
