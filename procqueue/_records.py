@@ -24,6 +24,7 @@ from ._errors import TaskFailed
 
 FORMATS = ("jsonl", "csv", "lines")
 _encode = json.JSONEncoder(ensure_ascii=False, allow_nan=False).encode
+_loads = json.loads
 
 
 class InvalidRecord(ValueError):
@@ -52,14 +53,26 @@ class RecordHandler:
 
     def __call__(self, item: tuple[int, int, Any]) -> tuple[int, bytes]:
         seq, line, raw = item
-        record = self.parse(line, raw)
+        if self.fmt == "jsonl":
+            try:
+                record = _loads(raw)
+            except ValueError:  # JSONDecodeError, UnicodeDecodeError
+                record = self.parse(line, raw)  # raises with the line number
+        else:
+            record = self.parse(line, raw)
         value = self.fn(record)
+        ident = record.get(self.id_field) if type(record) is dict and self.id_field is not None else None
         try:
-            out = (
-                f'{{"line": {line}, "id": {_ident_json(self.ident(record))}, "ok": true, "value": {_encode(value)}}}\n'
-            )
-            return seq, out.encode()
-        except (TypeError, ValueError) as exc:  # UnicodeEncodeError is a ValueError: a lone surrogate
+            return seq, f'{{"line": {line}, "id": {_encode(ident)}, "ok": true, "value": {_encode(value)}}}\n'.encode()
+        except (TypeError, ValueError):  # UnicodeEncodeError is a ValueError: a lone surrogate
+            return seq, self.careful(line, ident, value)
+
+    def careful(self, line: int, ident: Any, value: Any) -> bytes:
+        """The output line, when the quick way failed: an id that is not JSON becomes
+        null; a value that is not JSON fails the record, for good."""
+        try:
+            return f'{{"line": {line}, "id": {_ident_json(ident)}, "ok": true, "value": {_encode(value)}}}\n'.encode()
+        except (TypeError, ValueError) as exc:
             raise InvalidRecord(
                 f"line {line}: the handler returned {type(value).__name__}, which is not JSON: {exc}"
             ) from None
@@ -67,8 +80,8 @@ class RecordHandler:
     def parse(self, line: int, raw: Any) -> Any:
         if self.fmt == "jsonl":
             try:
-                return json.loads(raw)
-            except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+                return _loads(raw)
+            except ValueError as exc:
                 raise InvalidRecord(f"line {line} is not valid JSON: {exc}") from None
         if self.fmt == "lines":
             try:

@@ -54,6 +54,17 @@ class FileSink:
             self._write(records)
             return
         held = self.held
+        if not held:  # most batches come in order: write what is next, hold the rest
+            records = list(records)
+            i = 0
+            for seq, _, _ in records:
+                if seq != self.next + i:
+                    break
+                i += 1
+            if i:
+                self.next += i
+                self._write(records[:i])
+                records = records[i:]
         for seq, target, line in records:
             held[seq] = (target, line)
         ready = []
