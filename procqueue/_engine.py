@@ -9,9 +9,11 @@
       `capacity`; backpressure                 write marker per item,    account every attempt:
                                                send BatchDone ─────────► ok / raised / crashed /
     manager thread (one selector loop):        (own socket each) ──────► timed out; retry or final;
-      dispatch ── own pipe per worker ──►                                counters in shared memory
-      (~40 ms of work queued per worker,                                       │
-       so priority holds at dispatch)                                          │
+      dispatch ── own pipe per worker ──►                                counters in shared memory;
+      (~40 ms of work queued per worker,                                 with a sink (procqueue run):
+       so priority holds at dispatch)                                    values to the output file,
+                                                                         in order (`_sink.py`)
+                                                                               │
       results ◄──── BatchResult + the worker's value bytes, WorkerGone ◄───────┘
       sentinels: a dead worker ──► WorkerLost ──► collector drains its socket, charges
       deadlines: task timeouts (kill), retry backoffs (re-enter the heap)

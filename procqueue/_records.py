@@ -4,7 +4,9 @@ that runs in the workers, the output records, and what `--resume` reads back.
 An input record travels to a worker as `(seq, line, raw)`: its place among
 the run's records, the line it starts on, and its unparsed form (the bytes of
 a JSON or plain line, or a CSV row's fields). Parsing and encoding happen in
-the workers, so the parent only splits lines and dispatches.
+the workers, so the parent only splits lines and dispatches. The user's
+handler and initializer are found by `load_callable` (`MODULE:FUNC` or
+`path/to/file.py:FUNC`).
 """
 
 from __future__ import annotations
