@@ -249,16 +249,22 @@ def main(
     except OSError:  # the collector is gone: the pool is ending, nobody needs this worker
         os._exit(EXIT_ORPHANED)
     out = connection.Connection(sock.detach())
-    worker = _Worker(slot, task_conn, out, markers)
-    worker.send(m.Hello(slot, worker.pid, token))
+    try:
+        _serve(_Worker(slot, task_conn, out, markers), token, init)
+    except (BrokenPipeError, ConnectionResetError):  # the collector is gone: the pool is ending
+        os._exit(EXIT_ORPHANED)
+    out.close()
+
+
+def _serve(worker: _Worker, token: bytes, init: bytes | None) -> None:
+    worker.send(m.Hello(worker.slot, worker.pid, token))
     if init is not None:
         try:
             initializer, initargs = loads_callable(init)
             initializer(*initargs)
         except BaseException as exc:
-            worker.send(m.InitFailed(slot, worker.pid, pack_exception(exc)[3]))
-            out.close()
+            worker.send(m.InitFailed(worker.slot, worker.pid, pack_exception(exc)[3]))
+            worker.out.close()
             sys.stdout.flush()
             os._exit(EXIT_INIT_FAILED)
     worker.serve()
-    out.close()
