@@ -98,7 +98,8 @@ Examples:
 \b
 Each output line is {"line": N, "id": ..., "ok": true, "value": ...} or
 {"line": N, "id": ..., "ok": false, "error": {"type", "message", "traceback", "attempts"}}.
-Exit status: 0 every record ok, 1 some failed, 2 usage error.
+Exit status: 0 every record ok, 1 some failed or the run stopped early (resume it),
+2 usage error, 130 Ctrl-C, 143 SIGTERM, 141 stdout closed.
 """
 
 
@@ -126,7 +127,9 @@ Exit status: 0 every record ok, 1 some failed, 2 usage error.
 @click.option("--initializer", metavar="MODULE:FUNC", help="Run once in each worker before its first record.")
 @click.option("--resume", is_flag=True, help="Skip the records already in -o (and --errors); finish the rest.")
 @click.option("--overwrite", is_flag=True, help="Start over, emptying -o and --errors first.")
-@click.option("--id-field", default="id", show_default=True, help="Copy this field of a record into its output.")
+@click.option(
+    "--id-field", metavar="NAME", default="id", show_default=True, help="Copy this field of a record into its output."
+)
 @click.option("--live/--no-live", default=None, help="Show the live view on stderr (default: when it is a terminal).")
 def run(
     handler: str, input_: str | None, output: str | None, errors: str | None, fmt: str, workers: int | None,

@@ -337,8 +337,10 @@ class Engine(Outcomes):
                 self.cv.notify_all()
                 continue
             heap = self.dispatcher.heap
-            if heap and heap[0][:2] < (-f.opts.priority, f.order):
-                return None  # something more urgent (or older at equal priority) waits in the heap
+            if heap and heap[0][:2] <= (-f.opts.priority, f.order):
+                # Something more urgent or older waits in the heap; at a tie, the map's own
+                # retries and requeues, which its consumer may be waiting for.
+                return None
             return f
         return None
 
@@ -543,9 +545,8 @@ class Engine(Outcomes):
                 if not slot.alive or slot.retiring:
                     continue
                 f = self._next_feeder() if self.feeders else None
-                if f is not None:
-                    if self._has_room(slot, f.handler.est_ns) and self._cut_from_sequence(f, slot, later):
-                        progress = True
+                if f is not None and self._has_room(slot, f.handler.est_ns) and self._cut_from_sequence(f, slot, later):
+                    progress = True
                 elif heap and self._has_room(slot, heap[0][-1].handler.est_ns):
                     self._dispatch_one(slot, later)
                     progress = True

@@ -294,8 +294,9 @@ class _Feeder:
                     if chunk is not None:
                         self.consumed += 1
                         self.stream.outstanding -= len(chunk.values)
-                        if self.managed:
-                            engine.wake()  # the window moved: the manager may feed more
+                        # The window moved: the manager may cut more, from the list or from
+                        # what the buffer already holds (feed() wakes it only when it adds).
+                        engine.wake()
                     finished = self.exhausted and self.consumed >= self.fed
                 if chunk is not None:
                     last = len(chunk.values)

@@ -309,7 +309,7 @@ def scan_done(path: str, done: Done) -> None:
                     done.foreign += 1
                 else:
                     done.add(n)
-                    done.failed += b'"ok": false' in raw
+                    done.failed += _failed(raw)
     finally:
         os.close(fd)
 
@@ -343,6 +343,16 @@ def _line_of(raw: bytes) -> int | None:
     except (ValueError, AttributeError):
         return None
     return n if isinstance(n, int) else None
+
+
+def _failed(raw: bytes) -> bool:
+    """Whether an output line is an error record (`"ok": false` may also sit inside a value)."""
+    if b'"ok": false' not in raw:
+        return False
+    try:
+        return json.loads(raw).get("ok") is False  # type: ignore[no-any-return]
+    except (ValueError, AttributeError):
+        return False
 
 
 def count_lines(path: str) -> int:

@@ -72,6 +72,7 @@ class Summary:
     """How a run went, for the closing line and the exit status."""
 
     records: int = 0  # read and not skipped
+    written: int = 0  # records the collector wrote, ok or failed
     ok: int = 0
     failed: int = 0
     bad: int = 0  # of `failed`: input the parent could not cut out
@@ -91,7 +92,7 @@ class Summary:
             f"{self.ok:,} ok, {self.failed:,} failed"
         )
         if self.bad:
-            text += f" ({self.bad:,} unreadable)"
+            text += f" ({self.bad:,} rejected before running)"
         text += f", {self.retried:,} retried"
         if self.skipped:
             text += f"; {self.skipped:,} skipped, already in the output"
@@ -102,8 +103,7 @@ class Summary:
         if self.foreign:
             text += f"; {self.foreign:,} lines in the output are not records (left as they are)"
         if self.interrupted:
-            unfinished = self.records - self.ok - self.failed
-            text += f"; stopped early, {unfinished:,} unfinished: {self.interrupted}"
+            text += f"; stopped early with {self.records - self.written:,} not written: {self.interrupted}"
         return text
 
 
@@ -237,7 +237,7 @@ class Run:
         sm.skipped, sm.skipped_failed = self.skipped, self.done.failed
         sm.repaired, sm.foreign = self.done.repaired, self.done.foreign
         sm.wall = time.perf_counter() - t0
-        written = engine.collector_counts[WRITTEN]
+        written = sm.written = engine.collector_counts[WRITTEN]
         if engine.sink_error is not None:
             if engine.sink_error.broken_pipe:
                 sm.interrupted, sm.status = "the output was closed (broken pipe)", 128 + signal.SIGPIPE
@@ -300,15 +300,18 @@ class Run:
             else:
                 try:
                     record = json.loads(raw)
-                except ValueError as exc:
-                    return f"line {line} is not valid JSON: {exc}"
-                value = record.get(name, 0) if isinstance(record, dict) else 0
+                except ValueError:
+                    return 0  # the worker fails it, naming the line, as without --priority-field
+                value = record.get(name) if isinstance(record, dict) else None
+            if value is None or value == "":
+                return 0
             try:
                 if isinstance(value, bool | float):
                     raise ValueError
                 return int(value)
             except (TypeError, ValueError):
-                return f"line {line}: the priority field {name!r} must be an integer, not {value!r}"
+                shown = json.dumps(value) if col is None else repr(value)
+                return f"line {line}: the priority field {name!r} must be an integer, not {shown}"
 
         return get
 

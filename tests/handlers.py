@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 import signal
 import sys
@@ -247,3 +248,18 @@ def ok_or_die(x: str) -> int:
         time.sleep(0.5)
         os._exit(1)
     return len(x)
+
+
+def uneven(x: int) -> int:
+    """About 3 % of tasks take 10 ms, the rest nothing: durations that vary."""
+    if x % 37 == 0:
+        time.sleep(0.01)
+    return x
+
+
+def json_exit_at_1000(raw: str) -> str:
+    """A few microseconds of JSON work per item; item 1000 kills its worker."""
+    record = json.loads(raw)
+    if record["x"] == 1000:
+        os._exit(9)
+    return json.dumps({"value": record["x"]})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import threading
@@ -150,6 +151,20 @@ def test_crash_inside_a_tiny_task_batch_is_charged_to_the_right_task() -> None:
         assert pool.submit(h.square, 4).result(timeout=30) == 16
     s = pool.stats()
     assert balanced(s) and s.failed == 1 and s.crashed == 1
+
+
+@pytest.mark.parametrize("ordered", [True, False])
+def test_a_crash_in_a_map_over_a_generator_loses_nothing_else(ordered: bool) -> None:
+    # The crashed batch's other items go back to the heap at the map's own place in
+    # line; they must run before the map cuts more, or its full window waits forever.
+    with pq.Pool(workers=2) as pool:
+        lines = (json.dumps({"x": i, "id": f"r{i}"}) for i in range(20_000))
+        got = list(pool.map(h.json_exit_at_1000, lines, ordered=ordered, return_exceptions=True))
+    crashed = [v for v in got if isinstance(v, pq.WorkerCrashed)]
+    assert len(got) == 20_000 and len(crashed) == 1
+    values = sorted(json.loads(v)["value"] for v in got if not isinstance(v, pq.WorkerCrashed))
+    assert values == [i for i in range(20_000) if i != 1000]
+    assert balanced(pool.stats())
 
 
 def test_worker_killed_mid_write_tears_only_its_own_stream() -> None:

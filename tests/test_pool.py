@@ -63,6 +63,15 @@ def test_map_raises_at_the_failed_item_and_others_complete(pool: pq.Pool) -> Non
     assert out == [0, 1, 2, 3, 4]
 
 
+@pytest.mark.parametrize("capacity", [1, 64])
+def test_map_over_a_generator_with_uneven_tasks_and_a_small_capacity_finishes(capacity: int) -> None:
+    # A consumer that frees the window must wake the manager even when the
+    # buffer it refills is already full (a lost wake-up once hung this).
+    with pq.Pool(workers=2, capacity=capacity) as pool:
+        got = list(pool.map(h.uneven, (i for i in range(6000))))
+    assert got == list(range(6000))
+
+
 @pytest.mark.parametrize("ordered", [True, False])
 def test_map_return_exceptions_puts_errors_in_place_and_goes_on(pool: pq.Pool, ordered: bool) -> None:
     bad = frozenset({5, 700, 2999})

@@ -242,7 +242,7 @@ def test_priority_field_runs_urgent_records_first(work: Path, tag: str) -> None:
     assert got.returncode == 1, got.stderr
     out = read_records(work / "out.jsonl")
     rows = by_line(out)
-    assert len(rows) == 300 and "must be an integer, not 'high'" in rows[4]["error"]["message"]
+    assert len(rows) == 300 and 'must be an integer, not "high"' in rows[4]["error"]["message"]
     assert rows[4]["id"] == 3 and rows[11]["error"]["type"] == "ValueError" and not rows[296]["ok"]
     where = [i for i, rec in enumerate(out) if rec["line"] > 290]
     assert max(where) < 150, f"urgent records were written at {where}"
@@ -390,7 +390,7 @@ def test_an_initializer_that_raises_stops_the_run_with_its_traceback(work: Path,
     got = cli(["run", "h:double", "--initializer", "h:bad_init", "-i", "in.jsonl", "-o", "out.jsonl"], work, tag)
     assert got.returncode == 1, got.stderr
     assert "InitializerFailed" in got.stderr and "the initializer broke" in got.stderr
-    assert "3 unfinished" in got.stderr
+    assert "3 not written" in got.stderr
 
 
 def test_an_output_that_cannot_be_written_is_reported(work: Path, tag: str) -> None:
@@ -440,11 +440,13 @@ def test_sizes() -> None:
 
 def test_scan_done_reads_our_records_and_others(tmp_path: Path) -> None:
     path = tmp_path / "out.jsonl"
-    path.write_text('{"line": 3, "ok": true}\n{"ok": true, "line": 7}\nnot a record\n{"line": 9')
+    path.write_text(
+        '{"line": 3, "ok": true, "value": {"ok": false}}\n{"ok": false, "line": 7}\nnot a record\n{"line": 9'
+    )
     done = r.Done(bytearray())
     r.scan_done(str(path), done)
     assert (3 in done, 7 in done, 9 in done, 4 in done) == (True, True, False, False)
-    assert (done.records, done.foreign, done.repaired) == (2, 1, len('{"line": 9'))
+    assert (done.records, done.failed, done.foreign, done.repaired) == (2, 1, 1, len('{"line": 9'))
     assert path.read_text().endswith("not a record\n")
 
 
