@@ -133,11 +133,6 @@ class Run:
             for path in (s.output, s.errors):
                 if path:
                     r.scan_done(path, self.done)
-        if s.overwrite:
-            for path in (s.output, s.errors):
-                if path:
-                    with contextlib.suppress(FileNotFoundError):
-                        os.truncate(path, 0)
 
     def quiet_stdout(self) -> contextlib.AbstractContextManager[Any]:
         """When the records go to stdout, what user code prints goes to stderr."""
@@ -195,6 +190,11 @@ class Run:
                     raise UsageError(f"{what} {name!r} is not a column of the CSV; its header is {header}")
         if s.input is None and sys.stdin.isatty():
             print("procqueue run: reading records from the terminal; end with Ctrl-D, or give -i FILE", file=sys.stderr)
+        if s.overwrite:  # every check has passed: only now is anything touched
+            for path in (s.output, s.errors):
+                if path:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.truncate(path, 0)
         self.handler = r.RecordHandler(self.fn, s.fmt, s.id_field, header)
         out_stream = connection.Connection(os.dup(sys.stdout.fileno()), readable=False) if self.to_stdout else None
         ordered = s.ordered if s.ordered is not None else s.priority_field is None
