@@ -161,7 +161,7 @@ def run(
         summary, status = run_records(settings)
     except UsageError as exc:
         raise click.UsageError(str(exc)) from None
-    click.echo(summary.line(), err=True)
+    click.echo(summary.report(), err=True)
     sys.exit(status)
 
 

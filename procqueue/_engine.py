@@ -52,12 +52,13 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import logging
 import multiprocessing
 import os
+import random
 import secrets
 import selectors
 import signal
-import socket
 import sys
 import threading
 import time
@@ -70,6 +71,8 @@ from typing import Any
 
 from . import _collector, _worker
 from . import _messages as m
+from ._callbacks import Runner, deferring, mark_internal
+from ._collector_link import CollectorLink
 from ._config import Config
 from ._dispatcher import MAX_DIRECT_BATCH, Batch, Dispatcher, Handlers, Run, encode_items
 from ._errors import (
@@ -77,6 +80,7 @@ from ._errors import (
     InitializerFailed,
     PoolBroken,
     PoolClosed,
+    PoolStartError,
     ProcQueueError,
     QueueFull,
     SerializationError,
@@ -84,16 +88,19 @@ from ._errors import (
 )
 from ._messages import TaskState as S
 from ._monitor import Sampler, Stats
-from ._outcomes import Outcomes
+from ._outcomes import Outcomes, careful_for
 from ._results import Later, Stream, run_all
 from ._serialization import dumps_callable
-from ._supervisor import Slot, Supervisor, widen_pipe
+from ._supervisor import Slot, Supervisor
 
 FAST_ITEM_NS = 50_000  # tasks shorter than this run unmarked in a tight loop (no timeout)
 STOP_GRACE = 5.0  # seconds an idle worker gets to exit after Stop
 MAX_BARREN_DEATHS = 5  # workers in a row that die before any outcome: the pool is broken
 PREFETCH_NS = 40_000_000  # a worker gets a second batch while it holds less than this much estimated work
 MAX_HELD = 2  # ... and never a third: the rest stays with the parent, for whichever worker frees first
+COLLECTOR_RESTARTS = 5  # collector deaths in a row with nothing forwarded between them: the pool is broken
+
+log = logging.getLogger("procqueue")
 
 
 @dataclass
@@ -102,19 +109,26 @@ class _Lost:
 
     slot: Slot
     batches: list[Batch]
-    running: tuple[int, int] | None
+    running: tuple[int, int] | None  # (batch_id, index): index may be LOADING
     exitcode: int | None
     fault_text: str
     unmarked: bool = False  # it died inside an unmarked (fast) batch: requeue its items as careful
+    charge: bool = True  # False when we killed it for a reason not its task's (stalled, collector gone)
 
 
 @dataclass
 class _Counts:
+    """The pool's books (the manager writes them under the lock; `stats()` reads them)."""
+
     submitted: int = 0
+    completed: int = 0
+    failed: int = 0  # for good, including in the parent (did not pickle)
+    retried: int = 0
     dropped: int = 0
     cancelled: int = 0
-    rejected: int = 0  # failed in the parent: handler or argument did not pickle
-    unloadable: int = 0  # the collector counted them completed; the parent could not unpickle the value
+    crashed: int = 0  # attempts
+    timed_out: int = 0  # attempts
+    attempts: int = 0
     in_flight: int = 0
     started: float | None = None  # the first submit
     stopped: float | None = None  # the pool's end
@@ -145,8 +159,10 @@ class Engine(Outcomes):
         self.sampler = Sampler(cfg.monitor, cfg.max_worker_memory)  # a bad log path or a busy port
         try:
             self._start(cfg, init)
-        except BaseException:
+        except BaseException as exc:
             self._abort_start()
+            if isinstance(exc, OSError):
+                raise PoolStartError(_start_advice(exc)) from exc
             raise
         _live.add(self)
 
@@ -157,6 +173,8 @@ class Engine(Outcomes):
             _preload_in_forkserver()
         self.lock = threading.Lock()
         self.cv = threading.Condition(self.lock)
+        self.runner = Runner()
+        self.rng = random.Random()
         self.dispatcher = Dispatcher(cfg.capacity)
         self.handlers = Handlers()
         self._next_id = 1
@@ -172,65 +190,55 @@ class Engine(Outcomes):
         self.books_error: BaseException | None = None  # validate mode: what the ledger caught
         self._woken = False
         self._barren_deaths = 0
+        self._collector_deaths = 0  # in a row, with nothing forwarded between them
         self._stop_deadline = float("inf")
         self.sink_error: m.SinkFailed | None = None
-
-        token = secrets.token_bytes(16)
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        address: str | bytes
-        if sys.platform == "linux":  # abstract namespace: nothing left on disk if we are killed
-            address = b"\0procqueue-" + secrets.token_hex(8).encode()
-        else:
-            import tempfile
-
-            self._tmpdir = tempfile.mkdtemp(prefix="procqueue-")
-            address = os.path.join(self._tmpdir, "collector.sock")
-        listener.bind(address)
-        listener.listen(128)
-        control_r, self.control = self.ctx.Pipe(duplex=False)
-        self._control_lock = threading.Lock()  # the manager and `sink_records` callers both send
-        self.results, results_w = self.ctx.Pipe(duplex=False)
-        widen_pipe(results_w.fileno())
-        self._counters: Any = self.ctx.RawArray("q", _collector.SLOTS + cfg.workers)  # type: ignore[attr-defined]
-        self.collector_counts = memoryview(self._counters).cast("B").cast("q")
-        self.collector = self.ctx.Process(  # type: ignore[attr-defined]
-            target=_collector.main,
-            args=(listener, control_r, results_w, token, self._counters, cfg.backoff, cfg.backoff_max, cfg.sink),
-            name="procqueue-collector",
-        )
-        self.collector.start()
-        listener.close()
-        control_r.close()
-        results_w.close()
-        os.set_blocking(self.results.fileno(), False)
-        self.reader = m.FrameReader()
-
-        self.supervisor = Supervisor(self.ctx, cfg.workers, address, token, init)
+        self._wake_r = self._wake_w = -1
         self.sel = selectors.DefaultSelector()
+
+        token = secrets.token_bytes(m.TOKEN_SIZE)
+        self._counters: Any = self.ctx.RawArray("q", _collector.SLOTS)  # type: ignore[attr-defined]
+        self.collector_counts = memoryview(self._counters).cast("B").cast("q")
+        self.collector = CollectorLink(self.ctx, token, self._counters, _frame_limit(), cfg.sink)
+        self.supervisor = Supervisor(self.ctx, cfg.workers, token, init)
+        self.collector.start(self.supervisor._pdeathsig())
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
-        self.sel.register(self.results, selectors.EVENT_READ, "results")
+        self._watch_collector()
         self.sel.register(self._wake_r, selectors.EVENT_READ, "wake")
-        self.sel.register(self.collector.sentinel, selectors.EVENT_READ, "collector")
         for slot in self.supervisor.slots:
-            self._spawn(slot)
+            self._spawn(slot, raising=True)
         self.thread = threading.Thread(target=self._main, name="procqueue-manager", daemon=True)
+        self.supervisor.manager = self.thread
         self.thread.start()
         self.sampler.start(self)
 
+    def _watch_collector(self) -> None:
+        assert self.collector.results is not None
+        self.sel.register(self.collector.results, selectors.EVENT_READ, "results")
+        self.sel.register(self.collector.sentinel, selectors.EVENT_READ, ("collector", self.collector.generation))
+        self._out_fd: int | None = None  # registered for writing while the outbox waits
+
     def _abort_start(self) -> None:
-        """Start-up failed part way: end whatever did start."""
+        """Start-up failed part way: end and close whatever did start."""
         supervisor: Supervisor | None = getattr(self, "supervisor", None)
         if supervisor is not None:
             for slot in supervisor.slots:
                 if slot.alive:
                     supervisor.kill(slot)
                     supervisor.reap(slot)
-        collector = getattr(self, "collector", None)
-        if collector is not None and collector.pid is not None:
-            collector.kill()
-            collector.join(5.0)
+        collector: CollectorLink | None = getattr(self, "collector", None)
+        if collector is not None:
+            collector.close(kill=True)
+        for fd in (getattr(self, "_wake_r", -1), getattr(self, "_wake_w", -1)):
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self._wake_r = self._wake_w = -1
+        sel = getattr(self, "sel", None)
+        if sel is not None:
+            sel.close()
         self.sampler.stop()
 
     # --- called from user threads ----------------------------------------------------
@@ -259,9 +267,12 @@ class Engine(Outcomes):
             self.wake()
 
     def send_control(self, msg: object) -> None:
-        """A message to the collector, from any thread."""
-        with self._control_lock, contextlib.suppress(OSError):
-            self.control.send_bytes(m.encode(msg))
+        """A message to the collector, from any thread; never blocks (see `_collector_link.py`)."""
+        self.collector.send(msg)
+        if self.collector.outbox:  # the pipe is full: the manager writes the rest when it drains
+            with contextlib.suppress(OSError):
+                if self._wake_w >= 0:
+                    os.write(self._wake_w, b"!")
 
     def sink_records(self, records: list[tuple[int, int, bytes]]) -> None:
         """Records for the collector to write to its sink (`_sink.py`), from any thread."""
@@ -377,14 +388,21 @@ class Engine(Outcomes):
                 self.cv.wait(left)
 
     def abandon(self, stream: Stream) -> None:
-        """The consumer of a map went away: cancel what did not start."""
-        with self.lock:
-            stream.cancelled = True
-            self.wake()
+        """The consumer of a map went away: cancel what did not start.
+
+        Takes no lock: it may run in a generator's finalizer, which the cyclic
+        garbage collector can call on any thread, the manager's included, while
+        the engine lock is held. Setting two flags and writing to the wake-up
+        pipe is safe there; the manager does the rest."""
+        stream.cancelled = True
+        fd = self._wake_w
+        if fd >= 0:
+            with contextlib.suppress(OSError):
+                os.write(fd, b"!")
 
     def shutdown(self, wait: bool, cancel: bool) -> None:
         later: Later = []
-        with self.cv:
+        with deferring(), self.cv:
             self.closed = True
             if cancel:
                 self.dispatcher.cancel_all(self._on_cancel)
@@ -404,6 +422,7 @@ class Engine(Outcomes):
         run_all(later)
         if wait and self._may_join():
             self.thread.join()
+            self.runner.join()  # callbacks of the last futures, as ProcessPoolExecutor's shutdown waits for them
             if self.books_error is not None:
                 raise self.books_error
 
@@ -428,7 +447,7 @@ class Engine(Outcomes):
         """Worker and collector pids to sample."""
         with self.lock:
             pids = [s.pid for s in self.supervisor.slots if s.pid > 0]
-            if self.phase != "done":
+            if self.phase != "done" and self.collector.pid > 0:
                 pids.append(self.collector.pid)
         return pids
 
@@ -453,6 +472,7 @@ class Engine(Outcomes):
     # --- the manager thread --------------------------------------------------------------
 
     def _main(self) -> None:
+        mark_internal()  # futures settled here hand their callbacks to the runner
         try:
             self._serve()
         except BaseException as exc:  # a bug in procqueue: fail loudly, leave nothing running
@@ -473,6 +493,7 @@ class Engine(Outcomes):
                 if self._recycle:
                     self._retire_over_memory()
                 now = time.monotonic()
+                self._respawn_due(now)
                 self.dispatcher.promote(now)
                 before = self.dispatcher.pending
                 self._dispatch(later)
@@ -482,6 +503,7 @@ class Engine(Outcomes):
             run_all(later)
             if self.phase == "done":
                 break
+            self._watch_outbox()
             for key, _mask in sel.select(self._timeout()):
                 what = key.data
                 if what == "results":
@@ -489,7 +511,12 @@ class Engine(Outcomes):
                 elif what == "wake":
                     with contextlib.suppress(BlockingIOError):
                         os.read(self._wake_r, 4096)
-                elif isinstance(what, tuple):
+                elif what == "out":
+                    self.collector.flush()
+                elif what[0] == "collector":
+                    if what[1] == self.collector.generation:
+                        self._on_collector_died()
+                else:
                     kind, slot, generation = what
                     if generation != slot.generation:
                         pass  # stale: that worker died earlier in this same batch of events
@@ -497,9 +524,19 @@ class Engine(Outcomes):
                         self._on_dead(slot)
                     elif not self.supervisor.flush(slot):
                         sel.unregister(slot.fd)
-                elif what == "collector":
-                    self._on_collector_died()
             self.supervisor.enforce_timeouts()
+
+    def _watch_outbox(self) -> None:
+        """Wait for room in the collector's pipe while the outbox holds something."""
+        fd = self.collector.waiting_fd()
+        if fd == self._out_fd:
+            return
+        if self._out_fd is not None:
+            with contextlib.suppress(KeyError, ValueError):
+                self.sel.unregister(self._out_fd)
+        self._out_fd = fd
+        if fd is not None:
+            self.sel.register(fd, selectors.EVENT_WRITE, "out")
 
     def _timeout(self) -> float | None:
         due = self.dispatcher.next_due()
@@ -527,9 +564,28 @@ class Engine(Outcomes):
             with contextlib.suppress(KeyError):
                 self.sel.register(slot.fd, selectors.EVENT_WRITE, ("write", slot, slot.generation))
 
-    def _spawn(self, slot: Slot) -> None:
-        self.supervisor.spawn(slot)
-        self.sel.register(slot.sentinel, selectors.EVENT_READ, ("dead", slot, slot.generation))
+    def _spawn(self, slot: Slot, raising: bool = False) -> None:
+        """Start a worker in `slot`. A failure (out of descriptors, say) is tried
+        again with backoff, or, at the pool's start (`raising`), raised."""
+        try:
+            theirs = self.supervisor.spawn(slot)
+        except OSError as exc:
+            if raising:
+                raise
+            delay = self.supervisor.spawn_failed(slot)
+            log.warning("procqueue: could not start worker %d (%s); trying again in %.2f s", slot.index, exc, delay)
+            return
+        slot.collector_generation = self.collector.generation
+        self.collector.link(slot.index, slot.pid, theirs)
+        self.sel.register(slot.death_fd, selectors.EVENT_READ, ("dead", slot, slot.generation))
+
+    def _respawn_due(self, now: float) -> None:
+        for slot in self.supervisor.slots:
+            if slot.respawn_at is not None and slot.respawn_at <= now and not slot.alive:
+                if self.phase == "running" and self.broken is None:
+                    self._spawn(slot)
+                else:
+                    slot.respawn_at = None
 
     # --- dispatch ---------------------------------------------------------------------
 
@@ -626,6 +682,9 @@ class Engine(Outcomes):
         self.counts.in_flight += count
         est = run.handler.est_ns
         careful = run.careful or run.timeout is not None or est is None or est > FAST_ITEM_NS
+        careful = careful or careful_for(segments)
+        if len(slot.batches) == 1:
+            slot.idle_since = None  # its stall clock starts when it is first seen idle holding this
         msg = m.RunBatch(
             batch.batch_id, count, run.handler.id, None if slot.knows(run.handler.id) else blob,
             run.call, run.attempt, run.retries, careful, run.by_value,
@@ -639,21 +698,17 @@ class Engine(Outcomes):
     # --- outcomes ---------------------------------------------------------------------
 
     def _on_results(self) -> None:
-        frames: list[memoryview] = []
-        fd = self.results.fileno()
-        while True:
-            try:
-                data = os.read(fd, 1 << 22)
-            except BlockingIOError:
-                break
-            if not data:
-                break  # the collector is gone; its sentinel tells us
-            frames.extend(self.reader.feed(data))
+        frames, ended = self.collector.read()
         later: Later = []
         for frame in frames:
-            msg, body = m.decode(frame)
+            try:
+                msg, body = m.decode(frame)
+            except Exception as exc:  # only the collector writes here: a bug, not an attack
+                log.error("procqueue: a message from the collector did not decode: %r", exc)
+                continue
             match msg:
                 case m.BatchResult():
+                    self._collector_deaths = 0
                     self._on_batch_result(msg, body, later)
                 case m.WorkerGone():
                     with self.cv:
@@ -676,38 +731,42 @@ class Engine(Outcomes):
                 case _:
                     raise TypeError(f"parent got an unknown message {msg!r}")
         run_all(later)
+        if ended and self.collector.reader.error is not None and self.phase != "done":
+            log.error("procqueue: the collector's stream is corrupt (%s); restarting it", self.collector.reader.error)
+            with contextlib.suppress(OSError, ValueError):
+                self.collector.process.kill()
 
     # --- worker deaths ------------------------------------------------------------------
 
     def _on_dead(self, slot: Slot) -> None:
-        self.sel.unregister(slot.sentinel)
+        self.sel.unregister(slot.death_fd)
         with contextlib.suppress(KeyError, ValueError):  # registered only while bytes wait for it
             self.sel.unregister(slot.fd)
         with self.lock:
             running = self.supervisor.running(slot)
-            timed_out = slot.kill_reason == "timeout"
+            reason = slot.kill_reason
             batches = list(slot.batches.values())
             pid, tasks_sent = slot.pid, slot.tasks_sent
+            ours = slot.collector_generation == self.collector.generation  # its socket went to this collector
         exitcode, fault_text = self.supervisor.reap(slot)
-        charged: m.Running | None = None
         at: tuple[int, int] | None = None
         if running is not None:
             batch_id, index, _ = running
             batch = self.batches.get(batch_id)
-            if batch is not None and batch.slot == slot.index and index >= 0:
-                head = batch.head
-                charged = m.Running(batch_id, index, head.attempt, head.retries)
+            if batch is not None and batch.slot == slot.index and index != _worker.UNMARKED:
                 at = (batch_id, index)
         with self.lock:
-            unmarked = running is not None and running[1] < 0
-            self.lost[pid] = _Lost(slot, batches, at, exitcode, fault_text, unmarked)
+            unmarked = running is not None and running[1] == _worker.UNMARKED
+            # A worker we killed for being stalled, or because its collector died, is not its task's fault.
+            charge = reason not in ("stalled", "collector")
+            self.lost[pid] = _Lost(slot, batches, at, exitcode, fault_text, unmarked, charge)
             slot.batches = {}
             init_failed = exitcode == _worker.EXIT_INIT_FAILED and tasks_sent == 0
             # Dying outside any task, before any outcome, is the worker's own fault (imports,
             # start-up); a task that kills its worker is charged to the task instead.
             # SIGKILL is someone else's doing (a user, the OOM killer), not a failure to start.
             barren = exitcode not in (0, -signal.SIGKILL) and running is None
-            barren = barren and not slot.productive and not slot.retiring and slot.kill_reason is None
+            barren = barren and not slot.productive and not slot.retiring and reason is None
             self._barren_deaths = self._barren_deaths + 1 if barren else 0
             if (
                 self.phase == "running"
@@ -721,17 +780,71 @@ class Engine(Outcomes):
                 PoolBroken(
                     f"{self._barren_deaths} workers in a row died before finishing any task "
                     f"(the last, pid {pid}, with {describe_exitcode(exitcode)}); the pool stopped respawning them. "
-                    f"Check the worker's imports and initializer.{_fault_note(fault_text)}"
+                    f"{_start_hint()}{_fault_note(fault_text)}"
                 )
             )
-        self.send_control(m.WorkerLost(slot.index, pid, exitcode, timed_out, charged))
+        running_msg = None if at is None else m.Running(*at)
+        if ours:
+            self.send_control(m.WorkerLost(slot.index, pid, exitcode, reason == "timeout", running_msg))
+        else:  # its collector is gone, and with it whatever the worker had sent: settle it here
+            later: Later = []
+            with self.cv:
+                self._on_worker_gone(m.WorkerGone(slot.index, pid, exitcode, reason == "timeout", False), later)
+                self.cv.notify_all()
+            run_all(later)
 
     def _on_collector_died(self) -> None:
-        self.sel.unregister(self.collector.sentinel)
-        if self.phase != "done":
-            self._break(PoolBroken(f"the collector process died ({self.collector.exitcode}); the pool cannot go on"))
+        """The collector ended without being asked (killed from outside, the OOM killer):
+        start another. What it had forwarded is settled; what it had not is lost with
+        it and runs again, uncharged: the books are the parent's, so nothing is counted
+        twice. Its workers' sockets died with it, so they are replaced too."""
+        old = self.collector
+        self.sel.unregister(old.sentinel)
+        with contextlib.suppress(KeyError, ValueError):
+            self.sel.unregister(old.results)  # type: ignore[arg-type]
+        self._on_results()  # what it wrote before dying
+        if self._out_fd is not None:
+            with contextlib.suppress(KeyError, ValueError):
+                self.sel.unregister(self._out_fd)
+            self._out_fd = None
+        exitcode = old.process.exitcode if old.process is not None else None
+        if self.phase in ("draining", "done"):
+            with self.lock:
+                self.phase = "done"  # every worker had ended and been settled
+            return
+        old.close(kill=True)
+        self._collector_deaths += 1
+        why = f"the collector process (pid {old.pid}) died ({describe_exitcode(exitcode)})"
+        if self.cfg.sink is not None:
+            # Records it held for the output are lost with it; `procqueue run --resume` redoes exactly those.
+            self._break(PoolBroken(f"{why}; the output is complete up to what it wrote: run again with --resume"))
             with self.lock:
                 self.phase = "done"
+            return
+        if self._collector_deaths > COLLECTOR_RESTARTS:
+            self._break(PoolBroken(f"{why}, {self._collector_deaths} times in a row; the pool stopped restarting it"))
+            with self.lock:
+                self.phase = "done"
+            return
+        log.warning("procqueue: %s; starting another, and fresh workers", why)
+        later: Later = []
+        with self.cv:
+            for pid in list(self.lost):  # workers whose WorkerGone it never answered
+                lost = self.lost[pid]
+                self._on_worker_gone(m.WorkerGone(lost.slot.index, pid, lost.exitcode, False, False), later)
+            for slot in self.supervisor.slots:
+                if slot.alive:
+                    self.supervisor.kill(slot, "collector")
+            self.cv.notify_all()
+        run_all(later)
+        try:
+            self.collector.start(self.supervisor._pdeathsig())
+        except OSError as exc:
+            self._break(PoolBroken(f"{why}, and another could not be started: {exc}"))
+            with self.lock:
+                self.phase = "done"
+            return
+        self._watch_collector()
 
     def _break(self, exc: ProcQueueError) -> None:
         """The pool cannot go on: fail everything outstanding with `exc`."""
@@ -779,12 +892,7 @@ class Engine(Outcomes):
             if slot.alive:
                 self.supervisor.kill(slot)
                 self.supervisor.reap(slot)
-        self.collector.join(2.0)
-        if self.collector.exitcode is None:
-            self.collector.kill()
-            self.collector.join(2.0)
-        for conn in (self.results, self.control):
-            conn.close()
+        self.collector.close(kill=False)
         with self.lock:
             for fd in (self._wake_r, self._wake_w):
                 with contextlib.suppress(OSError):
@@ -800,6 +908,7 @@ class Engine(Outcomes):
             self.phase = "done"
             self.counts.stopped = time.monotonic()
             self.cv.notify_all()
+        self.runner.close()
         self.sampler.stop()
         _live.discard(self)
 
@@ -829,6 +938,44 @@ def _pickle_initializer(cfg: Config) -> bytes | None:
             what=repr(cfg.initializer),
             task_id=None,
         ) from exc
+
+
+def _frame_limit() -> int:
+    """No frame between the pool's processes can be larger than the machine's memory."""
+    import psutil
+
+    try:
+        return int(psutil.virtual_memory().total)
+    except (OSError, RuntimeError):
+        return 1 << 40
+
+
+def _start_hint() -> str:
+    main = sys.modules.get("__main__")
+    path = getattr(main, "__file__", None)
+    hint = "Check the worker's imports and initializer."
+    if path:
+        hint += (
+            f" If {os.path.basename(path)} creates the pool at module level, put that code under "
+            '`if __name__ == "__main__":` (each worker imports the script again).'
+        )
+    return hint
+
+
+def _start_advice(exc: OSError) -> str:
+    """What to do when Pool() could not start its processes."""
+    import errno
+
+    what = f"{type(exc).__name__}: {exc}"
+    if exc.errno in (errno.EMFILE, errno.ENFILE):
+        fix = "the process is out of file descriptors: close some, or raise the limit (ulimit -n)"
+    elif exc.errno in (errno.EROFS, errno.ENOSPC, errno.EACCES) or "/dev/shm" in str(exc):
+        fix = "shared memory is unavailable: mount a writable /dev/shm (in Docker: --shm-size=256m)"
+    elif exc.errno in (errno.EAGAIN, errno.ENOMEM):
+        fix = "the system would not start another process (ulimit -u, memory): free some, or use fewer workers"
+    else:
+        fix = "see the cause below"
+    return f"the pool could not start its processes ({what}); {fix}. Nothing was left running."
 
 
 def _fault_note(text: str) -> str:

@@ -10,8 +10,9 @@
     ├── WorkerCrashed       (the worker died running the task: exit code or signal)
     ├── TaskTimeout         (the task ran past its timeout; not a TimeoutError, see below)
     ├── SerializationError  (also pickle.PicklingError: something did not pickle)
-    └── PoolBroken          (also concurrent.futures.BrokenExecutor)
-        └── InitializerFailed
+    ├── PoolBroken          (also concurrent.futures.BrokenExecutor)
+    │   └── InitializerFailed
+    └── PoolStartError      (Pool() could not start its processes: what to fix is in the message)
 
 Every error carries its fields as attributes and pickles with them.
 """
@@ -72,6 +73,8 @@ class TaskFailed(ProcQueueError):
     attempts: int
     exception: BaseException | None
     remote_traceback: str
+    type_name: str | None = None  # the handler's exception type, `module.Qualname`
+    remote_message: str | None = None  # its str(), as the worker read it
 
 
 class WorkerCrashed(ProcQueueError):
@@ -121,6 +124,12 @@ class InitializerFailed(PoolBroken):
     """The worker initializer raised; its traceback is in `remote_traceback`."""
 
     remote_traceback: str
+
+
+class PoolStartError(ProcQueueError):
+    """`Pool()` could not start its processes (out of file descriptors, no shared
+    memory, a start method that fails); nothing it made is left open. The
+    message says what to fix; `__cause__` is the original error."""
 
 
 def describe_exitcode(exitcode: int | None) -> str:

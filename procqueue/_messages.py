@@ -7,9 +7,18 @@ header (one of the dataclasses below) and an optional body of raw bytes that
 the collector forwards without unpickling.
 
     parent  -> worker     RunBatch, Stop                 (one pipe per worker)
-    worker  -> collector  Hello, BatchDone+body, InitFailed, Bye  (one socket per worker)
-    parent  -> collector  WorkerLost, SinkRecords, Shutdown  (control pipe)
+    worker  -> collector  the pool's token (raw bytes), then
+                          BatchDone+body, InitFailed, Bye (one socket pair per worker)
+    parent  -> collector  each worker's end of its socket pair, as a descriptor
+                          (`LINK` datagrams); WorkerLost, SinkRecords, Shutdown (control pipe)
     collector -> parent   BatchResult+body, WorkerGone, InitFailed, SinkFailed, CollectorDone
+
+No process listens for connections: every channel is a pipe or a socket pair
+made by the parent and handed down, so no other process can reach the pool.
+Even so, the collector reads nothing from a worker's socket as a frame before
+it has compared the pool's secret token (`TOKEN_SIZE` raw bytes, constant
+time), and a `FrameReader` refuses a length prefix over its limit instead of
+allocating it.
 
 A task's states and the legal moves between them (`TRANSITIONS`):
 
@@ -28,6 +37,7 @@ DISPATCHED too.
 from __future__ import annotations
 
 import enum
+import hmac
 import os
 import pickle
 import struct
@@ -95,15 +105,6 @@ class Stop:
 
 
 @dataclass(frozen=True)
-class Hello:
-    """First frame on a worker's socket: who is speaking, and the pool's token."""
-
-    slot: int
-    pid: int
-    token: bytes
-
-
-@dataclass(frozen=True)
 class BatchDone:
     """Outcomes of items `start .. start+count-1` of a batch.
 
@@ -158,17 +159,16 @@ class Bye:
 
 @dataclass(frozen=True)
 class Running:
-    """The task a worker was running when it died (read from its marker)."""
+    """The item a worker was in when it died (read from its marker)."""
 
     batch_id: int
     index: int
-    attempt: int
-    retries: int
 
 
 @dataclass(frozen=True)
 class WorkerLost:
-    """A worker process ended; `running` is charged unless its outcome arrived."""
+    """A worker process ended: read what it left, then say whether the outcome of
+    `running` arrived."""
 
     slot: int
     pid: int
@@ -195,28 +195,28 @@ class Shutdown:
 
 @dataclass(frozen=True)
 class BatchResult:
-    """A BatchDone after accounting: `decisions[k]` is for `errors[k]`: the
-    backoff delay before a retry, or -1.0 when the failure is final."""
+    """A BatchDone as forwarded by the collector, with the worker's pid; the
+    body (the pickled values) follows unread, or is empty when a sink took them."""
 
     batch_id: int
     start: int
     count: int
     pid: int
+    attempt: int
     errors: tuple[ErrorInfo, ...]
-    decisions: tuple[float, ...]
     durations: bytes
 
 
 @dataclass(frozen=True)
 class WorkerGone:
-    """Everything the dead worker sent has been forwarded. `decision` is for
-    its running task: a retry delay, -1.0 for final, None if nothing was charged."""
+    """Everything the dead worker sent has been forwarded. `reported`: the
+    outcome of the item it was running (`WorkerLost.running`) was among it."""
 
     slot: int
     pid: int
     exitcode: int | None
-    fault: int
-    decision: float | None
+    timed_out: bool
+    reported: bool
 
 
 @dataclass(frozen=True)
@@ -233,7 +233,7 @@ class CollectorDone:
 
 
 WorkerMessage = RunBatch | Stop
-CollectorInbound = Hello | BatchDone | InitFailed | Bye | WorkerLost | SinkRecords | Shutdown
+CollectorInbound = BatchDone | InitFailed | Bye | WorkerLost | SinkRecords | Shutdown
 ParentInbound = BatchResult | WorkerGone | InitFailed | SinkFailed | CollectorDone
 
 # --- framing ------------------------------------------------------------------------
@@ -316,7 +316,12 @@ def decode(payload: bytes | bytearray | memoryview) -> tuple[Any, memoryview]:
     view = memoryview(payload)
     (hlen,) = _HDR.unpack_from(view)
     end = _HDR.size + hlen
+    if end > len(view):
+        raise ValueError(f"a frame's header claims {hlen} bytes of {len(view) - _HDR.size}")
     return pickle.loads(view[_HDR.size : end]), view[end:]
+
+
+TOKEN_SIZE = 32  # bytes of the pool's secret a worker writes before its first frame
 
 
 class FrameReader:
@@ -326,19 +331,48 @@ class FrameReader:
     split across reads is gathered once into a buffer of its exact size. A
     writer killed mid-frame leaves a torn tail here; it is simply never
     completed, so it cannot block the reader.
+
+    It never raises on what it is fed. With `token`, the stream must start with
+    those raw bytes: until they have arrived and compared equal (in constant
+    time) nothing is parsed, and a mismatch ends the stream. A length prefix
+    over `limit` (or a malformed one) ends the stream too, before anything is
+    allocated for it. Once ended, `error` says why and every later feed
+    returns nothing: the caller drops the channel.
     """
 
-    __slots__ = ("_buf", "_head", "_need", "_prefix_len")
+    __slots__ = ("_buf", "_head", "_need", "_prefix_len", "_token", "error", "limit")
 
-    def __init__(self) -> None:
-        self._head = bytearray()  # a length prefix not yet whole
+    def __init__(self, limit: int = 1 << 62, token: bytes | None = None) -> None:
+        self._head = bytearray()  # a length prefix (or the token) not yet whole
         self._buf: bytearray | None = None  # the frame being gathered
         self._need = 0  # bytes it still lacks
         self._prefix_len = 0  # of the frame being gathered
+        self._token = token  # None once proven (or when none is asked for)
+        self.limit = limit
+        self.error: str | None = None
 
-    def feed(self, data: bytes) -> list[memoryview]:
+    @property
+    def proven(self) -> bool:
+        """The peer sent the token (or none was asked for)."""
+        return self._token is None and self.error is None
+
+    def feed(self, data: bytes | bytearray | memoryview) -> list[memoryview]:
+        if self.error is not None:
+            return []
+        view = memoryview(data).cast("B")
+        if self._token is not None:
+            need = len(self._token) - len(self._head)
+            self._head += view[:need]
+            view = view[need:]
+            if len(self._head) < len(self._token):
+                return []
+            proven = hmac.compare_digest(bytes(self._head), self._token)
+            self._head = bytearray()
+            if not proven:
+                self.error = "the peer did not present the pool's token"
+                return []
+            self._token = None
         frames: list[memoryview] = []
-        view = memoryview(data)
         if self._buf is not None:  # finish the frame in progress
             take = min(self._need, len(view))
             filled = len(self._buf) - self._need
@@ -357,6 +391,9 @@ class FrameReader:
             size, start = _prefix(view, pos)
             if size is None:
                 self._head = bytearray(view[pos:])
+                break
+            if size < 0 or size > self.limit:
+                self.error = f"a frame announced {size} bytes (the limit is {self.limit})"
                 break
             if end - start >= size:
                 frames.append(view[start : start + size])

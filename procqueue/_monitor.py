@@ -263,12 +263,11 @@ def snapshot(engine: Engine, readings: dict[int, tuple[float, int]] | None, rate
                 state = "recycling" if engine.phase == "running" and not engine.closed else "stopping"
             else:
                 state = "running" if slot.batches else "idle"
-            rows.append((slot.pid, counts_in[c.SLOTS + slot.index], state, slot.index, slot.recycled, task_id))
-        completed = counts_in[c.COMPLETED] - books.unloadable
-        failed = counts_in[c.FAILED] + books.rejected + books.unloadable
+            rows.append((slot.pid, slot.tasks_done, state, slot.index, slot.recycled, task_id))
+        completed, failed = books.completed, books.failed
         head = (
-            books.submitted, completed, failed, counts_in[c.RETRIED], books.dropped, books.cancelled,
-            counts_in[c.CRASHED], counts_in[c.TIMED_OUT], counts_in[c.ATTEMPTS], engine.dispatcher.pending,
+            books.submitted, completed, failed, books.retried, books.dropped, books.cancelled,
+            books.crashed, books.timed_out, books.attempts, engine.dispatcher.pending,
             engine.dispatcher.waiting, books.in_flight,
         )  # fmt: skip
         collector_pid = engine.collector.pid if engine.phase != "done" else None
@@ -284,7 +283,7 @@ def snapshot(engine: Engine, readings: dict[int, tuple[float, int]] | None, rate
     collector = None
     if collector_pid is not None and collector_pid in readings:
         cpu, rss = readings[collector_pid]
-        collector = WorkerStats(collector_pid, cpu, rss, counts_in[c.ATTEMPTS], "running", -1)
+        collector = WorkerStats(collector_pid, cpu, rss, counts_in[c.FORWARDED], "running", -1)
     return Stats(*head, *rates, elapsed, time.time(), workers, collector)
 
 

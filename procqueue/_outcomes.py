@@ -1,13 +1,16 @@
 """The parent's side of outcomes: a batch's results, a dead worker's leftovers,
-a broken pool's remainder, each settled into futures and map chunks.
+a broken pool's remainder, each judged (retry or final, `_retry.py`), counted
+and settled into futures and map chunks.
 
 A mixin of `Engine` (wiring and diagram: `_engine.py`); every method here runs
-on the manager thread with the pool's lock held, and leaves user callbacks in
-`later` to run after it is released.
+on the manager thread with the pool's lock held. Nothing here runs user code:
+values and exceptions stay pickled for the thread that asks for them
+(`_results.py`), and what must happen after the lock is released goes to `later`.
 """
 
 from __future__ import annotations
 
+import random
 import threading
 import time
 from array import array
@@ -16,15 +19,15 @@ from concurrent.futures import CancelledError
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
-from . import _collector
 from . import _messages as m
+from . import _worker
 from ._dispatcher import Batch, Dispatcher, Run
-from ._errors import SerializationError
 from ._messages import TaskState as S
-from ._results import Chunk, Later, crash_error, remote_error
-from ._serialization import loads_body
+from ._results import Chunk, FutureSink, Later, MakeError, Values, crash_error, remote_error
+from ._retry import Final, Requeue, Retry, decide
 
 if TYPE_CHECKING:
+    from ._config import Config
     from ._engine import _Counts, _Lost
     from ._supervisor import Supervisor
 
@@ -32,6 +35,7 @@ if TYPE_CHECKING:
 class Outcomes:
     """Settling outcomes (mixed into `Engine`, which owns these attributes)."""
 
+    cfg: Config
     cv: threading.Condition
     batches: dict[int, Batch]
     lost: dict[int, _Lost]
@@ -39,9 +43,12 @@ class Outcomes:
     dispatcher: Dispatcher
     supervisor: Supervisor
     ledger: m.Ledger | None
+    rng: random.Random
     _barren_deaths: int
     # Called (item, error, attempts) for each task that failed for good, on the manager
-    # thread with the lock held: `procqueue run` turns it into an error record.
+    # thread with the lock held: `procqueue run` turns it into an error record. The
+    # error is never unpickled for it: a handler's exception comes as a `TaskFailed`
+    # whose `type_name` names it.
     on_final_failure: Callable[[Any, BaseException, int], None] | None = None
 
     # validate mode: follow each task through the state machine
@@ -61,21 +68,16 @@ class Outcomes:
 
     def _reject(self, run: Run, j: int, exc: BaseException, later: Later) -> None:
         """A task that failed before reaching a worker (it would not pickle)."""
-        self.counts.rejected += 1
+        self.counts.failed += 1
         self._moves(run, j, 1, S.FAILED)
         if self.on_final_failure is not None:
             self.on_final_failure(run.items[j], exc, 0)
         run.sink.fail(run.base + j, exc, 0, None, later)
 
     def _on_batch_result(self, msg: m.BatchResult, body: memoryview, later: Later) -> None:
-        values: list[Any] | None = None  # an empty body: the collector's sink took the values
-        unpickle_error: BaseException | None = None
-        try:
-            if len(body):
-                values = loads_body(body)
-        except Exception as exc:
-            values, unpickle_error = [None] * msg.count, exc
+        values = Values(body, self._unloadable) if len(body) else None  # empty: the collector's sink took them
         durations = array("q", msg.durations)
+        counts = self.counts
         with self.cv:
             batch = self.batches.get(msg.batch_id)
             if batch is None:
@@ -88,70 +90,74 @@ class Outcomes:
             slot = self.supervisor.slots[batch.slot]
             if slot.pid == msg.pid:
                 slot.productive = True
+                slot.idle_since = None
+            slot.tasks_done += msg.count
             self._barren_deaths = 0
-            failed = {e.index: (e, d) for e, d in zip(msg.errors, msg.decisions, strict=True)}
+            counts.attempts += msg.count
+            counts.completed += msg.count - len(msg.errors)
+            failed = {e.index: e for e in msg.errors}
             lo, hi = msg.start, msg.start + msg.count
             for run, j, a, b in batch.locate(lo, hi):
-                if not failed and unpickle_error is None:
+                if not failed:
                     self._moves(run, j, b - a, S.DONE)
                     run.sink.ok(run.base + j, values, a - lo, b - lo, (run.attempt, msg.pid, durations, a - lo), later)
                     continue
                 for k in range(a, b):
                     jj = j + k - a
-                    if k in failed:
-                        info, decision = failed[k]
-                        self._settle_failure(
-                            run,
-                            jj,
-                            info.fault,
-                            decision,
-                            later,
-                            partial(remote_error, info, run.first_id + jj, run.attempt, msg.pid),
-                            msg.pid,
-                        )
-                    elif unpickle_error is not None:
-                        self.counts.unloadable += 1
-                        self._settle_failure(
-                            run,
-                            jj,
-                            m.Fault.RESULT_PICKLE,
-                            -1.0,
-                            later,
-                            partial(_parent_unpickle_error, unpickle_error, run.first_id + jj),
-                            msg.pid,
-                        )
+                    info = failed.get(k)
+                    if info is not None:
+                        make = partial(remote_error, info, run.first_id + jj, run.attempt, msg.pid)
+                        self._settle_failure(run, jj, info.fault, batch.count, later, make, msg.pid, info)
                     else:
                         self._moves(run, jj, 1, S.DONE)
                         run.sink.ok(
                             run.base + jj, values, k - lo, k - lo + 1, (run.attempt, msg.pid, durations, k - lo), later
                         )
-            self.counts.in_flight -= msg.count
+            counts.in_flight -= msg.count
             batch.done = hi
             if batch.done >= batch.count:
                 self._finish_batch(batch)
             self.cv.notify_all()
 
     def _settle_failure(
-        self, run: Run, j: int, fault: int, decision: float | None, later: Later,
-        make_error: Callable[[], BaseException], pid: int | None,
+        self, run: Run, j: int, fault: m.Fault, count: int, later: Later, make_error: MakeError, pid: int | None,
+        info: m.ErrorInfo | None = None,
     ) -> None:  # fmt: skip
-        """One failed attempt of item `j` of `run`, as the collector judged it."""
+        """One failed attempt of item `j` of `run` (in a batch of `count`): judge it, count it, settle it."""
+        counts = self.counts
+        cfg = self.cfg
         if fault in (m.Fault.CRASHED, m.Fault.TIMED_OUT):
             self._moves(run, j, 1, S.CRASHED if fault == m.Fault.CRASHED else S.TIMED_OUT)
-        if decision is not None and decision == _collector.REQUEUE:
-            # Alone first (so it cannot fail its neighbours), then by value.
-            self._moves(run, j, 1, S.PENDING)
-            alone = run.solo or len(run.items) == 1
-            self.dispatcher.push(run.single(j, run.attempt, solo=True, by_value=alone), fresh=False)
-        elif decision is not None and decision >= 0:
-            self._moves(run, j, 1, S.RETRYING)
-            self.dispatcher.push_delayed(run.single(j, run.attempt + 1), time.monotonic() + decision)
-        else:
-            self._moves(run, j, 1, S.FAILED)
-            exc = make_error()
-            if self.on_final_failure is not None:
-                self.on_final_failure(run.items[j], exc, run.attempt)
-            run.sink.fail(run.base + j, exc, run.attempt, pid, later)
+        decision = decide(fault, run.attempt, run.retries, count, run.by_value, cfg.backoff, cfg.backoff_max, self.rng)
+        match decision:
+            case Requeue():
+                self._moves(run, j, 1, S.PENDING)
+                alone = run.solo or len(run.items) == 1
+                self.dispatcher.push(run.single(j, run.attempt, solo=True, by_value=alone), fresh=False)
+            case Retry(delay=delay):
+                counts.retried += 1
+                self._moves(run, j, 1, S.RETRYING)
+                self.dispatcher.push_delayed(run.single(j, run.attempt + 1), time.monotonic() + delay)
+            case Final():
+                counts.failed += 1
+                self._moves(run, j, 1, S.FAILED)
+                if self.on_final_failure is not None:
+                    # Its exception is not unpickled here (user code): a TaskFailed names its type.
+                    flat = (
+                        make_error()
+                        if info is None
+                        else remote_error(info, run.first_id + j, run.attempt, pid or -1, False)
+                    )
+                    self.on_final_failure(run.items[j], flat, run.attempt)
+                run.sink.fail(run.base + j, make_error, run.attempt, pid, later)
+            case _:
+                raise TypeError(f"unknown retry decision {decision!r}")
+
+    def _unloadable(self, n: int) -> None:
+        """n values did not unpickle where they were read (a user's thread): they failed."""
+        with self.cv:
+            self.counts.completed -= n
+            self.counts.failed += n
 
     def _finish_batch(self, batch: Batch) -> None:
         self.batches.pop(batch.batch_id, None)
@@ -162,27 +168,39 @@ class Outcomes:
         lost = self.lost.pop(msg.pid, None)
         if lost is None:
             return
+        counts = self.counts
+        fault = m.Fault.TIMED_OUT if msg.timed_out else m.Fault.CRASHED
+        charged = lost.running is not None and not msg.reported and lost.charge
         for batch in lost.batches:
             if batch.batch_id not in self.batches:
                 continue
+            loading = (
+                lost.running is not None and lost.running[0] == batch.batch_id and lost.running[1] == _worker.LOADING
+            )
             for k in range(batch.done, batch.count):
                 run, j = batch.item(k)
-                if lost.running == (batch.batch_id, k) and msg.decision is not None:
+                culprit = charged and lost.running == (batch.batch_id, k)
+                if loading and charged and batch.count - batch.done == 1:
+                    culprit = True  # it died unpickling a batch of one: that task is the poison
+                if culprit:
+                    if fault == m.Fault.CRASHED:
+                        counts.crashed += 1
+                    else:
+                        counts.timed_out += 1
+                    counts.attempts += 1
                     error = partial(
-                        crash_error,
-                        msg.fault,
-                        run.first_id + j,
-                        run.attempt,
-                        msg.pid,
-                        msg.exitcode,
-                        run.timeout,
+                        crash_error, fault, run.first_id + j, run.attempt, msg.pid, msg.exitcode, run.timeout,
                         lost.fault_text,
-                    )
-                    self._settle_failure(run, j, msg.fault, msg.decision, later, error, msg.pid)
+                    )  # fmt: skip
+                    self._settle_failure(run, j, fault, 1, later, error, msg.pid)
                 else:  # it never ran (or its outcome was lost with the worker): again, uncharged
                     self._moves(run, j, 1, S.PENDING)
-                    self.dispatcher.push(run.single(j, run.attempt, careful=lost.unmarked), fresh=False)
-            self.counts.in_flight -= batch.count - batch.done
+                    # Died unpickling a batch of several: each alone, to find the one that does it.
+                    alone = loading and charged
+                    self.dispatcher.push(
+                        run.single(j, run.attempt, solo=alone, careful=lost.unmarked or alone), fresh=False
+                    )
+            counts.in_flight -= batch.count - batch.done
             self.batches.pop(batch.batch_id, None)
 
     def _fail_outstanding(self, exc: BaseException, later: Later) -> None:
@@ -193,7 +211,7 @@ class Outcomes:
                 self._on_cancel(run, run.pos, len(run.items) - run.pos)
                 continue
             for j in range(run.pos, len(run.items)):
-                self.counts.rejected += 1
+                self.counts.failed += 1
                 if self.ledger is not None:
                     self.ledger.move(run.first_id + j, S.FAILED)
                 run.sink.fail(run.base + j, exc, run.attempt, None, later)
@@ -203,7 +221,7 @@ class Outcomes:
         for batch in list(self.batches.values()):
             for k in range(batch.done, batch.count):
                 run, j = batch.item(k)
-                self.counts.rejected += 1
+                self.counts.failed += 1
                 if self.ledger is not None:
                     self.ledger.move(run.first_id + j, S.FAILED)
                 run.sink.fail(run.base + j, exc, run.attempt, None, later)
@@ -214,11 +232,6 @@ class Outcomes:
         self.lost.clear()
 
 
-def _parent_unpickle_error(exc: BaseException, task_id: int) -> BaseException:
-    return SerializationError(
-        f"task {task_id}: its result could not be unpickled in the parent: {type(exc).__name__}: {exc}; "
-        "make sure the parent can import what the result refers to",
-        stage="result",
-        what=type(exc).__name__,
-        task_id=task_id,
-    )
+def careful_for(segments: list[tuple[Run, int, int]]) -> bool:
+    """A batch holding a `submit`'s task is timed item by item: its future reports its own duration."""
+    return any(type(run.sink) is FutureSink for run, _, _ in segments)

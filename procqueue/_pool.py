@@ -13,6 +13,7 @@ from types import TracebackType
 from typing import IO, TYPE_CHECKING, Any, Literal, TypeVar, cast
 
 from . import _messages as m
+from ._callbacks import on_internal_thread
 from ._config import BACKPRESSURE, Config, default_start_method, default_workers
 from ._dispatcher import Run
 from ._engine import Engine
@@ -85,7 +86,7 @@ class Options:
         with engine.lock:  # one lock round per submit: the handler and the task id
             handler = engine.handlers.get(fn)
             task_id = engine.reserve_ids_locked(1)
-        fut = Future(task_id)
+        fut = Future(task_id, engine.runner)
         item: Any = (args, kwargs) if kwargs else args
         call = m.Call.FULL if kwargs else m.Call.STAR
         run = Run(
@@ -105,7 +106,7 @@ class Options:
         with engine.lock:
             handler = engine.handlers.get(fn)
             first_id = engine.reserve_ids_locked(len(items))
-        chunk = Chunk(Stream(), len(items))
+        chunk = Chunk(Stream(), len(items), first_id)
         run = Run(
             handler, items, m.Call.ONE, chunk, first_id, self.priority, retries=self.retries, timeout=self.timeout
         )
@@ -216,7 +217,7 @@ class _Feeder:
 
     def make_run(self, items: list[Any], first_id: int) -> Run:
         """A chunk of the map and the run that fills it (caller holds the engine lock)."""
-        chunk = Chunk(self.stream, len(items))
+        chunk = Chunk(self.stream, len(items), first_id)
         self.stream.outstanding += len(items)
         if self.ordered:
             self.window.append(chunk)
@@ -293,13 +294,14 @@ class _Feeder:
                     chunk = self._next_done()
                     if chunk is not None:
                         self.consumed += 1
-                        self.stream.outstanding -= len(chunk.values)
+                        self.stream.outstanding -= chunk.size
                         # The window moved: the manager may cut more, from the list or from
                         # what the buffer already holds (feed() wakes it only when it adds).
                         engine.wake()
                     finished = self.exhausted and self.consumed >= self.fed
                 if chunk is not None:
-                    last = len(chunk.values)
+                    chunk.materialize()  # values unpickled here, in the consumer's thread
+                    last = chunk.size
                     # After a failed task the map ends (as Executor.map's does): the
                     # chunk's values are handed out up to it, then this generator closes.
                     if chunk.errors is None:
@@ -315,11 +317,15 @@ class _Feeder:
                     return
                 engine.wait_until(self._ready, deadline)
         finally:
+            # This may run in a finalizer, on any thread (the manager's included) at any
+            # moment: no lock here (plain reads of flags), and the bar's closing, which
+            # runs rich's code, goes to the callback runner when on one of the pool's threads.
             if bar is not None:
-                bar.close()
-            with engine.lock:
-                unfinished = not self.exhausted or self.consumed < self.fed
-            if unfinished:
+                if on_internal_thread():
+                    engine.runner.post(bar.close)
+                else:
+                    bar.close()
+            if not self.exhausted or self.consumed < self.fed:
                 engine.abandon(self.stream)
 
     def _next_done(self) -> Chunk | None:

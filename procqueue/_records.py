@@ -131,6 +131,11 @@ def describe_failure(exc: BaseException) -> tuple[str, str, str]:
         return "InvalidRecord", str(exc), ""  # bad input: a traceback would be noise
     if isinstance(cause, TaskFailed):  # the handler's own exception, rebuilt
         return _type_name(exc), str(exc), cause.remote_traceback
+    if isinstance(exc, TaskFailed) and exc.remote_message is not None:
+        # The pool's hook gets the handler's exception described, not unpickled.
+        if exc.type_name == f"{InvalidRecord.__module__}.{InvalidRecord.__qualname__}":
+            return "InvalidRecord", exc.remote_message, ""
+        return exc.type_name or "TaskFailed", exc.remote_message, exc.remote_traceback
     if isinstance(exc, TaskFailed):  # the exception itself did not travel back
         return "TaskFailed", str(exc).split("\n\nRemote traceback:")[0], exc.remote_traceback
     return type(exc).__name__, str(exc), getattr(exc, "fault_traceback", "") or ""

@@ -1,29 +1,91 @@
 """Where outcomes land in the parent: futures for `submit`, chunks for `map`.
 
-The manager thread settles these while holding the pool's lock; anything that
-runs user code (a future's callbacks) is deferred to after the lock is
-released, through the `later` list each call receives.
+The manager thread settles these while holding the pool's lock, but never
+runs user code there: values and exceptions stay pickled until the thread
+that asks for them (`Future.result()`, the map's consumer) unpickles them, so
+an object whose unpickling blocks or raises `SystemExit` costs its own task;
+a future's done-callbacks go to the pool's callback `Runner`; what is left
+to do after the lock is released goes in the `later` list each call receives.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import threading
 from collections import deque
 from collections.abc import Callable
 from functools import partial
 from typing import Any
 
 from . import _messages as m
-from ._errors import SerializationError, TaskFailed, TaskTimeout, WorkerCrashed, describe_exitcode
-from ._serialization import loads
+from ._callbacks import Runner, on_internal_thread
+from ._errors import ProcQueueError, SerializationError, TaskFailed, TaskTimeout, WorkerCrashed, describe_exitcode
+from ._serialization import loads, loads_body
 
 Later = list[Callable[[], Any]]
+MakeError = Callable[[], BaseException]
 
 
 def run_all(later: Later) -> None:
-    """Run what was deferred while the lock was held (future callbacks are user code)."""
+    """Run what was deferred while the lock was held."""
     for fn in later:
         fn()
+
+
+class Values:
+    """A batch's pickled values, unpickled once by the first thread that asks:
+    never the manager's."""
+
+    __slots__ = ("_body", "_error", "_lock", "_values", "recount")
+
+    def __init__(self, body: memoryview, recount: Callable[[int], None] | None = None) -> None:
+        self.recount = recount  # moves n tasks from completed to failed in the books
+        self._body: memoryview | None = body
+        self._values: list[Any] | None = None
+        self._error: BaseException | None = None
+        self._lock = threading.Lock()
+
+    def get(self) -> list[Any]:
+        """The values; raises `Unloadable` when they would not unpickle."""
+        if self._values is None and self._error is None:
+            with self._lock:
+                if self._values is None and self._error is None:
+                    try:
+                        self._values = loads_body(self._body)  # type: ignore[arg-type]
+                    except BaseException as exc:  # SystemExit from a __setstate__ too: this task's problem
+                        self._error = exc
+                    self._body = None
+        if self._error is not None:
+            raise Unloadable(self._error)
+        assert self._values is not None
+        return self._values
+
+
+class Unloadable(Exception):
+    """Values that did not unpickle in the parent (`cause` is why)."""
+
+    def __init__(self, cause: BaseException) -> None:
+        super().__init__(cause)
+        self.cause = cause
+
+
+def unloadable_error(cause: BaseException, task_id: int) -> SerializationError:
+    try:
+        text = f"{type(cause).__name__}: {cause}"
+    except BaseException:
+        text = type(cause).__name__
+    err = SerializationError(
+        f"task {task_id}: its result could not be unpickled in the parent: {text}; "
+        "make sure the parent can import what the result refers to",
+        stage="result",
+        what=type(cause).__name__,
+        task_id=task_id,
+    )
+    err.__cause__ = cause
+    return err
+
+
+_PENDING = ProcQueueError("procqueue: this error is unpickled when it is first asked for")
 
 
 class Future(concurrent.futures.Future):  # type: ignore[type-arg]
@@ -31,16 +93,65 @@ class Future(concurrent.futures.Future):  # type: ignore[type-arg]
 
     Beyond the standard API: `task_id`; once done, `attempts` (how many times
     the task ran), `worker_pid` (of the last attempt) and `duration_ms` (of the
-    last attempt's handler call).
+    last attempt's handler call). The value (or error) is unpickled in the
+    first thread that asks for it; done-callbacks run on a thread of the
+    pool's callback runner, never on the thread that moves its messages.
     """
 
-    def __init__(self, task_id: int = -1) -> None:
+    def __init__(self, task_id: int = -1, runner: Runner | None = None) -> None:
         super().__init__()
         self.task_id = task_id
         self.attempts = 0
         self.worker_pid: int | None = None
         self.duration_ms: float | None = None
         self._claimed = False
+        self._lazy: Callable[[], tuple[bool, Any]] | None = None
+        self._runner = runner
+
+    def _resolve(self) -> None:
+        lazy = self._lazy
+        if lazy is None:
+            return
+        ok, value = lazy()  # never raises; outside the lock: it runs user code
+        with self._condition:
+            if self._lazy is lazy:
+                if ok:
+                    self._result = value
+                else:
+                    self._exception = value
+                self._lazy = None
+
+    def result(self, timeout: float | None = None) -> Any:
+        """The task's value, as `concurrent.futures.Future.result`."""
+        super().exception(timeout)  # waits; raises CancelledError or TimeoutError as the standard one
+        self._resolve()
+        return super().result(0)
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        """The task's error, or None, as `concurrent.futures.Future.exception`."""
+        super().exception(timeout)
+        self._resolve()
+        return super().exception(0)
+
+    def _invoke_callbacks(self) -> None:
+        invoke = super()._invoke_callbacks  # type: ignore[misc]
+        if self._runner is not None and on_internal_thread():
+            self._runner.post(invoke)
+        else:
+            invoke()
+
+
+def _value_of(values: Values, index: int, task_id: int) -> tuple[bool, Any]:
+    try:
+        return True, values.get()[index]
+    except Unloadable as exc:
+        if values.recount is not None:
+            values.recount(1)
+        return False, unloadable_error(exc.cause, task_id)
+
+
+def _error_of(make: BaseException | MakeError) -> tuple[bool, Any]:
+    return False, make if isinstance(make, BaseException) else make()
 
 
 class FutureSink:
@@ -64,20 +175,23 @@ class FutureSink:
         return self.future.cancel() if not self.future._claimed else False
 
     def ok(
-        self, index: int, values: list[Any] | None, lo: int, hi: int, meta: tuple[int, int, Any, int], later: Later
+        self, index: int, values: Values | None, lo: int, hi: int, meta: tuple[int, int, Any, int], later: Later
     ) -> None:
         fut = self.future
         fut.attempts, fut.worker_pid, durations, offset = meta
         fut.duration_ms = durations[offset] / 1e6 if durations else None
-        later.append(partial(fut.set_result, None if values is None else values[lo]))
+        if values is not None:
+            fut._lazy = partial(_value_of, values, lo, fut.task_id)
+        later.append(partial(fut.set_result, None))
 
-    def fail(self, index: int, exc: BaseException, attempts: int, pid: int | None, later: Later) -> None:
+    def fail(self, index: int, make: BaseException | MakeError, attempts: int, pid: int | None, later: Later) -> None:
         fut = self.future
         fut.attempts, fut.worker_pid = attempts, pid
         if not fut._claimed:  # failed before it ever ran (did not pickle)
             fut._claimed = True
             fut.set_running_or_notify_cancel()
-        later.append(partial(fut.set_exception, exc))
+        fut._lazy = partial(_error_of, make)
+        later.append(partial(fut.set_exception, _PENDING))
 
 
 class Stream:
@@ -93,14 +207,18 @@ class Stream:
 
 
 class Chunk:
-    """Consecutive items of a map; values land by index."""
+    """Consecutive items of a map. Outcomes land by index, still pickled; the
+    map's consumer turns them into values and errors (`materialize`)."""
 
-    __slots__ = ("done", "errors", "remaining", "stream", "values")
+    __slots__ = ("done", "errors", "first_id", "pieces", "remaining", "size", "stream", "values")
 
-    def __init__(self, stream: Stream, size: int) -> None:
+    def __init__(self, stream: Stream, size: int, first_id: int = 0) -> None:
         self.stream = stream
-        self.values: list[Any] = [None] * size
-        self.errors: dict[int, BaseException] | None = None
+        self.size = size
+        self.first_id = first_id
+        self.values: list[Any] = []
+        self.pieces: list[tuple[int, Values, int, int]] = []  # (index, values, lo, hi)
+        self.errors: dict[int, Any] | None = None  # index -> an error, or a maker of one until materialized
         self.remaining = size
         self.done = False
 
@@ -118,37 +236,73 @@ class Chunk:
                 self.stream.finished.append(self)
 
     def ok(
-        self, index: int, values: list[Any] | None, lo: int, hi: int, meta: tuple[int, int, Any, int], later: Later
+        self, index: int, values: Values | None, lo: int, hi: int, meta: tuple[int, int, Any, int], later: Later
     ) -> None:
-        if values is None:  # the collector wrote them to its sink: nothing comes back
-            pass
-        elif index == 0 and lo == 0 and hi == len(values) == len(self.values):
-            self.values = values  # the whole chunk in one batch: no copy
-        else:
-            self.values[index : index + hi - lo] = values[lo:hi]
+        if values is not None:  # None: the collector wrote them to its sink, nothing comes back
+            self.pieces.append((index, values, lo, hi))
         self._settled(hi - lo)
 
-    def fail(self, index: int, exc: BaseException, attempts: int, pid: int | None, later: Later) -> None:
+    def fail(self, index: int, make: BaseException | MakeError, attempts: int, pid: int | None, later: Later) -> None:
         if self.errors is None:
             self.errors = {}
-        self.errors[index] = exc
+        self.errors[index] = make
         self._settled(1)
+
+    def materialize(self) -> None:
+        """Unpickle the values and build the errors (in the consumer's thread)."""
+        pieces, self.pieces = self.pieces, []
+        if len(pieces) == 1 and pieces[0][0] == 0 and pieces[0][3] - pieces[0][2] == self.size:
+            _, values, lo, hi = pieces[0]
+            try:
+                got = values.get()
+                self.values = got if lo == 0 and hi == len(got) else got[lo:hi]  # one batch, no copy
+            except Unloadable as exc:
+                self._unloadable(values, 0, self.size, exc.cause)
+                self.values = [None] * self.size
+        elif pieces:
+            out: list[Any] = [None] * self.size
+            for index, values, lo, hi in pieces:
+                try:
+                    out[index : index + hi - lo] = values.get()[lo:hi]
+                except Unloadable as exc:  # noqa: PERF203 - rare
+                    self._unloadable(values, index, hi - lo, exc.cause)
+            self.values = out
+        elif not self.values:
+            self.values = [None] * self.size
+        if self.errors:
+            for i, err in list(self.errors.items()):
+                if not isinstance(err, BaseException):
+                    self.errors[i] = err()
+
+    def _unloadable(self, values: Values, index: int, n: int, cause: BaseException) -> None:
+        if values.recount is not None:
+            values.recount(n)
+        if self.errors is None:
+            self.errors = {}
+        for i in range(index, index + n):
+            self.errors[i] = unloadable_error(cause, self.first_id + i)
 
 
 Sink = FutureSink | Chunk
 
 
-def remote_error(info: m.ErrorInfo, task_id: int, attempts: int, pid: int) -> BaseException:
-    """Rebuild what a worker reported for one failed attempt as the exception to raise."""
+def remote_error(info: m.ErrorInfo, task_id: int, attempts: int, pid: int, materialize: bool = True) -> BaseException:
+    """Rebuild what a worker reported for one failed attempt as the exception to raise
+    (in the thread that asks for it: unpickling the exception runs user code). With
+    `materialize=False` the exception is not unpickled: a `TaskFailed` stands for it,
+    its `type_name` naming the handler's exception type."""
     fault = info.fault
     if fault in (m.Fault.RAISED, m.Fault.REJECTED):
         exc: BaseException | None = None
-        if info.blob is not None:
+        if info.blob is not None and materialize:
             try:
                 exc = loads(info.blob)
-            except Exception:
+            except BaseException:  # an exception whose unpickling raises (even SystemExit)
                 exc = None
-        note = " (the exception itself could not be sent back: it does not pickle or unpickle)" if exc is None else ""
+            if exc is not None and not isinstance(exc, BaseException):
+                exc = None
+        lost = exc is None and materialize
+        note = " (the exception itself could not be sent back: it does not pickle or unpickle)" if lost else ""
         failed = TaskFailed(
             f"task {task_id} raised {info.type_name}: {info.message} "
             f"(attempt {attempts}, worker pid {pid}){note}\n\nRemote traceback:\n{info.traceback}",
@@ -156,6 +310,8 @@ def remote_error(info: m.ErrorInfo, task_id: int, attempts: int, pid: int) -> Ba
             attempts=attempts,
             exception=exc,
             remote_traceback=info.traceback,
+            type_name=info.type_name,
+            remote_message=info.message,
         )
         if exc is None:
             return failed

@@ -15,6 +15,7 @@ collector to disk. It only counts, and renders the few error records.
 from __future__ import annotations
 
 import contextlib
+import heapq
 import itertools
 import json
 import os
@@ -25,7 +26,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from multiprocessing import connection
 from typing import IO, Any
 
@@ -40,6 +41,8 @@ from ._sink import ERRORS, OUTPUT, SinkSpec, wait_unlocked
 LOCK_WAIT = 5.0  # seconds to wait for the collector of a killed run to let go of the output
 PRIORITY_BLOCK = 256  # --priority-field: records read, grouped by priority, per heap entry
 WINDOW = 4  # --priority-field: records queued and unfinished, in multiples of capacity
+SHOWN_FAILURES = 5  # failed records the summary names, those of the lowest lines
+FAILURE_WIDTH = 100  # characters at most of each
 
 
 @dataclass
@@ -84,6 +87,8 @@ class Summary:
     wall: float = 0.0
     interrupted: str | None = None
     status: int = 0  # the exit status: 0 all ok, 1 some failed or stopped early, 128+N on signal N
+    first_failures: list[str] = field(default_factory=list)  # `line N: ...` of the lowest lines that failed
+    errors_in: str = "the output"  # where the error records go, as the summary names it
 
     def line(self) -> str:
         rate = self.records / self.wall if self.wall > 0 else 0.0
@@ -106,6 +111,18 @@ class Summary:
             text += f"; stopped early with {self.records - self.written:,} not written: {self.interrupted}"
         return text
 
+    def report(self) -> str:
+        """The closing line, then the first few records that failed (one line each)
+        and where all of them are."""
+        lines = [self.line()]
+        lines += [f"  {text}" for text in self.first_failures]
+        more = self.failed - len(self.first_failures)
+        if more > 0:
+            lines.append(f"  ... and {more:,} more; see the error records in {self.errors_in}")
+        elif self.failed:
+            lines.append(f"  see the error records in {self.errors_in}")
+        return "\n".join(lines)
+
 
 class Terminated(BaseException):
     """SIGTERM arrived (a BaseException, so that the pool is ended at once, as on Ctrl-C)."""
@@ -122,6 +139,8 @@ class Run:
         self.target = ERRORS if s.errors else OUTPUT
         self.to_stdout = s.output is None
         self.failures = 0  # tasks that failed for good (counted by the pool's hook)
+        self.shown: list[tuple[int, str]] = []  # heap of (-line, text): the failures of the lowest lines
+        self.shown_lock = threading.Lock()  # failures come from the manager thread and from the reader
         self.skipped = 0
         self.check_files()
         with self.quiet_stdout():
@@ -233,6 +252,8 @@ class Run:
                 signal.signal(signal.SIGTERM, old)
         stats = pool.stats()
         sm.failed = self.failures + sm.bad
+        sm.first_failures = [text for _, text in sorted(self.shown, reverse=True)]
+        sm.errors_in = s.errors or s.output or "the output (stdout)"
         sm.ok, sm.retried = stats.completed, stats.retried
         sm.skipped, sm.skipped_failed = self.skipped, self.done.failed
         sm.repaired, sm.foreign = self.done.repaired, self.done.foreign
@@ -287,6 +308,7 @@ class Run:
     def reject(self, seq: int, line: int, message: str, ident: Any) -> None:
         self.summary.bad += 1
         self.pending.append((seq, self.target, r.error_record(line, ident, "InvalidRecord", message, "", 0)))
+        self.note_failure(line, "InvalidRecord", message)
 
     def priority_of(self, header: list[str] | None) -> Callable[[int, Any], int | str]:
         """A record's priority from its field (0 without one), or the message of why not."""
@@ -363,9 +385,20 @@ class Run:
             if task_id is not None:  # the user thinks in lines, not in procqueue's task ids
                 message = message.replace(f"task {task_id}", f"the record on line {line}")
             record = r.error_record(line, self.handler.ident_of_raw(raw), type_name, message, tb, attempts)
+            self.note_failure(line, type_name, message)
         except Exception as bug:  # never let a record break the manager thread
             record = r.error_record(line, None, type(exc).__name__, f"{exc!r} ({bug!r})", "", attempts)
+            self.note_failure(line, type(exc).__name__, "")
         self.pending.append((seq, self.target, record))
+
+    def note_failure(self, line: int, type_name: str, message: str) -> None:
+        """Keep the failure for the summary if its line is among the lowest that failed."""
+        with self.shown_lock:
+            shown = self.shown
+            if len(shown) < SHOWN_FAILURES:
+                heapq.heappush(shown, (-line, failure_text(line, type_name, message)))
+            elif line < -shown[0][0]:
+                heapq.heapreplace(shown, (-line, failure_text(line, type_name, message)))
 
     def flush(self, pool: Pool) -> None:
         batch = []
@@ -373,6 +406,35 @@ class Run:
         while pending:
             batch.append(pending.popleft())
         pool._engine.sink_records(batch)
+
+
+def failure_text(line: int, type_name: str, message: str) -> str:
+    """A failed record in one line of the summary: `line 9: ValueError: boom`, or for
+    input that could not be read, `line 4: not valid JSON: ...` (its message names the line)."""
+    if type_name == "InvalidRecord":
+        for prefix in (f"line {line}: ", f"line {line} is ", f"line {line} "):
+            if message.startswith(prefix):
+                message = message[len(prefix) :]
+                break
+        head = f"line {line}: "
+    else:
+        head = f"line {line}: {type_name}: "
+    text = _one_line(message, max(20, FAILURE_WIDTH - len(head)))
+    return head + text if text else f"line {line}: {type_name}"
+
+
+def _one_line(text: str, width: int) -> str:
+    """The first line of `text` that is not blank, at most `width` characters (cut
+    to `...` when there is more); characters a terminal would act on (escapes,
+    tabs, lone surrogates) are shown escaped."""
+    lines = text[: 4 * width].split("\n")  # a message may be megabytes
+    at = next((i for i, part in enumerate(lines) if part.strip()), len(lines))
+    if at == len(lines):
+        return ""
+    first = "".join(c if c.isprintable() else repr(c)[1:-1] for c in lines[at].strip())
+    if len(first) > width or any(part.strip() for part in lines[at + 1 :]) or len(text) > 4 * width:
+        first = first[: width - 3].rstrip() + "..."
+    return first
 
 
 def _terminated(signum: int, frame: object) -> None:

@@ -63,7 +63,7 @@ def dumps_body(obj: Any, by_value_: bool = False) -> list[bytes | memoryview]:
 
     try:
         stream = by_value(obj, keep) if by_value_ else dumps(obj, keep)
-    except Exception:
+    except BaseException:
         bufs.clear()
         raise
     table = struct.pack(f"<Q{len(bufs)}Q", len(bufs), *(b.nbytes for b in bufs))
@@ -95,23 +95,43 @@ def body_size(parts: list[bytes | memoryview]) -> int:
 def dumps_callable(obj: Any) -> bytes:
     """A handler or initializer, for `loads_callable`: by reference when that
     works, with a by-value copy for a worker that cannot resolve the
-    reference (a function defined under `if __name__ == "__main__":`)."""
+    reference (a function defined under `if __name__ == "__main__":`) or that
+    would resolve it to another definition (a function redefined after the
+    worker imported the script), told apart by a fingerprint of its code."""
     ref = dumps(obj)
     spare = by_value(obj) if _MAIN in ref else None
-    return pickle.dumps((ref, spare), protocol=pickle.HIGHEST_PROTOCOL)
+    return pickle.dumps((ref, spare, _fingerprint(obj) if spare else None), protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def _fingerprint(obj: Any) -> tuple[str, int, bytes, int] | None:
+    code = getattr(obj, "__code__", None)
+    if code is None:
+        return None
+    return code.co_name, code.co_firstlineno, code.co_code, len(code.co_consts)
 
 
 def loads_callable(blob: bytes) -> Any:
-    ref, spare = pickle.loads(blob)
+    ref, spare, fingerprint = pickle.loads(blob)
     try:
-        return pickle.loads(ref)
+        obj = pickle.loads(ref)
     except Exception:
         if spare is None:
             raise
         return pickle.loads(spare)
+    if fingerprint is not None and _fingerprint(obj) != fingerprint:
+        return pickle.loads(spare)  # our __main__ has an older definition under that name
+    return obj
 
 
 loads = pickle.loads
+
+
+def _text(exc: BaseException) -> str:
+    """`str(exc)`, or a note when even that raises."""
+    try:
+        return str(exc)
+    except BaseException:
+        return f"<str() of the {type(exc).__name__} failed>"
 
 
 def describe(obj: object) -> str:
@@ -123,7 +143,7 @@ def describe(obj: object) -> str:
 def _fails(obj: Any) -> BaseException | None:
     try:
         dumps(obj)
-    except Exception as exc:
+    except BaseException as exc:  # a __reduce__ may raise anything, SystemExit included
         return exc
     return None
 
@@ -144,29 +164,39 @@ def dumps_values(values: list[Any]) -> tuple[list[bytes | memoryview], list[tupl
     is replaced by None and reported as `(index, message)`, so the others still travel."""
     try:
         return dumps_body(values), []
-    except Exception:
+    except BaseException:
         pass
     bad: list[tuple[int, str]] = []
     for i, value in enumerate(values):
         if (exc := _fails(value)) is not None:
-            bad.append((i, f"the result ({describe(value)}) could not be pickled: {type(exc).__name__}: {exc}"))
+            bad.append((i, f"the result ({describe(value)}) could not be pickled: {type(exc).__name__}: {_text(exc)}"))
             values[i] = None
     return dumps_body(values), bad
 
 
 def pack_exception(exc: BaseException) -> tuple[bytes | None, str, str, str]:
-    """`(pickled exception or None, type name, message, traceback text)`."""
+    """`(pickled exception or None, type name, message, traceback text)`.
+
+    Never raises: an exception whose `__str__`, `__repr__` or `__reduce__`
+    raises (even `SystemExit`) is still reported, with what could be read."""
     kind = type(exc)
     name = kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
     tb = exc.__traceback__
     while tb is not None and tb.tb_next is not None and _ours(tb.tb_frame.f_globals):
         tb = tb.tb_next  # the remote traceback starts in the user's code, not in procqueue's loop
-    text = "".join(traceback.format_exception(kind, exc, tb))
+    try:
+        message = str(exc)
+    except BaseException as err:
+        message = f"<str() of the {name} raised {type(err).__name__}>"
+    try:
+        text = "".join(traceback.format_exception(kind, exc, tb))
+    except BaseException:
+        text = f"{name}: {message}\n(its traceback could not be formatted)\n"
     try:
         blob: bytes | None = dumps(exc)
-    except Exception:
+    except BaseException:
         blob = None
-    return blob, name, str(exc), text
+    return blob, name, message, text
 
 
 def _ours(frame_globals: dict[str, Any]) -> bool:

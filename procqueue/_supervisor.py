@@ -1,11 +1,17 @@
 """The supervisor: worker processes, their task pipes, and their ends.
 
 Wiring is drawn in `_engine.py`. What the supervisor owns, per worker slot:
-the process and its sentinel; the write end of the task pipe, written
-non-blocking through a buffer so a busy or dead worker never stalls the
-manager thread; the worker's marker (which item it runs, since when) in a
-shared array; the read end of its faulthandler pipe; and the mirror of the
-worker's handler cache.
+the process and how its death is seen (a pidfd on Linux: it fires when the
+worker exits even if a child the handler forked still holds the worker's
+descriptors, which keeps `Process.sentinel` open); the write end of the task
+pipe, written non-blocking through a buffer so a busy or dead worker never
+stalls the manager thread; the worker's marker (which item it runs, since
+when) in a shared array; the read end of its faulthandler pipe; and the
+mirror of the worker's handler cache.
+
+It also notices a worker that holds work but stopped taking it (frozen by
+SIGSTOP, say): one idle, holding batches, for longer than their timeout (or
+`STALL_LIMIT` without one) is killed, and what it held runs elsewhere, uncharged.
 """
 
 from __future__ import annotations
@@ -14,6 +20,8 @@ import contextlib
 import fcntl
 import os
 import signal
+import socket
+import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -29,6 +37,9 @@ from ._dispatcher import Batch
 PIPE_SIZE = 1 << 20  # bytes: a big batch crosses in one write, not in 16 wake-ups of the manager
 WRITEV_MAX = 512  # buffers per writev (IOV_MAX is at least 1024)
 POLL_UNSTARTED = 0.05  # a timed task its worker has not started yet: look again this soon
+STALL_LIMIT = 60.0  # seconds a worker may hold untimed work without starting any of it
+STALL_MIN = 1.0  # ... and timed work: its timeout, but at least this
+RESPAWN_BACKOFF = (0.05, 5.0)  # a failed spawn (out of descriptors, say) is tried again after this, doubling
 
 
 @dataclass(eq=False)
@@ -49,15 +60,17 @@ class Slot:
     kill_reason: str | None = None  # "timeout" when the supervisor killed it
     productive: bool = False  # this worker has reported at least one outcome
     generation: int = 0  # bumped per worker: selector events of a dead predecessor are stale
+    death_fd: int = -1  # readable once the worker has exited (a pidfd, or the sentinel)
+    pidfd: int = -1  # owned by the slot (closed at reap); -1 where there is none
+    idle_since: float | None = None  # holding batches, seen idle since (stall detection)
+    respawn_at: float | None = None  # a spawn failed: try again at this time
+    spawn_failures: int = 0
+    tasks_done: int = 0  # attempts finished in this slot, its predecessors' included
+    collector_generation: int = 0  # the collector its socket was handed to
 
     @property
     def alive(self) -> bool:
         return self.process is not None
-
-    @property
-    def sentinel(self) -> int:
-        assert self.process is not None
-        return self.process.sentinel
 
     @property
     def fd(self) -> int:
@@ -79,38 +92,45 @@ class Slot:
 class Supervisor:
     """Starts, feeds, watches and ends the worker processes."""
 
-    def __init__(
-        self,
-        ctx: BaseContext,
-        workers: int,
-        address: str | bytes,
-        token: bytes,
-        init: bytes | None,
-    ) -> None:
+    def __init__(self, ctx: BaseContext, workers: int, token: bytes, init: bytes | None) -> None:
         self.ctx = ctx
-        self.address = address
         self.token = token
         self.init = init
-        self._markers: Any = ctx.RawArray("q", 2 * workers)  # type: ignore[attr-defined]
+        self._markers: Any = ctx.RawArray("q", _worker.MARK_WORDS * workers)  # type: ignore[attr-defined]
         self.marks = memoryview(self._markers).cast("B").cast("q")
         self.slots = [Slot(i) for i in range(workers)]
+        self.manager: threading.Thread | None = None  # the thread that respawns workers
 
-    def spawn(self, slot: Slot) -> None:
-        task_r, task_w = self.ctx.Pipe(duplex=False)
-        widen_pipe(task_w.fileno())
-        fault_r, fault_w = self.ctx.Pipe(duplex=False)
-        self.marks[2 * slot.index] = 0
-        proc = self.ctx.Process(  # type: ignore[attr-defined]
-            target=_worker.main,
-            args=(slot.index, task_r, self.address, self.token, self._markers, fault_w, self.init),
-            name=f"procqueue-worker-{slot.index}",
-        )
-        proc.start()
-        task_r.close()
-        fault_w.close()
+    def spawn(self, slot: Slot) -> socket.socket:
+        """Start a worker in `slot`; returns the collector's end of its socket pair.
+        On failure (OSError: out of descriptors, say) nothing is left open."""
+        made: list[Any] = []
+        try:
+            task_r, task_w = self.ctx.Pipe(duplex=False)
+            made += [task_r, task_w]
+            widen_pipe(task_w.fileno())
+            fault_r, fault_w = self.ctx.Pipe(duplex=False)
+            made += [fault_r, fault_w]
+            theirs, ours = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            made += [theirs, ours]
+            self.marks[_worker.MARK_WORDS * slot.index] = 0
+            proc = self.ctx.Process(  # type: ignore[attr-defined]
+                target=_worker.main,
+                args=(slot.index, task_r, theirs, self.token, self._markers, fault_w, self.init, self._pdeathsig()),
+                name=f"procqueue-worker-{slot.index}",
+            )
+            proc.start()
+        except BaseException:
+            for obj in made:
+                obj.close()
+            raise
+        for obj in (task_r, fault_w, theirs):
+            obj.close()
         os.set_blocking(task_w.fileno(), False)
         os.set_blocking(fault_r.fileno(), False)
         slot.process, slot.pid, slot.task_w, slot.fault_r = proc, proc.pid or -1, task_w, fault_r
+        slot.pidfd = _pidfd(slot.pid)
+        slot.death_fd = slot.pidfd if slot.pidfd >= 0 else proc.sentinel
         slot.generation += 1
         slot.out = []
         slot.batches = {}
@@ -119,6 +139,27 @@ class Supervisor:
         slot.retiring = False
         slot.kill_reason = None
         slot.productive = False
+        slot.idle_since = None
+        slot.respawn_at = None
+        slot.spawn_failures = 0
+        return ours
+
+    def spawn_failed(self, slot: Slot) -> float:
+        """A spawn failed: when to try again (exponential backoff)."""
+        first, cap = RESPAWN_BACKOFF
+        delay = min(cap, first * 2.0 ** min(slot.spawn_failures, 30))
+        slot.spawn_failures += 1
+        slot.respawn_at = time.monotonic() + delay
+        return delay
+
+    def _pdeathsig(self) -> bool:
+        """Whether the worker may ask to die with its parent: PR_SET_PDEATHSIG fires
+        when the *thread* that started it ends, so only for starters that live as
+        long as the pool (the fork server, the main thread, the manager)."""
+        if self.ctx.get_start_method() == "forkserver":
+            return True
+        me = threading.current_thread()
+        return me is threading.main_thread() or me is self.manager
 
     def send(self, slot: Slot, parts: list[bytes | memoryview]) -> bool:
         """Queue a frame (its buffers, uncopied) for the worker and write what the
@@ -147,45 +188,57 @@ class Supervisor:
 
     def running(self, slot: Slot) -> tuple[int, int, int] | None:
         """`(batch_id, index, started_ns)` of the item the worker is in, if any;
-        index -1 inside an unmarked batch. Read twice around the start time:
-        the worker writes them without a lock."""
-        marks, k = self.marks, 2 * slot.index
+        index `UNMARKED` inside an unmarked batch, `LOADING` while it unpickles
+        one. Read twice around the start time: the worker writes without a lock."""
+        marks, k = self.marks, _worker.MARK_WORDS * slot.index
         for _ in range(3):
-            tag = marks[k]
+            tag, index = marks[k], marks[k + 1]
             if tag == 0:
                 return None
-            started = marks[k + 1]
-            if marks[k] == tag:
-                batch_id, index = _worker.untag(abs(tag))
-                return batch_id, index if tag > 0 else -1, started
+            started = marks[k + 2]
+            if marks[k] == tag and marks[k + 1] == index:
+                return tag - 1, index, started
         return None
 
-    def deadline_in(self, slot: Slot) -> float | None:
-        """Seconds until the item this worker runs passes its timeout (0: now);
-        None when nothing it holds has a timeout."""
-        if not any(b.head.timeout is not None for b in slot.batches.values()):
+    def deadline_in(self, slot: Slot, now: float) -> float | None:
+        """Seconds until this worker passes a limit (0: now): the timeout of the
+        item it runs, or the stall limit while it holds work and runs nothing;
+        None when neither applies."""
+        timeouts = [b.head.timeout for b in slot.batches.values() if b.head.timeout is not None]
+        running = self.running(slot)
+        if running is None:
+            if not slot.batches:
+                return None
+            if slot.idle_since is None:
+                slot.idle_since = now
+            limit = max(STALL_MIN, min(timeouts)) if timeouts else STALL_LIMIT
+            left = max(0.0, slot.idle_since + limit - now)
+            return min(left, POLL_UNSTARTED) if timeouts else left  # soon to see a timed task start
+        slot.idle_since = None
+        if not timeouts:
             return None
-        now = self.running(slot)
-        if now is None:
-            return POLL_UNSTARTED
-        batch_id, _, started = now
+        batch_id, _, started = running
         batch = slot.batches.get(batch_id)
         if batch is None or batch.head.timeout is None:
             return POLL_UNSTARTED
         return max(0.0, started / 1e9 + batch.head.timeout - time.perf_counter())
 
     def next_deadline(self) -> float | None:
-        """Seconds until the nearest task timeout of any worker."""
-        times = [self.deadline_in(s) for s in self.slots if s.batches and s.kill_reason is None]
+        """Seconds until the nearest limit of any worker, or a respawn that is due."""
+        now = time.monotonic()
+        times = [self.deadline_in(s, now) for s in self.slots if s.batches and s.kill_reason is None]
+        times += [max(0.0, s.respawn_at - now) for s in self.slots if s.respawn_at is not None]
         return min((t for t in times if t is not None), default=None)
 
     def enforce_timeouts(self) -> None:
-        """Kill each worker whose running task is past its timeout (its death is charged as a timeout)."""
+        """Kill each worker past its running task's timeout (charged as a timeout), or
+        stalled with work it never started (its work runs elsewhere, uncharged)."""
+        now = time.monotonic()
         for slot in self.slots:
             if slot.batches and slot.kill_reason is None:
-                left = self.deadline_in(slot)
-                if left is not None and left <= 0 and self.running(slot) is not None:
-                    self.kill(slot, "timeout")
+                left = self.deadline_in(slot, now)
+                if left is not None and left <= 0:
+                    self.kill(slot, "timeout" if self.running(slot) is not None else "stalled")
 
     def kill(self, slot: Slot, reason: str | None = None) -> None:
         if slot.kill_reason is None:
@@ -195,11 +248,18 @@ class Supervisor:
                 os.kill(slot.pid, signal.SIGKILL)
 
     def reap(self, slot: Slot) -> tuple[int | None, str]:
-        """After the sentinel fired: exit code, what faulthandler wrote; close the slot's ends."""
+        """After its death fired: exit code, what faulthandler wrote; close the slot's ends."""
         proc = slot.process
         exitcode = None
         if proc is not None:
-            proc.join(5.0)
+            popen = getattr(proc, "_popen", None)
+            # waitpid(WNOHANG) first: after a pidfd fired the process is a zombie,
+            # while join() would wait on a sentinel a grandchild may still hold.
+            if popen is not None and slot.pidfd >= 0:
+                with contextlib.suppress(OSError, ValueError):
+                    popen.poll()
+            if proc.exitcode is None:
+                proc.join(5.0)
             exitcode = proc.exitcode
             proc.close() if exitcode is not None else None
         text = b""
@@ -212,9 +272,23 @@ class Supervisor:
             slot.fault_r.close()
         if slot.task_w is not None:
             slot.task_w.close()
+        if slot.pidfd >= 0:
+            os.close(slot.pidfd)
         slot.process, slot.task_w, slot.fault_r = None, None, None
-        slot.pid = -1
+        slot.pid = slot.pidfd = slot.death_fd = -1
+        slot.idle_since = None
         return exitcode, text.decode("utf-8", "replace")
+
+
+def _pidfd(pid: int) -> int:
+    """A descriptor that becomes readable when `pid` exits (Linux 5.3+), or -1."""
+    opener = getattr(os, "pidfd_open", None)
+    if opener is None or pid <= 0:
+        return -1
+    try:
+        return int(opener(pid))
+    except OSError:
+        return -1
 
 
 def widen_pipe(fd: int) -> None:

@@ -4,9 +4,12 @@ Wiring and channels are drawn in `_pool.py`. What a worker owns:
 - reads `RunBatch`/`Stop` from its own task pipe (nobody else reads it);
 - writes outcomes to its own socket to the collector (nobody else writes it),
   so a worker killed mid-write tears only its own stream;
-- before each item it writes `(tag, start time)` into its slot of a shared
-  array, so the parent knows which item a crash or a timeout belongs to
-  without any message (the acknowledgement costs two stores).
+- before each item it writes `(batch, index, start time)` into its slot of a
+  shared array, so the parent knows which item a crash or a timeout belongs to
+  without any message (the acknowledgement costs a few stores). While it
+  unpickles a batch (handler and arguments) the index reads `LOADING`, so a
+  poison argument that kills the worker is charged to its batch, not taken
+  for a worker that cannot start.
 """
 
 from __future__ import annotations
@@ -34,19 +37,31 @@ from ._serialization import dumps_values, loads_body, loads_callable, pack_excep
 FLUSH_NS = 200_000_000
 FLUSH_GRACE_NS = 60_000_000_000
 HANDLER_CACHE = 256  # the parent mirrors this LRU to know what a worker holds
-TAG_BITS = 20  # marker tag = (batch_id << TAG_BITS | index) + 1; 0 means idle
+MARK_WORDS = 3  # per worker: batch id + 1 (0: idle), item index, start (perf_counter_ns)
+UNMARKED = -1  # index: inside a batch of tiny tasks, run without marking each item
+LOADING = -2  # index: unpickling the batch's handler or arguments
 SOCKET_BUFFER = 4 << 20
 EXIT_INIT_FAILED = 3
 EXIT_ORPHANED = 4
+PR_SET_PDEATHSIG = 1
 
 
-def tag_of(batch_id: int, index: int) -> int:
-    return (batch_id << TAG_BITS | index) + 1
+def die_with_parent() -> None:
+    """Linux: the kernel kills this process the moment its parent dies, even inside
+    a C call that holds the GIL (the watch thread cannot run then). The caller
+    starts us from a thread that lives as long as the pool (see `Supervisor`)."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
 
-
-def untag(tag: int) -> tuple[int, int]:
-    tag -= 1
-    return tag >> TAG_BITS, tag & ((1 << TAG_BITS) - 1)
+        libc = ctypes.CDLL(None, use_errno=True)
+        parent = os.getppid()
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != parent:  # it died before the call took effect
+            os._exit(EXIT_ORPHANED)
+    except (OSError, AttributeError):  # no libc to ask: the watch thread still covers it
+        pass
 
 
 def _watch_parent() -> None:
@@ -77,8 +92,10 @@ class _Worker:
         self.out = out
         view = memoryview(markers).cast("B").cast("q")
         self.marks = view
-        self.mark = 2 * slot
-        self.handlers: OrderedDict[int, Callable[..., Any]] = OrderedDict()
+        self.mark = MARK_WORDS * slot
+        # A handler that failed to unpickle is kept as its error, so a later batch
+        # sent without the bytes fails with that reason, not a missing key.
+        self.handlers: OrderedDict[int, Callable[..., Any] | BaseException] = OrderedDict()
 
     def send(self, header: object, body: m.Body = b"") -> None:
         m.write_frame(self.out.fileno(), header, body)
@@ -104,13 +121,23 @@ class _Worker:
         cache = self.handlers
         if msg.handler is not None:
             # The parent sends the bytes whenever its mirror of this LRU says
-            # we lack them; a failure here is reported for every item.
-            cache[msg.handler_id] = loads_callable(msg.handler)
+            # we lack them (or last heard they failed); a failure is reported
+            # for every item of the batch.
+            try:
+                fn: Callable[..., Any] | BaseException = loads_callable(msg.handler)
+            except BaseException as exc:
+                fn = exc
+            cache[msg.handler_id] = fn
             if len(cache) > HANDLER_CACHE:
                 cache.popitem(last=False)
         else:
-            cache.move_to_end(msg.handler_id)
-        return cache[msg.handler_id]
+            fn = cache.get(msg.handler_id) or LookupError(
+                f"handler {msg.handler_id} was not sent to this worker (pid {self.pid})"
+            )
+            cache.move_to_end(msg.handler_id) if msg.handler_id in cache else None
+        if isinstance(fn, BaseException):
+            raise fn
+        return fn
 
     def fail_all(self, msg: m.RunBatch, fault: m.Fault, exc: BaseException) -> None:
         blob, name, text, tb = pack_exception(exc)
@@ -123,22 +150,27 @@ class _Worker:
         )
 
     def run(self, msg: m.RunBatch, body: memoryview) -> None:
+        marks, mark = self.marks, self.mark
+        marks[mark + 2] = time.perf_counter_ns()
+        marks[mark + 1] = LOADING  # a crash from here on is charged to this batch
+        marks[mark] = msg.batch_id + 1
         try:
             fn = self.handler(msg)
         except BaseException as exc:
-            self.handlers.pop(msg.handler_id, None)
+            marks[mark] = 0
             self.fail_all(msg, m.Fault.HANDLER_UNPICKLE, exc)
             return
         try:
             items = loads_body(body)
         except BaseException as exc:
+            marks[mark] = 0
             self.fail_all(msg, m.Fault.ARGS_UNPICKLE, exc)
             return
         if not msg.careful:
             self.run_fast(msg, fn, items)
             return
-        marks, mark, call = self.marks, self.mark, msg.call
-        base = tag_of(msg.batch_id, 0)
+        call = msg.call
+        tag = msg.batch_id + 1
         clock = time.perf_counter_ns
         values: list[Any] = []
         durations = array("q")
@@ -147,8 +179,9 @@ class _Worker:
         t0 = clock()
         flush_at = t0 + FLUSH_NS
         for i, item in enumerate(items):
-            marks[mark + 1] = t0
-            marks[mark] = base + i
+            marks[mark + 2] = t0
+            marks[mark + 1] = i
+            marks[mark] = tag  # again after each flush, which leaves it idle
             try:
                 if call is m.Call.ONE:
                     value = fn(item)
@@ -160,7 +193,6 @@ class _Worker:
                 value = None
                 blob, name, text, tb = pack_exception(exc)
                 errors.append(m.ErrorInfo(i, _fault(exc), blob, name, text, tb))
-            marks[mark] = 0
             t1 = clock()
             values.append(value)
             durations.append(t1 - t0)
@@ -171,16 +203,17 @@ class _Worker:
                 values, durations, errors = [], array("q"), []
                 t0 = clock()
                 flush_at = t0 + FLUSH_NS
+        marks[mark] = 0
         if values or start == 0:
             self.flush(msg, start, values, durations, errors)
 
     def run_fast(self, msg: m.RunBatch, fn: Callable[..., Any], items: list[Any]) -> None:
-        """Tiny tasks: a tight loop, one mark for the whole batch (its tag negated)."""
+        """Tiny tasks: a tight loop, one mark for the whole batch (index UNMARKED)."""
         marks, mark, call = self.marks, self.mark, msg.call
         clock = time.perf_counter_ns
         t0 = clock()
-        marks[mark + 1] = t0
-        marks[mark] = -tag_of(msg.batch_id, 0)
+        marks[mark + 2] = t0
+        marks[mark + 1] = UNMARKED
         values: list[Any] = []
         append = values.append
         errors: list[m.ErrorInfo] = []
@@ -210,8 +243,10 @@ class _Worker:
         # A crash while pickling (a __reduce__ that segfaults) is charged to the
         # first unreported item, so it cannot requeue the batch forever. The mark's
         # start lies ahead, so a send stalled by a busy collector is not a task timeout.
-        self.marks[self.mark + 1] = time.perf_counter_ns() + FLUSH_GRACE_NS
-        self.marks[self.mark] = tag_of(msg.batch_id, start)
+        marks, mark = self.marks, self.mark
+        marks[mark + 2] = time.perf_counter_ns() + FLUSH_GRACE_NS
+        marks[mark + 1] = start
+        marks[mark] = msg.batch_id + 1
         body, bad = dumps_values(values)
         for i, text in bad:
             errors.append(m.ErrorInfo(start + i, m.Fault.RESULT_PICKLE, None, "SerializationError", text, ""))
@@ -224,40 +259,43 @@ class _Worker:
 
 def _fault(exc: BaseException) -> m.Fault:
     """RAISED, or REJECTED for an error its class marks final (`procqueue_final = True`)."""
-    return m.Fault.REJECTED if getattr(exc, "procqueue_final", False) is True else m.Fault.RAISED
+    try:
+        final = getattr(exc, "procqueue_final", False) is True
+    except BaseException:  # a hostile __getattr__: an ordinary failure
+        final = False
+    return m.Fault.REJECTED if final else m.Fault.RAISED
 
 
 def main(
     slot: int,
     task_conn: connection.Connection,
-    address: str | bytes,
+    out_sock: socket.socket,
     token: bytes,
     markers: Any,
     fault_conn: connection.Connection,
     init: bytes | None,
+    pdeathsig: bool,
 ) -> None:
     """Entry point of a worker process (the `target` of its `Process`)."""
+    if pdeathsig:
+        die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C belongs to the parent
     os.set_blocking(fault_conn.fileno(), False)  # a full pipe must not hang a dying worker
     faulthandler.enable(file=fault_conn.fileno(), all_threads=True)
     _watch_parent()
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     with contextlib.suppress(OSError):  # big results in fewer wake-ups of the collector (capped by the OS)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
+        out_sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
+    out_sock.setblocking(True)
+    out = connection.Connection(out_sock.detach())
     try:
-        sock.connect(address)
-    except OSError:  # the collector is gone: the pool is ending, nobody needs this worker
-        os._exit(EXIT_ORPHANED)
-    out = connection.Connection(sock.detach())
-    try:
-        _serve(_Worker(slot, task_conn, out, markers), token, init)
+        os.write(out.fileno(), token)  # raw, before any frame: the collector checks it first
+        _serve(_Worker(slot, task_conn, out, markers), init)
     except (BrokenPipeError, ConnectionResetError):  # the collector is gone: the pool is ending
         os._exit(EXIT_ORPHANED)
     out.close()
 
 
-def _serve(worker: _Worker, token: bytes, init: bytes | None) -> None:
-    worker.send(m.Hello(worker.slot, worker.pid, token))
+def _serve(worker: _Worker, init: bytes | None) -> None:
     if init is not None:
         try:
             initializer, initargs = loads_callable(init)

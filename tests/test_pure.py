@@ -21,7 +21,7 @@ def test_public_names_are_pinned() -> None:
     assert sorted(pq.__all__) == sorted(
         [
             "Dropped", "Future", "InitializerFailed", "LiveView", "Monitor", "Options", "Pool", "PoolBroken", "PoolClosed",
-            "ProcQueueError", "QueueFull", "Result", "SerializationError", "Stats", "Task", "TaskFailed",
+            "PoolStartError", "ProcQueueError", "QueueFull", "Result", "SerializationError", "Stats", "Task", "TaskFailed",
             "TaskQueue", "TaskState", "TaskTimeout", "WorkerCrashed", "WorkerStats", "__version__",
         ]
     )  # fmt: skip
@@ -45,8 +45,8 @@ def test_errors_pickle_with_their_fields() -> None:
     [
         m.RunBatch(1, 2, 3, b"h", m.Call.ONE, 1, 0, True),
         m.BatchDone(1, 0, 2, 1, 0, (m.ErrorInfo(1, m.Fault.RAISED, None, "ValueError", "x", "tb"),), b""),
-        m.WorkerLost(0, 123, -9, False, m.Running(1, 2, 1, 0)),
-        m.WorkerGone(0, 123, -9, m.Fault.CRASHED, 0.5),
+        m.WorkerLost(0, 123, -9, False, m.Running(1, 2)),
+        m.WorkerGone(0, 123, -9, False, True),
         m.Stop(),
     ],
 )

@@ -4,6 +4,7 @@ real files, real pipes, a real SIGKILL, and every process it started gone after.
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import os
 import signal
@@ -81,6 +82,11 @@ def state(rec):
 
 def not_json(rec):
     return {1, 2}
+
+def loud(rec):
+    if rec.get("long"):
+        raise ValueError("a long message " + "x" * 300_000 + "\\nand a second line")
+    return double(rec)
 """
 
 
@@ -213,6 +219,93 @@ def test_file_path_handler_and_value_that_is_not_json(work: Path, tag: str) -> N
 # --- failures, retries, options ----------------------------------------------------------
 
 
+def summary_details(stderr: str) -> list[str]:
+    """The lines the summary adds under its closing line: the failures it names, and where they are."""
+    lines = stderr.splitlines()
+    at = max(i for i, line in enumerate(lines) if line.startswith("procqueue run: "))
+    assert all(line.startswith("  ") for line in lines[at + 1 :]), lines[at:]
+    return [line[2:] for line in lines[at + 1 :]]
+
+
+@pytest.mark.parametrize("mode", [[], ["--unordered", "--workers", "2", "--errors", "bad.jsonl"]])
+def test_summary_names_the_first_failed_lines_and_where_the_rest_are(work: Path, tag: str, mode: list[str]) -> None:
+    lines = [json.dumps({"id": f"r{i}", "x": i, "boom": i in (2, 8, 11, 14)}).encode() for i in range(30)]
+    lines[1] = b'{"id": "torn", "x": '
+    lines[4] = json.dumps({"id": "r4", "x": 4, "long": True}).encode()
+    lines[5] = b"\xff is not UTF-8"
+    (work / "in.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    got = cli(["run", "h:loud", "-i", "in.jsonl", "-o", "out.jsonl", *mode], work, tag)
+    assert got.returncode == 1, got.stderr
+    assert "23 ok, 7 failed, 0 retried" in got.stderr
+    details = summary_details(got.stderr)
+    assert details[0] == "line 2: not valid JSON: Expecting value: line 1 column 21 (char 20)"
+    assert details[1] == "line 3: ValueError: boom on record r2"
+    assert details[2].startswith("line 5: ValueError: a long message xxxx") and details[2].endswith("x...")
+    assert len(details[2]) <= 100  # 300 KB and two lines in the record, one line here
+    assert details[3] == "line 6: not valid JSON: 'utf-8' codec can't decode byte 0xff in position 0: " + (
+        "invalid start byte"
+    )
+    assert details[4] == "line 9: ValueError: boom on record r8"
+    where = "bad.jsonl" if mode else "out.jsonl"
+    assert details[5:] == [f"... and 2 more; see the error records in {where}"]  # lines 12 and 15
+    records = by_line(read_records(work / where))
+    assert sorted(records) == ([2, 3, 5, 6, 9, 12, 15] if mode else list(range(1, 31)))
+    assert len(records[5]["error"]["message"]) > 300_000
+
+
+def test_summary_names_bad_csv_rows_when_the_records_go_to_stdout(work: Path, tag: str) -> None:
+    got = cli(["run", "h:upper", "--format", "csv"], work, tag, stdin="id,name\n1,ann\n2,bob,extra\n3\n")
+    assert got.returncode == 1, got.stderr
+    assert len(got.stdout.splitlines()) == 3
+    assert summary_details(got.stderr) == [
+        "line 3: has 3 fields where the header has 2",
+        "line 4: has 1 fields where the header has 2",
+        "see the error records in the output (stdout)",
+    ]
+    ok = cli(["run", "h:upper", "--format", "csv"], work, tag, stdin="id,name\n1,ann\n")
+    assert ok.returncode == 0 and summary_details(ok.stderr) == [], ok.stderr
+
+
+DEADLOCK_HANDLER = """
+import os
+
+def big_error_or_death(rec):
+    if (rec["x"] + 1) % 7 == 0:
+        os._exit(3)
+    raise ValueError("x" * 300_000)
+"""
+
+
+def test_large_error_records_and_worker_deaths_do_not_deadlock(work: Path, tag: str) -> None:
+    """Regression: error records larger than the 64 KiB control pipe, sent while
+    workers die, once hung the run for good (10 of 300 records written, then nothing)."""
+    (work / "deadlock.py").write_text(DEADLOCK_HANDLER)
+    write_jsonl(work / "in.jsonl", [{"id": i, "x": i} for i in range(300)])
+    env = {**os.environ, "PROCQUEUE_TEST_TAG": tag}
+    args = [SCRIPT, "run", "deadlock:big_error_or_death", "-i", "in.jsonl", "-o", "out.jsonl", "--retries", "0"]
+    with (work / "stderr.txt").open("wb") as err:
+        proc = subprocess.Popen(args, cwd=work, env=env, stdout=subprocess.DEVNULL, stderr=err)
+        try:
+            status = proc.wait(60)
+        except subprocess.TimeoutExpired:
+            pool = psutil.Process(proc.pid).children(recursive=True)
+            proc.kill()
+            proc.wait(10)
+            for child in pool:  # the forkserver, the collector, the workers: by pid
+                with contextlib.suppress(psutil.Error):
+                    child.kill()
+            written = len((work / "out.jsonl").read_bytes().splitlines())
+            pytest.fail(f"procqueue run hung: {written} of 300 records written after 60 s")
+    stderr = (work / "stderr.txt").read_text()
+    assert status == 1, stderr
+    rows = by_line(read_records(work / "out.jsonl"))
+    assert sorted(rows) == list(range(1, 301))
+    crashed = {n for n, rec in rows.items() if rec["error"]["type"] == "WorkerCrashed"}
+    assert crashed == set(range(7, 301, 7)), stderr
+    assert all("x" * 300_000 in rows[n]["error"]["message"] for n in rows if n not in crashed)
+    assert "0 ok, 300 failed" in stderr
+
+
 def test_errors_file_retries_crash_and_timeout(work: Path, tag: str) -> None:
     recs = [{"id": i, "x": i} for i in range(40)]
     recs[5]["crash"] = True
@@ -228,6 +321,10 @@ def test_errors_file_retries_crash_and_timeout(work: Path, tag: str) -> None:
     assert "exit code 3" in bad[6]["error"]["message"] and bad[6]["id"] == 5
     assert bad[10]["error"]["type"] == "TaskTimeout" and bad[10]["error"]["attempts"] == 2
     assert "38 ok, 2 failed, 2 retried" in got.stderr
+    named = summary_details(got.stderr)
+    assert named[0].startswith("line 6: WorkerCrashed: ") and "exit code 3" in named[0]
+    assert named[1].startswith("line 10: TaskTimeout: ")
+    assert named[2:] == ["see the error records in bad.jsonl"]
 
 
 def test_priority_field_runs_urgent_records_first(work: Path, tag: str) -> None:

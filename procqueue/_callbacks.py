@@ -1,0 +1,119 @@
+"""Where user code that the pool's own threads would otherwise run goes instead.
+
+The manager thread moves every message of the pool; if it ran a future's
+done-callback (which may block, submit into a full pool or raise
+`SystemExit`), one bad callback would stall or break the pool. So a future
+settled by the manager hands its callbacks to a `Runner`: threads of its own
+that run them in order. A callback stuck for longer than `STUCK` seconds gets
+company: the next callbacks start on a fresh thread (up to `MAX_THREADS`), so
+a blocked callback costs its own task only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from typing import Any
+
+log = logging.getLogger("procqueue")
+
+STUCK = 0.5  # seconds a callback may run before the next ones get a thread of their own
+MAX_THREADS = 16
+IDLE_EXIT = 2.0  # seconds an extra thread waits for work before it ends
+
+_internal = threading.local()
+
+
+def mark_internal() -> None:
+    """Called first thing by the pool's own threads (manager, sampler)."""
+    _internal.on = True
+
+
+def on_internal_thread() -> bool:
+    """On one of the pool's own threads, or inside `deferring()`: hand user code to a runner."""
+    return bool(getattr(_internal, "on", False) or getattr(_internal, "deferring", 0))
+
+
+@contextlib.contextmanager
+def deferring() -> Iterator[None]:
+    """While the engine lock is held on a user's thread (cancelling futures at
+    shutdown), callbacks go to the runner instead of running under the lock."""
+    _internal.deferring = getattr(_internal, "deferring", 0) + 1
+    try:
+        yield
+    finally:
+        _internal.deferring -= 1
+
+
+class Runner:
+    """Threads that run user callbacks handed over by the pool's own threads."""
+
+    def __init__(self) -> None:
+        self._cv = threading.Condition(threading.Lock())
+        self._queue: deque[Callable[[], Any]] = deque()
+        self._threads: list[threading.Thread] = []
+        self._busy: dict[threading.Thread, float] = {}  # thread -> when its current callback started
+        self._closing = False
+        self._reported = False
+
+    def post(self, fn: Callable[[], Any]) -> None:
+        """Run `fn` soon, on a runner thread (never blocks)."""
+        with self._cv:
+            self._queue.append(fn)
+            idle = len(self._threads) - len(self._busy)
+            now = time.monotonic()
+            stuck = all(now - t0 > STUCK for t0 in self._busy.values())
+            if (idle <= 0 and (not self._threads or stuck)) and len(self._threads) < MAX_THREADS:
+                thread = threading.Thread(target=self._serve, name="procqueue-callbacks", daemon=True)
+                self._threads.append(thread)
+                thread.start()
+            else:
+                self._cv.notify()
+
+    def close(self) -> None:
+        """Threads end once the queue is empty."""
+        with self._cv:
+            self._closing = True
+            self._cv.notify_all()
+
+    def join(self, timeout: float | None = None) -> None:
+        """Wait for the threads to finish what was posted (not from one of them)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        me = threading.current_thread()
+        for thread in list(self._threads):
+            if thread is not me:
+                thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+
+    def _serve(self) -> None:
+        me = threading.current_thread()
+        while True:
+            with self._cv:
+                while not self._queue:
+                    if self._closing:
+                        self._threads.remove(me)
+                        return
+                    extra = me is not self._threads[0]
+                    if not self._cv.wait(IDLE_EXIT if extra else None) and extra and not self._queue:
+                        self._threads.remove(me)
+                        return
+                fn = self._queue.popleft()
+                self._busy[me] = time.monotonic()
+            try:
+                fn()
+            except BaseException as exc:  # the callback's own failure; the pool goes on
+                self._report(exc)
+            finally:
+                with self._cv:
+                    self._busy.pop(me, None)
+
+    def _report(self, exc: BaseException) -> None:
+        # Logged as concurrent.futures does for a raising callback; the first with its traceback.
+        if not self._reported:
+            self._reported = True
+            log.error("procqueue: a done-callback raised %s", type(exc).__name__, exc_info=exc)
+        else:
+            log.error("procqueue: a done-callback raised %s", type(exc).__name__)
