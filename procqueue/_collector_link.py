@@ -27,7 +27,8 @@ from typing import Any
 
 from . import _collector
 from . import _messages as m
-from ._supervisor import widen_pipe
+from ._serialization import unrunnable_main_hidden
+from ._supervisor import ensure_headroom, widen_pipe
 
 CONTROL, LINK = 0, 1
 
@@ -54,6 +55,7 @@ class CollectorLink:
     def start(self, pdeathsig: bool) -> None:
         """Start a collector; on failure nothing it made stays open (OSError goes up)."""
         made: list[Any] = []
+        ensure_headroom()
         try:
             control_r, control_w = self.ctx.Pipe(duplex=False)
             made += [control_r, control_w]
@@ -68,10 +70,12 @@ class CollectorLink:
                 args=(pdeathsig, control_r, links_r, results_w, self.token, self.counters, self.frame_limit, self.sink),
                 name="procqueue-collector",
             )
-            proc.start()
+            with unrunnable_main_hidden():
+                proc.start()
         except BaseException:
             for obj in made:
                 obj.close()
+            _close_half_started(locals().get("proc"))
             raise
         for obj in (control_r, links_r, results_w):
             obj.close()
@@ -178,6 +182,9 @@ class CollectorLink:
             if proc.exitcode is None:
                 proc.kill()
                 proc.join(2.0)
+            if proc.exitcode is not None:
+                proc.close()  # its sentinel too
+            self.process = None
         with self.lock:
             self._drop_locked()
             for end in (self.results, self.control_w, self.links_w):
@@ -185,3 +192,13 @@ class CollectorLink:
                     end.close()
             self.results = self.control_w = None
             self.links_w = None
+
+
+def _close_half_started(proc: Any) -> None:
+    """A process object whose start failed part way may hold a sentinel: end and close it."""
+    if proc is None or getattr(proc, "_popen", None) is None:
+        return
+    with contextlib.suppress(Exception):
+        proc.kill()
+        proc.join(2.0)
+        proc.close()

@@ -153,6 +153,7 @@ class Engine(Outcomes):
     """The running pool behind `Pool`: processes, manager thread, books."""
 
     def __init__(self, cfg: Config) -> None:
+        _refuse_in_bootstrapping_child(cfg.start_method)
         self.cfg = cfg
         # What can fail on bad input fails before any process or thread starts.
         init = _pickle_initializer(cfg)
@@ -161,7 +162,7 @@ class Engine(Outcomes):
             self._start(cfg, init)
         except BaseException as exc:
             self._abort_start()
-            if isinstance(exc, OSError):
+            if isinstance(exc, OSError | EOFError):  # EOFError: the fork server could not take our descriptors
                 raise PoolStartError(_start_advice(exc)) from exc
             raise
         _live.add(self)
@@ -768,13 +769,17 @@ class Engine(Outcomes):
             barren = exitcode not in (0, -signal.SIGKILL) and running is None
             barren = barren and not slot.productive and not slot.retiring and reason is None
             self._barren_deaths = self._barren_deaths + 1 if barren else 0
+            unguarded = exitcode == _worker.EXIT_UNGUARDED_MAIN and not slot.productive
             if (
-                self.phase == "running"
+                not unguarded
+                and self.phase == "running"
                 and self.broken is None
                 and not init_failed
                 and self._barren_deaths < MAX_BARREN_DEATHS
             ):
                 self._spawn(slot)
+        if unguarded and self.broken is None:
+            self._break(PoolBroken(f"a worker process re-ran the main script and reached Pool(): {UNGUARDED}"))
         if self._barren_deaths >= MAX_BARREN_DEATHS and self.broken is None:
             self._break(
                 PoolBroken(
@@ -807,7 +812,16 @@ class Engine(Outcomes):
             with contextlib.suppress(KeyError, ValueError):
                 self.sel.unregister(self._out_fd)
             self._out_fd = None
+        if old.process is not None:
+            old.process.join(1.0)  # its exit code, not None: the sentinel fires before it is reaped
         exitcode = old.process.exitcode if old.process is not None else None
+        if exitcode == _worker.EXIT_UNGUARDED_MAIN:
+            self._break(
+                PoolBroken(f"the pool's collector process re-ran the main script and reached Pool(): {UNGUARDED}")
+            )
+            with self.lock:
+                self.phase = "done"
+            return
         if self.phase in ("draining", "done"):
             with self.lock:
                 self.phase = "done"  # every worker had ended and been settled
@@ -919,10 +933,13 @@ def _preload_in_forkserver() -> None:
     effect when the server starts; what is preloaded already stays)."""
     from multiprocessing import forkserver
 
-    have = list(getattr(forkserver._forkserver, "_preload_modules", ["__main__"]))
-    want = [m for m in ("procqueue._worker", "procqueue._collector") if m not in have]
-    if want:
-        forkserver.set_forkserver_preload(have + want)
+    # Not '__main__': on 3.11 it is never run there anyway, and where it is (3.13.x+)
+    # a script fed on stdin would fail in the server, an unguarded one start a pool there.
+    now = getattr(forkserver._forkserver, "_preload_modules", None)
+    have = [m for m in now or [] if m != "__main__"]
+    want = have + [m for m in ("procqueue._worker", "procqueue._collector") if m not in have]
+    if want != now:
+        forkserver.set_forkserver_preload(want)
 
 
 def _pickle_initializer(cfg: Config) -> bytes | None:
@@ -938,6 +955,25 @@ def _pickle_initializer(cfg: Config) -> bytes | None:
             what=repr(cfg.initializer),
             task_id=None,
         ) from exc
+
+
+UNGUARDED = (
+    "with the spawn and forkserver start methods every process of the pool imports the main script again "
+    "(as __mp_main__), so its module-level code runs in each of them. Put the code that creates and uses "
+    'the Pool under `if __name__ == "__main__":` (or in a function called from there)'
+)
+
+
+def _refuse_in_bootstrapping_child(method: str) -> None:
+    """A child of a pool re-running an unguarded main script reached Pool(): say so
+    and exit with a code the parent turns into the same advice."""
+    if not getattr(multiprocessing.current_process(), "_inheriting", False):
+        return
+    sys.stderr.write(
+        f"procqueue: a child process (pid {os.getpid()}) reached Pool() while importing the main script: {UNGUARDED}\n"
+    )
+    sys.stderr.flush()
+    os._exit(_worker.EXIT_UNGUARDED_MAIN)
 
 
 def _frame_limit() -> int:
@@ -962,16 +998,17 @@ def _start_hint() -> str:
     return hint
 
 
-def _start_advice(exc: OSError) -> str:
+def _start_advice(exc: OSError | EOFError) -> str:
     """What to do when Pool() could not start its processes."""
     import errno
 
     what = f"{type(exc).__name__}: {exc}"
-    if exc.errno in (errno.EMFILE, errno.ENFILE):
+    code = getattr(exc, "errno", None)
+    if code in (errno.EMFILE, errno.ENFILE) or isinstance(exc, EOFError):
         fix = "the process is out of file descriptors: close some, or raise the limit (ulimit -n)"
-    elif exc.errno in (errno.EROFS, errno.ENOSPC, errno.EACCES) or "/dev/shm" in str(exc):
+    elif code in (errno.EROFS, errno.ENOSPC, errno.EACCES) or "/dev/shm" in str(exc):
         fix = "shared memory is unavailable: mount a writable /dev/shm (in Docker: --shm-size=256m)"
-    elif exc.errno in (errno.EAGAIN, errno.ENOMEM):
+    elif code in (errno.EAGAIN, errno.ENOMEM):
         fix = "the system would not start another process (ulimit -u, memory): free some, or use fewer workers"
     else:
         fix = "see the cause below"

@@ -92,6 +92,8 @@ class Outcomes:
                 slot.productive = True
                 slot.idle_since = None
             slot.tasks_done += msg.count
+            if slot.pid == msg.pid and any(e.fault == m.Fault.HANDLER_UNPICKLE for e in msg.errors):
+                slot.known.pop(head.handler.id, None)  # it does not hold it: send the bytes again next time
             self._barren_deaths = 0
             counts.attempts += msg.count
             counts.completed += msg.count - len(msg.errors)

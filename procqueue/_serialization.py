@@ -3,11 +3,14 @@ and precise about what failed when nothing works."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import pickle
 import struct
 import sys
+import threading
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, cast
 
 import cloudpickle
@@ -17,8 +20,37 @@ _MAIN = b"__main__"
 
 def _main_is_importable() -> bool:
     """A worker has our `__main__` when it is a file: fork inherits it, spawn and
-    forkserver run it again as `__mp_main__`. Not so for `python -c`, stdin or a notebook."""
-    return bool(getattr(sys.modules.get("__main__"), "__file__", None))
+    forkserver run it again as `__mp_main__`. Not so for `python -c`, a script fed
+    on stdin (`python - < job.py`, whose `__file__` is '<stdin>') or a notebook."""
+    main = sys.modules.get("__main__")
+    if getattr(getattr(main, "__spec__", None), "name", None):
+        return True  # python -m module
+    path = getattr(main, "__file__", None)
+    if not path:
+        return False
+    from multiprocessing import process
+
+    return os.path.isfile(os.path.join(getattr(process, "ORIGINAL_DIR", None) or "", path))
+
+
+_hide_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def unrunnable_main_hidden() -> Iterator[None]:
+    """While a child starts: hide a `__main__.__file__` that is no file ('<stdin>'),
+    which spawn and forkserver children would try to run again and die of."""
+    with _hide_lock:
+        main = sys.modules.get("__main__")
+        path = getattr(main, "__file__", None)
+        if path is None or _main_is_importable():
+            yield
+            return
+        del main.__file__  # type: ignore[union-attr]
+        try:
+            yield
+        finally:
+            main.__file__ = path  # type: ignore[union-attr]
 
 
 def dumps(obj: Any, buffer_callback: Callable[[pickle.PickleBuffer], Any] | None = None) -> bytes:

@@ -33,6 +33,7 @@ from typing import Any
 from . import _messages as m
 from . import _worker
 from ._dispatcher import Batch
+from ._serialization import unrunnable_main_hidden
 
 PIPE_SIZE = 1 << 20  # bytes: a big batch crosses in one write, not in 16 wake-ups of the manager
 WRITEV_MAX = 512  # buffers per writev (IOV_MAX is at least 1024)
@@ -105,6 +106,7 @@ class Supervisor:
         """Start a worker in `slot`; returns the collector's end of its socket pair.
         On failure (OSError: out of descriptors, say) nothing is left open."""
         made: list[Any] = []
+        ensure_headroom()
         try:
             task_r, task_w = self.ctx.Pipe(duplex=False)
             made += [task_r, task_w]
@@ -119,10 +121,14 @@ class Supervisor:
                 args=(slot.index, task_r, theirs, self.token, self._markers, fault_w, self.init, self._pdeathsig()),
                 name=f"procqueue-worker-{slot.index}",
             )
-            proc.start()
+            with unrunnable_main_hidden():
+                proc.start()
         except BaseException:
             for obj in made:
                 obj.close()
+            from ._collector_link import _close_half_started
+
+            _close_half_started(locals().get("proc"))
             raise
         for obj in (task_r, fault_w, theirs):
             obj.close()
@@ -278,6 +284,25 @@ class Supervisor:
         slot.pid = slot.pidfd = slot.death_fd = -1
         slot.idle_since = None
         return exitcode, text.decode("utf-8", "replace")
+
+
+HEADROOM = 16  # descriptors a process start needs, counting multiprocessing's own
+
+
+def ensure_headroom() -> None:
+    """Raise EMFILE before starting a process that would run out of descriptors half
+    way: multiprocessing's fork server client leaks a pipe when its second
+    `os.pipe()` fails, so the start must not begin without room for all."""
+    import errno
+    import resource
+
+    try:
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        used = len(os.listdir("/proc/self/fd"))
+    except (OSError, ValueError):
+        return
+    if soft != resource.RLIM_INFINITY and used + HEADROOM > soft:
+        raise OSError(errno.EMFILE, f"{used} of {soft} file descriptors are open; starting a process needs more")
 
 
 def _pidfd(pid: int) -> int:

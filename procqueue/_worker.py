@@ -43,7 +43,22 @@ LOADING = -2  # index: unpickling the batch's handler or arguments
 SOCKET_BUFFER = 4 << 20
 EXIT_INIT_FAILED = 3
 EXIT_ORPHANED = 4
+EXIT_UNGUARDED_MAIN = 5  # a child re-ran an unguarded main script and reached Pool()
 PR_SET_PDEATHSIG = 1
+
+
+def _let_fork_server_go() -> None:
+    """A fork server child inherits the server's own "alive" pipe, and the server
+    exits only when every copy is closed: ours would keep it (and, through
+    PDEATHSIG, us) alive after the pool's process died. We never use it."""
+    from multiprocessing import forkserver
+
+    server: Any = forkserver._forkserver
+    fd = getattr(server, "_forkserver_alive_fd", None)
+    if fd is not None and parent_process() is not None:
+        server._forkserver_alive_fd = None
+        with contextlib.suppress(OSError):
+            os.close(fd)
 
 
 def die_with_parent() -> None:
@@ -52,6 +67,7 @@ def die_with_parent() -> None:
     starts us from a thread that lives as long as the pool (see `Supervisor`)."""
     if not sys.platform.startswith("linux"):
         return
+    _let_fork_server_go()
     try:
         import ctypes
 

@@ -149,9 +149,9 @@ def test_pool_channels_are_private() -> None:
         for pid in _pool_pids(pool):
             for fd in os.listdir(f"/proc/{pid}/fd"):
                 target = os.readlink(f"/proc/{pid}/fd/{fd}")
-                if target.startswith("/") and not target.startswith(("/dev/", "/proc/")) and os.path.exists(target):
-                    if os.stat(target).st_uid == os.getuid() and "procqueue" in target:
-                        assert os.stat(target).st_mode & 0o077 == 0, target
+                ours = target.startswith("/") and not target.startswith(("/dev/", "/proc/")) and "procqueue" in target
+                if ours and os.path.exists(target) and os.stat(target).st_uid == os.getuid():
+                    assert os.stat(target).st_mode & 0o077 == 0, target
 
 
 # --- the frame reader, on arbitrary bytes -----------------------------------------------
