@@ -5,36 +5,44 @@
     parent process                          worker processes (N)         collector process
     ──────────────                          ────────────────────         ─────────────────
     submit()/map() ──► Dispatcher heap       loop: recv RunBatch,
-      (priority, arrival), bounded by          run handler per item,     accept worker sockets;
-      `capacity`; backpressure                 write marker per item,    account every attempt:
-                                               send BatchDone ─────────► ok / raised / crashed /
-    manager thread (one selector loop):        (own socket each) ──────► timed out; retry or final;
-      dispatch ── own pipe per worker ──►                                counters in shared memory;
-      (~40 ms of work queued per worker,                                 with a sink (procqueue run):
-       so priority holds at dispatch)                                    values to the output file,
-                                                                         in order (`_sink.py`)
+      (priority, arrival), bounded by          run handler per item,     reads every worker's socket
+      `capacity`; backpressure                 write marker per item,    (token first, then frames);
+                                               send BatchDone ─────────► forwards each outcome as bytes,
+    manager thread (one selector loop):        (own socket pair each) ─► never unpickled; counts what
+      dispatch ── own pipe per worker ──►                                it forwarded; with a sink
+      (~40 ms of work queued per worker,                                 (procqueue run): values to the
+       so priority holds at dispatch)                                    output file, in order (`_sink.py`)
                                                                                │
       results ◄──── BatchResult + the worker's value bytes, WorkerGone ◄───────┘
-      sentinels: a dead worker ──► WorkerLost ──► collector drains its socket, charges
-      deadlines: task timeouts (kill), retry backoffs (re-enter the heap)
-      futures and map chunks settled; callbacks run outside the lock
+      judge each failed attempt (`_retry.py`: retry after backoff, final, requeue), keep the books
+      deaths (pidfds): a dead worker ──► WorkerLost ──► collector reads what it left ──► charge or not
+      deadlines: task timeouts (kill), stalled workers (kill, requeue), retry backoffs, respawns
+      futures and map chunks settled, their values still pickled; callbacks to the runner thread
+      the collector's death: another collector, fresh workers, in-flight work again (uncharged)
 
 Actors, what they read, write and own:
 
 - user threads: push runs into the heap under the lock (`enqueue`), wait on
-  the condition for room (backpressure "block") or for map chunks.
+  the condition for room (backpressure "block") or for map chunks; unpickle
+  the values and errors they read (`_results.py`), so user code in a result
+  costs only the thread that reads it.
 - manager thread: owns the selector, the dispatcher (`_dispatcher.py`), the
-  supervisor (`_supervisor.py`: processes, timeouts), every write to a task
-  pipe, every read of the results pipe, and the settling of outcomes into
-  futures and map chunks (`_outcomes.py`, `_results.py`). It sleeps in one
-  `select()` whose timeout is the nearest deadline (a retry's backoff or a
-  task timeout), never a fixed tick.
+  supervisor (`_supervisor.py`: processes, timeouts, stalls), every write to
+  a task pipe, the outbox to the collector and every read of the results
+  pipe (`_collector_link.py`), the books and every retry decision
+  (`_outcomes.py`). It sleeps in one `select()` whose timeout is the nearest
+  deadline, never a fixed tick, and runs no user code: done-callbacks go to
+  the callback runner (`_callbacks.py`).
 - workers (`_worker.py`): each reads only its own pipe and writes only its
   own socket, so a worker killed mid-write tears nothing another process
   reads from, and no lock is shared: there is no shared queue to poison
   (the failure mode of `multiprocessing.Queue`, pebble issue 163).
-- collector (`_collector.py`): the only writer of the counters and the only
-  judge of retry-or-final. Values pass through it as bytes.
+- collector (`_collector.py`): forwards; decides nothing, so killing it
+  loses no decision and no count.
+
+No process listens: every channel is a pipe or a socket pair made here and
+handed down; a worker's socket reaches the collector as a descriptor over
+the links socket. See README's Security section for the threat model.
 
 A map over a list, tuple or range skips the heap: the manager cuts its
 batches straight from the sequence whenever nothing in the heap outranks it,

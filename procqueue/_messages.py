@@ -1,6 +1,6 @@
 """Every message that crosses a process boundary, and the life of a task.
 
-The wiring of the processes is drawn in `_pool.py`; this module only says what
+The wiring of the processes is drawn in `_engine.py`; this module only says what
 travels on each channel. A frame on any channel is the length prefix that
 `multiprocessing.connection` uses, then a 4-byte header length, the pickled
 header (one of the dataclasses below) and an optional body of raw bytes that
