@@ -794,3 +794,37 @@ def test_item4_an_abandoned_map_releases_the_pool(eager_gc: None) -> None:
                 _close(pool)
             s = _at_rest(pool)
             assert s.failed == 0, (how, kind, s)
+
+
+# --- item 16 -----------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("when", ["idle", "busy"])
+def test_item16_a_killed_collector_is_replaced_and_nothing_is_lost_or_counted_twice(when: str) -> None:
+    """Item 16: SIGKILL the collector (idle, or with work in flight): the pool starts another,
+    every task ends exactly once with its right value, and the books count each once."""
+    pool = pq.Pool(workers=2)
+    try:
+        assert pool.submit(h.square, 2).result(timeout=30) == 4
+        first = pool.stats().collector
+        assert first is not None
+        futs = [pool.submit(h.sleep_then, i, 0.02) for i in range(60)] if when == "busy" else []
+        os.kill(first.pid, signal.SIGKILL)
+        futs += [pool.submit(h.square, i) for i in range(60, 100)]
+        got = [f.result(timeout=60) for f in futs]
+        want = list(range(60)) + [i * i for i in range(60, 100)] if when == "busy" else [i * i for i in range(60, 100)]
+        assert got == want
+        assert list(pool.map(h.square, range(500))) == [i * i for i in range(500)]
+        deadline = time.monotonic() + 5
+        second = pool.stats().collector
+        while (second is None or second.pid == first.pid) and time.monotonic() < deadline:
+            time.sleep(0.2)  # a new pid shows once the monitor has sampled it
+            second = pool.stats().collector
+        assert second is not None and second.pid != first.pid and psutil.pid_exists(second.pid)
+    finally:
+        _close(pool)
+    s = _at_rest(pool)
+    total = 1 + len(futs) + 500
+    assert s.submitted == s.completed == total and s.failed == 0
+    assert s.crashed == 0 and s.timed_out == 0  # the collector's death is charged to no task
