@@ -135,6 +135,8 @@ class Future(concurrent.futures.Future):  # type: ignore[type-arg]
 
     def _invoke_callbacks(self) -> None:
         invoke = super()._invoke_callbacks  # type: ignore[misc]
+        if not self._done_callbacks:  # type: ignore[attr-defined]
+            return
         if self._runner is not None and on_internal_thread():
             self._runner.post(invoke)
         else:
