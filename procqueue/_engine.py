@@ -767,7 +767,8 @@ class Engine(Outcomes):
         with self.lock:
             unmarked = running is not None and running[1] == _worker.UNMARKED
             # A worker we killed for being stalled, or because its collector died, is not its task's fault.
-            charge = reason not in ("stalled", "collector")
+            # Exit 4: it lost its collector (killed), which is not its task's fault either.
+            charge = reason not in ("stalled", "collector") and exitcode != _worker.EXIT_ORPHANED
             self.lost[pid] = _Lost(slot, batches, at, exitcode, fault_text, unmarked, charge)
             slot.batches = {}
             init_failed = exitcode == _worker.EXIT_INIT_FAILED and tasks_sent == 0
