@@ -19,7 +19,7 @@ from typing import Any
 from . import _messages as m
 from ._errors import SerializationError
 from ._results import Chunk, Sink
-from ._serialization import describe, dumps, dumps_body, dumps_callable, name_bad_argument
+from ._serialization import _text, describe, dumps, dumps_body, dumps_callable, name_bad_argument
 
 TARGET_BATCH_NS = 20_000_000  # auto chunksize aims at batches of about 20 ms of tiny tasks,
 LONG_TASK_NS = 100_000  # ... and for tasks longer than this (their batch overhead is already
@@ -116,6 +116,15 @@ class Run:
 
     def key(self) -> tuple[int, int, int, int, float | None, bool]:
         return (self.handler.id, self.call, self.attempt, self.retries, self.timeout, self.careful)
+
+    def part(self, j: int, n: int, careful: bool = False) -> Run:
+        """Items `j .. j+n-1` again, uncharged (a dead worker held them): same ids, sink
+        slots and place in line, batched as the rest of the run is."""
+        return Run(
+            self.handler, self.items[j : j + n], self.call, self.sink, self.first_id + j, self.priority,
+            self.seq, self.attempt, self.retries, self.timeout, self.chunksize, self.base + j, 0, self.solo,
+            careful or self.careful, self.by_value,
+        )  # fmt: skip
 
     def single(self, j: int, attempt: int, solo: bool = False, careful: bool = False, by_value: bool = False) -> Run:
         """Item `j` alone, as a retry or a requeue keeps it: same task id, sink slot and place in line."""
@@ -304,18 +313,7 @@ def encode_items(
             try:
                 dumps(item)
             except Exception:
-                args, kwargs = _call_args(run.call, item)
-                what, exc = name_bad_argument(args, kwargs)
-                err = SerializationError(
-                    f"task {run.first_id + j}: {what} could not be pickled"
-                    + (f": {type(exc).__name__}: {exc}" if exc else "")
-                    + "; pass something picklable (or build it inside the handler)",
-                    stage="argument",
-                    what=what,
-                    task_id=run.first_id + j,
-                )
-                err.__cause__ = exc
-                reject(run, j, err)
+                reject(run, j, argument_error(run.first_id + j, run.call, item))
                 if run_start is not None:
                     kept.append((run, run_start, j - run_start))
                     run_start = None
@@ -326,6 +324,22 @@ def encode_items(
         if run_start is not None:
             kept.append((run, run_start, start + count - run_start))
     return (dumps_body(good) if good else []), kept
+
+
+def argument_error(task_id: int, call: m.Call, item: Any) -> SerializationError:
+    """The error of a task whose arguments do not pickle, naming the one that does not."""
+    args, kwargs = _call_args(call, item)
+    what, exc = name_bad_argument(args, kwargs)
+    err = SerializationError(
+        f"task {task_id}: {what} could not be pickled"
+        + (f": {type(exc).__name__}: {_text(exc)}" if exc else "")
+        + "; pass something picklable (or build it inside the handler)",
+        stage="argument",
+        what=what,
+        task_id=task_id,
+    )
+    err.__cause__ = exc
+    return err
 
 
 def _call_args(call: m.Call, item: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:

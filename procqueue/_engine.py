@@ -75,6 +75,7 @@ import weakref
 from collections.abc import Callable
 from concurrent.futures import CancelledError
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from . import _collector, _worker
@@ -331,6 +332,15 @@ class Engine(Outcomes):
             self._accept(run)
             self.wake()
 
+    def reject_new(self, run: Run, exc: BaseException, later: Later) -> None:
+        """A submitted task that failed before it was queued (it would not pickle)."""
+        with self.cv:
+            self.check_open()
+            self._account_new(run, len(run.items))
+            self._moves(run, 0, len(run.items), S.PENDING)
+            for j in range(len(run.items)):
+                self._reject(run, j, exc, later)
+
     def _accept(self, run: Run) -> None:
         n = len(run.items)
         self._account_new(run, n)
@@ -361,8 +371,18 @@ class Engine(Outcomes):
                 # Something more urgent or older waits in the heap; at a tie, the map's own
                 # retries and requeues, which its consumer may be waiting for.
                 return None
+            if self._window_left(f, self.feeder_batch(f)) <= 0:
+                i += 1  # its consumer is not reading (parked, or slow): the next map may go
+                continue
             return f
         return None
+
+    def _window_left(self, f: Any, batch: int) -> int:
+        """How many more of a map's items may be cut before its consumer reads some (lock held)."""
+        if self.closed:  # after shutdown no one may be reading yet: run it all, as Executor.map
+            return int(len(f.seq) - f.pos)
+        window = max(f.limit, 2 * len(self.supervisor.slots) * batch)
+        return int(window - f.stream.outstanding)
 
     def feeder_batch(self, f: Any) -> int:
         """Items per batch cut from a map's input (lock held)."""
@@ -505,11 +525,13 @@ class Engine(Outcomes):
                 self._respawn_due(now)
                 self.dispatcher.promote(now)
                 before = self.dispatcher.pending
-                self._dispatch(later)
+                reserved = self._dispatch(later)
                 if self.dispatcher.pending < before:
                     self.cv.notify_all()  # room freed: wake blocked submitters and map feeders
-                self._advance_phase()
             run_all(later)
+            self._send_reserved(reserved)
+            with self.lock:
+                self._advance_phase()
             if self.phase == "done":
                 break
             self._watch_outbox()
@@ -598,23 +620,30 @@ class Engine(Outcomes):
 
     # --- dispatch ---------------------------------------------------------------------
 
-    def _dispatch(self, later: Later) -> None:
+    def _dispatch(self, later: Later) -> list[Batch]:
+        """Decide what each worker gets next (lock held); the batches are sent by
+        `_send_reserved`, after the lock is released."""
+        reserved: list[Batch] = []
         if self.phase != "running" or self.broken is not None:
-            return
+            return reserved
         slots = self.supervisor.slots
         heap = self.dispatcher.heap
         progress = True
         while progress:  # round robin, one batch per slot per round
             progress = False
             for slot in slots:
-                if not slot.alive or slot.retiring:
+                if not slot.alive or slot.retiring or self._task_limit(slot) == 0:
                     continue
                 f = self._next_feeder() if self.feeders else None
-                if f is not None and self._has_room(slot, f.handler.est_ns) and self._cut_from_sequence(f, slot, later):
+                batch = None
+                if f is not None and self._has_room(slot, f.handler.est_ns):
+                    batch = self._cut_from_sequence(f, slot)
+                if batch is None and heap and self._has_room(slot, heap[0][-1].handler.est_ns):
+                    batch = self._take_from_heap(slot, later)
+                if batch is not None:
+                    reserved.append(batch)
                     progress = True
-                elif heap and self._has_room(slot, heap[0][-1].handler.est_ns):
-                    self._dispatch_one(slot, later)
-                    progress = True
+        return reserved
 
     def _has_room(self, slot: Slot, est: float | None) -> bool:
         """The prefetch rule: a worker gets a second batch only while what it holds
@@ -636,26 +665,21 @@ class Engine(Outcomes):
         cap = self.cfg.max_tasks_per_worker
         return None if cap is None else cap - slot.tasks_sent
 
-    def _dispatch_one(self, slot: Slot, later: Later) -> None:
-        limit = self._task_limit(slot)
-        while True:
-            segments = self.dispatcher.take(limit, lambda r, s, n: self._on_cancel(r, s, n, later))
-            if not segments or self._send_batch(slot, segments, later):
-                return
+    def _take_from_heap(self, slot: Slot, later: Later) -> Batch | None:
+        segments = self.dispatcher.take(self._task_limit(slot), lambda r, s, n: self._on_cancel(r, s, n, later))
+        return self._reserve(slot, segments) if segments else None
 
-    def _cut_from_sequence(self, f: Any, slot: Slot, later: Later) -> bool:
+    def _cut_from_sequence(self, f: Any, slot: Slot) -> Batch | None:
         """A batch cut straight from a map's list, tuple or range: it never waits in
-        the heap, so `capacity` does not cap its size. False when the map's window
+        the heap, so `capacity` does not cap its size. None when the map's window
         of unconsumed results is full."""
         left = len(f.seq) - f.pos
         n = self.feeder_batch(f)
-        if not self.closed:  # after shutdown no one may be reading yet: run it all, as Executor.map
-            window = max(f.limit, 2 * len(self.supervisor.slots) * n)
-            n = min(n, window - f.stream.outstanding)
+        n = min(n, self._window_left(f, n))
         limit = self._task_limit(slot)
         n = min(n, left, n if limit is None else limit)
         if n <= 0:
-            return False
+            return None
         items = list(f.seq[f.pos : f.pos + n])  # slicing a list, tuple or range runs no user code
         f.pos += n
         run = f.make_run(items, self.reserve_ids_locked(n))
@@ -663,24 +687,12 @@ class Engine(Outcomes):
         self._account_new(run, n)
         self._moves(run, 0, n, S.PENDING)
         run.pos = n
-        self._send_batch(slot, [(run, 0, n)], later)
         if not f.managed:
             self.cv.notify_all()  # its consumer may pull more input
-        return True
+        return self._reserve(slot, [(run, 0, n)])
 
-    def _send_batch(self, slot: Slot, segments: list[tuple[Run, int, int]], later: Later) -> bool:
-        """Encode and send a batch; items that do not pickle fail alone. False when none was left to send."""
-        run = segments[0][0]
-        try:
-            blob = run.handler.wire()
-        except ProcQueueError as exc:
-            for r, s, n in segments:
-                for j in range(s, s + n):
-                    self._reject(r, j, exc, later)
-            return False
-        payload, segments = encode_items(segments, lambda r, j, e: self._reject(r, j, e, later))
-        if not segments:
-            return False
+    def _reserve(self, slot: Slot, segments: list[tuple[Run, int, int]]) -> Batch:
+        """Book a batch to a worker (lock held): it counts as held from now on."""
         count = sum(n for _, _, n in segments)
         batch = Batch(next(self.dispatcher.batch_ids), segments, count, slot.index)
         for r, s, n in segments:
@@ -689,20 +701,60 @@ class Engine(Outcomes):
         slot.batches[batch.batch_id] = batch
         slot.tasks_sent += count
         self.counts.in_flight += count
-        est = run.handler.est_ns
-        careful = run.careful or run.timeout is not None or est is None or est > FAST_ITEM_NS
-        careful = careful or careful_for(segments)
         if len(slot.batches) == 1:
             slot.idle_since = None  # its stall clock starts when it is first seen idle holding this
-        msg = m.RunBatch(
-            batch.batch_id, count, run.handler.id, None if slot.knows(run.handler.id) else blob,
-            run.call, run.attempt, run.retries, careful, run.by_value,
-        )  # fmt: skip
-        self._send(slot, m.frame_parts(msg, payload))
-        cap = self.cfg.max_tasks_per_worker
-        if cap is not None and slot.tasks_sent >= cap:
-            self._retire(slot)
-        return True
+        return batch
+
+    def _send_reserved(self, reserved: list[Batch]) -> None:
+        """Pickle and send the batches `_dispatch` booked. Pickling runs user code
+        (`__reduce__`, `__getstate__`), so it happens without the lock; an item that
+        does not pickle fails alone, naming the argument, and its batch goes back."""
+        later: Later = []
+        for batch in reserved:
+            run = batch.head
+            rejected: list[tuple[Run, int, BaseException]] = []
+            payload: list[bytes | memoryview] = []
+            try:
+                blob = run.handler.wire()
+            except ProcQueueError as exc:
+                blob = b""
+                rejected = [(r, j, exc) for r, s, n in batch.segments for j in range(s, s + n)]
+            else:
+                payload, _ = encode_items(batch.segments, partial(_collect, rejected))
+            with self.cv:
+                slot = self.supervisor.slots[batch.slot]
+                if self.batches.get(batch.batch_id) is not batch or slot.batches.get(batch.batch_id) is not batch:
+                    continue  # settled meanwhile (the pool broke, the worker died)
+                if rejected:
+                    self._unreserve(batch, rejected, later)
+                    continue
+                est = run.handler.est_ns
+                careful = run.careful or run.timeout is not None or est is None or est > FAST_ITEM_NS
+                careful = careful or careful_for(batch.segments)
+                msg = m.RunBatch(
+                    batch.batch_id, batch.count, run.handler.id, None if slot.knows(run.handler.id) else blob,
+                    run.call, run.attempt, run.retries, careful, run.by_value,
+                )  # fmt: skip
+                self._send(slot, m.frame_parts(msg, payload))
+                cap = self.cfg.max_tasks_per_worker
+                if cap is not None and slot.tasks_sent >= cap and not slot.retiring:
+                    self._retire(slot)
+        run_all(later)
+
+    def _unreserve(self, batch: Batch, rejected: list[tuple[Run, int, BaseException]], later: Later) -> None:
+        """Some of a booked batch's items would not pickle: they fail; the rest go back to the heap."""
+        self._finish_batch(batch)
+        slot = self.supervisor.slots[batch.slot]
+        slot.tasks_sent -= batch.count
+        self.counts.in_flight -= batch.count
+        bad = {(id(r), j) for r, j, _ in rejected}
+        for r, j, exc in rejected:
+            self._reject(r, j, exc, later)
+        again = [(r, j) for r, s, n in batch.segments for j in range(s, s + n) if (id(r), j) not in bad]
+        for r, j in again:
+            self._moves(r, j, 1, S.PENDING)
+        self._requeue(again, careful=False)
+        self.cv.notify_all()
 
     # --- outcomes ---------------------------------------------------------------------
 
@@ -983,6 +1035,10 @@ def _refuse_in_bootstrapping_child(method: str) -> None:
     )
     sys.stderr.flush()
     os._exit(_worker.EXIT_UNGUARDED_MAIN)
+
+
+def _collect(into: list[tuple[Run, int, BaseException]], run: Run, j: int, exc: BaseException) -> None:
+    into.append((run, j, exc))
 
 
 def _frame_limit() -> int:

@@ -176,6 +176,7 @@ class Outcomes:
         for batch in lost.batches:
             if batch.batch_id not in self.batches:
                 continue
+            again: list[tuple[Run, int]] = []
             loading = (
                 lost.running is not None and lost.running[0] == batch.batch_id and lost.running[1] == _worker.LOADING
             )
@@ -197,13 +198,25 @@ class Outcomes:
                     self._settle_failure(run, j, fault, 1, later, error, msg.pid)
                 else:  # it never ran (or its outcome was lost with the worker): again, uncharged
                     self._moves(run, j, 1, S.PENDING)
-                    # Died unpickling a batch of several: each alone, to find the one that does it.
-                    alone = loading and charged
-                    self.dispatcher.push(
-                        run.single(j, run.attempt, solo=alone, careful=lost.unmarked or alone), fresh=False
-                    )
+                    if loading and charged:  # died unpickling a batch of several: each alone, to find the one
+                        self.dispatcher.push(run.single(j, run.attempt, solo=True, careful=True), fresh=False)
+                    else:
+                        again.append((run, j))
+            self._requeue(again, careful=lost.unmarked)
             counts.in_flight -= batch.count - batch.done
             self.batches.pop(batch.batch_id, None)
+
+    def _requeue(self, items: list[tuple[Run, int]], careful: bool) -> None:
+        """Put items back in the heap as runs of consecutive items (not one by one: a
+        dead worker may have held a batch of tens of thousands of tiny tasks)."""
+        k = 0
+        while k < len(items):
+            run, j = items[k]
+            n = 1
+            while k + n < len(items) and items[k + n] == (run, j + n):
+                n += 1
+            self.dispatcher.push(run.part(j, n, careful=careful), fresh=False)
+            k += n
 
     def _fail_outstanding(self, exc: BaseException, later: Later) -> None:
         d = self.dispatcher

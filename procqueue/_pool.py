@@ -15,11 +15,13 @@ from typing import IO, TYPE_CHECKING, Any, Literal, TypeVar, cast
 from . import _messages as m
 from ._callbacks import on_internal_thread
 from ._config import BACKPRESSURE, Config, default_start_method, default_workers
-from ._dispatcher import Run
+from ._dispatcher import Run, argument_error
 from ._engine import Engine
+from ._errors import ProcQueueError
 from ._monitor import Monitor, Stats
 from ._results import Chunk, FutureSink, Later, Stream, run_all
 from ._results import Future as Future
+from ._serialization import pickle_arguments
 
 if TYPE_CHECKING:
     from ._sink import SinkSpec
@@ -93,7 +95,18 @@ class Options:
             handler, [item], call, FutureSink(fut), task_id, self.priority, retries=self.retries, timeout=self.timeout
         )
         later: Later = []
-        engine.enqueue(run, pool._cfg.backpressure, self.block_timeout, later)
+        # Pickled here, in the caller's thread: a __reduce__ that blocks or raises costs this call only.
+        try:
+            handler.wire()
+            run.items[0] = pickle_arguments(item)
+        except ProcQueueError as exc:  # the handler would not pickle
+            engine.reject_new(run, exc, later)
+        except KeyboardInterrupt:  # Ctrl-C while pickling is the user's, not the task's
+            raise
+        except BaseException:  # a __reduce__ may raise anything, SystemExit too: this task's failure
+            engine.reject_new(run, argument_error(task_id, call, item), later)
+        else:
+            engine.enqueue(run, pool._cfg.backpressure, self.block_timeout, later)
         run_all(later)
         return fut
 

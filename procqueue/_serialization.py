@@ -102,6 +102,52 @@ def dumps_body(obj: Any, by_value_: bool = False) -> list[bytes | memoryview]:
     return [table, stream, *bufs]
 
 
+class Pickled:
+    """A call's arguments, pickled in the thread that submitted them (their
+    `__reduce__`/`__getstate__` is user code: it must not run on the pool's own
+    thread). Inside a batch it unpickles itself in the worker; buffers of
+    `OUT_OF_BAND` bytes and up stay out of band, uncopied."""
+
+    __slots__ = ("blob", "buffers", "spare")
+
+    def __init__(self, blob: bytes, buffers: list[pickle.PickleBuffer], spare: bytes | None) -> None:
+        self.blob = blob
+        self.buffers = buffers
+        self.spare = spare
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (load_pickled, (self.blob, self.buffers, self.spare))
+
+
+def pickle_arguments(obj: Any) -> Pickled:
+    """`Pickled(obj)`; raises what pickling raised. A pickle that names `__main__`
+    carries a by-value spare, for a worker that cannot resolve the name."""
+    buffers: list[pickle.PickleBuffer] = []
+
+    def keep(pb: pickle.PickleBuffer) -> bool:
+        try:
+            size = pb.raw().nbytes
+        except BufferError:
+            return True
+        if size < OUT_OF_BAND:
+            return True
+        buffers.append(pb)
+        return False
+
+    blob = dumps(obj, keep)
+    spare = by_value(obj) if _MAIN in blob else None
+    return Pickled(blob, buffers, spare)
+
+
+def load_pickled(blob: bytes, buffers: list[Any], spare: bytes | None) -> Any:
+    try:
+        return pickle.loads(blob, buffers=buffers)
+    except Exception:
+        if spare is None:
+            raise
+        return pickle.loads(spare)
+
+
 def loads_body(body: memoryview | bytes | bytearray) -> Any:
     """The inverse of `dumps_body`. Buffers come back writable (numpy arrays built
     on them can be written to), copied only when the frame itself was read-only."""

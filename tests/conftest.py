@@ -15,10 +15,12 @@ T = TypeVar("T")
 START_METHODS = [m for m in ("forkserver", "spawn", "fork") if m in multiprocessing.get_all_start_methods()]
 
 
-def _helpers() -> set[int]:
-    """multiprocessing's own long-lived helpers (forkserver, resource tracker) are not ours to end."""
+def helper_pids(root: psutil.Process | None = None) -> set[int]:
+    """multiprocessing's own long-lived helpers (forkserver, resource tracker) are not ours to end.
+    Only a direct child of `root` (default: us) can be one: the workers and collectors the fork
+    server forks share its command line, and those must be counted."""
     keep = set()
-    for child in psutil.Process().children(recursive=True):
+    for child in (root or psutil.Process()).children(recursive=False):
         try:
             cmd = " ".join(child.cmdline())
         except psutil.Error:
@@ -40,7 +42,7 @@ def _settled(find: Callable[[], list[T]], timeout: float) -> list[T]:
 
 def leftover_children(timeout: float = 5.0) -> list[psutil.Process]:
     def find() -> list[psutil.Process]:
-        helpers = _helpers()
+        helpers = helper_pids()
         return [
             c
             for c in psutil.Process().children(recursive=True)

@@ -188,3 +188,21 @@ def gil_hog(path: str) -> int:
     with open(path, "w") as fh:
         fh.write(str(os.getpid()))
     return sum(range(10**11))
+
+
+class NeedsLock:
+    """Pickling it takes a lock: the caller may hold it while it submits."""
+
+    def __init__(self, lock: Any) -> None:
+        self.lock = lock
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        with self.lock:
+            return (int, (7,))
+
+
+class ExitsWhenPickled:
+    """Pickling it raises SystemExit."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        raise SystemExit(3)

