@@ -280,7 +280,9 @@ class _Feeder:
     def results(self, deadline: float | None, progress: tuple[int | None, str, list[LiveView]] | None) -> Iterator[Any]:
         """The map's results: chunk by chunk in Python, item by item in C."""
         chunks = self._chunks(deadline, progress)
-        self._stop = chunks.close
+        # Weakly: the pool holds this feeder, and a strong reference back to the generator
+        # would keep a dropped map alive (never finalized, never cancelled) until shutdown.
+        self._generator = weakref.ref(chunks)
         results = cast(_MapIterator, _MapIterator.from_iterable(chunks))
         results.chunks = chunks
         return results
@@ -340,6 +342,12 @@ class _Feeder:
                     bar.close()
             if not self.exhausted or self.consumed < self.fed:
                 engine.abandon(self.stream)
+
+    def _stop(self) -> None:
+        """End the map (its results generator), as after a failed task."""
+        gen = self._generator()
+        if gen is not None:
+            gen.close()
 
     def _next_done(self) -> Chunk | None:
         if self.ordered:

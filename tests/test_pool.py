@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures as cf
+import gc
 import itertools
 import os
 import time
@@ -334,17 +335,36 @@ def test_timeout_inf_lifts_the_pool_timeout() -> None:
             pool.submit(h.sleep_then, 2, 0.5).result(timeout=30)
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.timeout(90)
 def test_a_parked_map_does_not_hold_up_the_next_one() -> None:
-    """A map whose consumer stopped reading, with input buffered past its window (its
-    handler turned slow, so its window shrank), must not hold up a later map of the
-    same priority (found by bench/soak.py: the second map waited forever)."""
-    with pq.Pool(workers=2, capacity=16) as pool:
-        assert list(pool.map(h.spin, [0.0] * 20_000)) == [0.0] * 20_000  # tiny: big batches, a big window
-        parked = pool.map(h.spin, (0.0 for _ in range(100_000)))
-        assert next(parked) == 0.0  # it pulled input for a big window; then it is not read again
-        assert [f.result(timeout=30) for f in [pool.submit(h.spin, 30.0) for _ in range(6)]] == [30.0] * 6
-        # the handler now looks slow: the parked map's window shrank below what it holds
-        assert list(pool.map(h.spin, (0.0 for _ in range(300)))) == [0.0] * 300
-        del parked
+    """A map nobody reads, holding input past its window (its handler turned slow, so
+    the window shrank), must not hold up a later map of the same priority (found by
+    bench/soak.py: the second map waited forever, the pool idle)."""
+    with pq.Pool(workers=2, max_tasks_per_worker=5000) as pool:
+        for _ in pool.map(h.spin_if_negative, range(300_000)):  # measured tiny: big batches, a big window
+            pass
+        slow = [pool.submit(h.spin_if_negative, -1) for _ in range(500)]  # 2 ms each, queued first
+        parked = pool.map(h.spin_if_negative, (i for i in range(1_000_000)))  # pulls input for tiny tasks
+        time.sleep(2)
+        assert list(pool.map(h.spin_if_negative, (i for i in range(1000)))) == list(range(1000))
+        assert all(f.result(timeout=60) == -1 for f in slow)
+        parked.close()
+    assert balanced(pool.stats())
+
+
+@pytest.mark.timeout(60)
+def test_a_dropped_map_is_released_without_close() -> None:
+    """Invariant 9: a map over an endless input, read once and dropped (no close()), is
+    finalized by reference counting: nothing of the pool keeps it alive."""
+    import itertools
+    import weakref
+
+    with pq.Pool(workers=2) as pool:
+        it = pool.map(h.square, itertools.count())
+        assert next(it) == 0
+        gen = weakref.ref(it.chunks)  # type: ignore[attr-defined]
+        del it
+        gc.collect()
+        assert gen() is None, "the dropped map is still referenced"
+        assert pool.submit(h.square, 3).result(timeout=30) == 9
     assert balanced(pool.stats())
