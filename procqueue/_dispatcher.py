@@ -113,9 +113,10 @@ class Run:
     solo: bool = False  # never merge with other runs (its batch once failed to unpickle)
     careful: bool = False  # mark every item: a worker died in an unmarked batch holding it
     by_value: bool = False  # pickle the items with cloudpickle: by reference they did not unpickle
+    packed: bool = False  # each item is already pickled (a submit's, in its caller's thread)
 
-    def key(self) -> tuple[int, int, int, int, float | None, bool]:
-        return (self.handler.id, self.call, self.attempt, self.retries, self.timeout, self.careful)
+    def key(self) -> tuple[int, int, int, int, float | None, bool, bool]:
+        return (self.handler.id, self.call, self.attempt, self.retries, self.timeout, self.careful, self.packed)
 
     def part(self, j: int, n: int, careful: bool = False) -> Run:
         """Items `j .. j+n-1` again, uncharged (a dead worker held them): same ids, sink
@@ -123,7 +124,7 @@ class Run:
         return Run(
             self.handler, self.items[j : j + n], self.call, self.sink, self.first_id + j, self.priority,
             self.seq, self.attempt, self.retries, self.timeout, self.chunksize, self.base + j, 0, self.solo,
-            careful or self.careful, self.by_value,
+            careful or self.careful, self.by_value, self.packed,
         )  # fmt: skip
 
     def single(self, j: int, attempt: int, solo: bool = False, careful: bool = False, by_value: bool = False) -> Run:
@@ -131,7 +132,7 @@ class Run:
         return Run(
             self.handler, [self.items[j]], self.call, self.sink, self.first_id + j, self.priority,
             self.seq, attempt, self.retries, self.timeout, 1, self.base + j, 0, solo, careful or self.careful,
-            by_value or self.by_value,
+            by_value or self.by_value, self.packed,
         )  # fmt: skip
 
 

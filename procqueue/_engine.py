@@ -97,7 +97,7 @@ from ._errors import (
 )
 from ._messages import TaskState as S
 from ._monitor import Sampler, Stats
-from ._outcomes import Outcomes, careful_for
+from ._outcomes import Outcomes, has_futures
 from ._results import Later, Stream, run_all
 from ._serialization import dumps_callable
 from ._supervisor import Slot, Supervisor
@@ -730,10 +730,9 @@ class Engine(Outcomes):
                     continue
                 est = run.handler.est_ns
                 careful = run.careful or run.timeout is not None or est is None or est > FAST_ITEM_NS
-                careful = careful or careful_for(batch.segments)
                 msg = m.RunBatch(
                     batch.batch_id, batch.count, run.handler.id, None if slot.knows(run.handler.id) else blob,
-                    run.call, run.attempt, run.retries, careful, run.by_value,
+                    run.call, run.attempt, run.retries, careful, run.by_value, run.packed, has_futures(batch.segments),
                 )  # fmt: skip
                 self._send(slot, m.frame_parts(msg, payload))
                 cap = self.cfg.max_tasks_per_worker

@@ -94,6 +94,8 @@ class RunBatch:
     retries: int
     careful: bool
     by_value: bool = False  # the items were pickled by value (a retry after they would not unpickle)
+    packed: bool = False  # each item is a pickle of its own (`_serialization.unpack_arguments`)
+    timed: bool = False  # unmarked, but each item timed (its future reports its own duration)
 
 
 @dataclass(frozen=True)

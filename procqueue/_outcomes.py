@@ -247,6 +247,6 @@ class Outcomes:
         self.lost.clear()
 
 
-def careful_for(segments: list[tuple[Run, int, int]]) -> bool:
+def has_futures(segments: list[tuple[Run, int, int]]) -> bool:
     """A batch holding a `submit`'s task is timed item by item: its future reports its own duration."""
     return any(type(run.sink) is FutureSink for run, _, _ in segments)

@@ -99,6 +99,7 @@ class Options:
         try:
             handler.wire()
             run.items[0] = pickle_arguments(item)
+            run.packed = True
         except ProcQueueError as exc:  # the handler would not pickle
             engine.reject_new(run, exc, later)
         except KeyboardInterrupt:  # Ctrl-C while pickling is the user's, not the task's

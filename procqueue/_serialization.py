@@ -28,11 +28,18 @@ def _main_is_importable() -> bool:
     path = getattr(main, "__file__", None)
     if not path:
         return False
-    from multiprocessing import process
+    key = (id(main), path)
+    known = _importable.get(key)
+    if known is None:  # a stat per pickle would cost more than the pickle: once per main module
+        from multiprocessing import process
 
-    return os.path.isfile(os.path.join(getattr(process, "ORIGINAL_DIR", None) or "", path))
+        known = os.path.isfile(os.path.join(getattr(process, "ORIGINAL_DIR", None) or "", path))
+        _importable.clear()
+        _importable[key] = known
+    return known
 
 
+_importable: dict[tuple[int, str], bool] = {}
 _hide_lock = threading.Lock()
 
 
@@ -64,7 +71,7 @@ def dumps(obj: Any, buffer_callback: Callable[[pickle.PickleBuffer], Any] | None
         data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL, buffer_callback=buffer_callback)
     except Exception:
         return by_value(obj, buffer_callback)
-    if not _main_is_importable() and _MAIN in data:
+    if _MAIN in data and not _main_is_importable():
         return by_value(obj, buffer_callback)
     return data
 
@@ -119,9 +126,11 @@ class Pickled:
         return (load_pickled, (self.blob, self.buffers, self.spare))
 
 
-def pickle_arguments(obj: Any) -> Pickled:
-    """`Pickled(obj)`; raises what pickling raised. A pickle that names `__main__`
-    carries a by-value spare, for a worker that cannot resolve the name."""
+def pickle_arguments(obj: Any) -> bytes | Pickled:
+    """`obj` pickled: plain bytes (the common case, which a batch carries at C
+    speed), or a `Pickled` when it has large buffers or names `__main__` (then a
+    by-value spare rides along, for a worker that cannot resolve the name).
+    Raises what pickling raised."""
     buffers: list[pickle.PickleBuffer] = []
 
     def keep(pb: pickle.PickleBuffer) -> bool:
@@ -136,7 +145,12 @@ def pickle_arguments(obj: Any) -> Pickled:
 
     blob = dumps(obj, keep)
     spare = by_value(obj) if _MAIN in blob else None
-    return Pickled(blob, buffers, spare)
+    return blob if spare is None and not buffers else Pickled(blob, buffers, spare)
+
+
+def unpack_arguments(items: list[Any]) -> list[Any]:
+    """A packed batch's items, unpickled (a `Pickled` one already was, with the batch)."""
+    return [pickle.loads(x) if type(x) is bytes else x for x in items]
 
 
 def load_pickled(blob: bytes, buffers: list[Any], spare: bytes | None) -> Any:
