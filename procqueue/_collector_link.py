@@ -27,8 +27,7 @@ from typing import Any
 
 from . import _collector
 from . import _messages as m
-from ._serialization import unrunnable_main_hidden
-from ._supervisor import ensure_headroom, widen_pipe
+from ._supervisor import Launch
 
 CONTROL, LINK = 0, 1
 
@@ -54,29 +53,15 @@ class CollectorLink:
 
     def start(self, pdeathsig: bool) -> None:
         """Start a collector; on failure nothing it made stays open (OSError goes up)."""
-        made: list[Any] = []
-        ensure_headroom()
-        try:
-            control_r, control_w = self.ctx.Pipe(duplex=False)
-            made += [control_r, control_w]
-            widen_pipe(control_w.fileno())
-            links_r, links_w = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
-            made += [links_r, links_w]
-            results_r, results_w = self.ctx.Pipe(duplex=False)
-            made += [results_r, results_w]
-            widen_pipe(results_w.fileno())
-            proc = self.ctx.Process(  # type: ignore[attr-defined]
-                target=_collector.main,
-                args=(pdeathsig, control_r, links_r, results_w, self.token, self.counters, self.frame_limit, self.sink),
-                name="procqueue-collector",
+        with Launch(self.ctx) as launch:
+            control_r, control_w = launch.pipe()
+            links_r, links_w = launch.socketpair(socket.SOCK_DGRAM)
+            results_r, results_w = launch.pipe()
+            proc = launch.start(
+                _collector.main,
+                (pdeathsig, control_r, links_r, results_w, self.token, self.counters, self.frame_limit, self.sink),
+                "procqueue-collector",
             )
-            with unrunnable_main_hidden():
-                proc.start()
-        except BaseException:
-            for obj in made:
-                obj.close()
-            _close_half_started(locals().get("proc"))
-            raise
         for obj in (control_r, links_r, results_w):
             obj.close()
         os.set_blocking(results_r.fileno(), False)
@@ -192,13 +177,3 @@ class CollectorLink:
                     end.close()
             self.results = self.control_w = None
             self.links_w = None
-
-
-def _close_half_started(proc: Any) -> None:
-    """A process object whose start failed part way may hold a sentinel: end and close it."""
-    if proc is None or getattr(proc, "_popen", None) is None:
-        return
-    with contextlib.suppress(Exception):
-        proc.kill()
-        proc.join(2.0)
-        proc.close()

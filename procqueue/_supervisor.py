@@ -105,31 +105,16 @@ class Supervisor:
     def spawn(self, slot: Slot) -> socket.socket:
         """Start a worker in `slot`; returns the collector's end of its socket pair.
         On failure (OSError: out of descriptors, say) nothing is left open."""
-        made: list[Any] = []
-        ensure_headroom()
-        try:
-            task_r, task_w = self.ctx.Pipe(duplex=False)
-            made += [task_r, task_w]
-            widen_pipe(task_w.fileno())
-            fault_r, fault_w = self.ctx.Pipe(duplex=False)
-            made += [fault_r, fault_w]
-            theirs, ours = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-            made += [theirs, ours]
+        with Launch(self.ctx) as launch:
+            task_r, task_w = launch.pipe()
+            fault_r, fault_w = launch.pipe()
+            theirs, ours = launch.socketpair(socket.SOCK_STREAM)
             self.marks[_worker.MARK_WORDS * slot.index] = 0
-            proc = self.ctx.Process(  # type: ignore[attr-defined]
-                target=_worker.main,
-                args=(slot.index, task_r, theirs, self.token, self._markers, fault_w, self.init, self._pdeathsig()),
-                name=f"procqueue-worker-{slot.index}",
+            proc = launch.start(
+                _worker.main,
+                (slot.index, task_r, theirs, self.token, self._markers, fault_w, self.init, self._pdeathsig()),
+                f"procqueue-worker-{slot.index}",
             )
-            with unrunnable_main_hidden():
-                proc.start()
-        except BaseException:
-            for obj in made:
-                obj.close()
-            from ._collector_link import _close_half_started
-
-            _close_half_started(locals().get("proc"))
-            raise
         for obj in (task_r, fault_w, theirs):
             obj.close()
         os.set_blocking(task_w.fileno(), False)
@@ -284,6 +269,50 @@ class Supervisor:
         slot.pid = slot.pidfd = slot.death_fd = -1
         slot.idle_since = None
         return exitcode, text.decode("utf-8", "replace")
+
+
+class Launch:
+    """The channels made for a new process, and the process: used as a context
+    manager, a failure anywhere (out of descriptors, say) leaves none of them open."""
+
+    def __init__(self, ctx: BaseContext) -> None:
+        self.ctx = ctx
+        self.made: list[Any] = []
+        self.proc: BaseProcess | None = None
+
+    def __enter__(self) -> Launch:
+        ensure_headroom()
+        return self
+
+    def pipe(self) -> tuple[connection.Connection, connection.Connection]:
+        """A one-way pipe (read end, write end), widened."""
+        r, w = self.ctx.Pipe(duplex=False)
+        self.made += [r, w]
+        widen_pipe(w.fileno())
+        return r, w
+
+    def socketpair(self, kind: int) -> tuple[socket.socket, socket.socket]:
+        a, b = socket.socketpair(socket.AF_UNIX, kind)
+        self.made += [a, b]
+        return a, b
+
+    def start(self, target: Any, args: tuple[Any, ...], name: str) -> BaseProcess:
+        self.proc = self.ctx.Process(target=target, args=args, name=name)  # type: ignore[attr-defined]
+        with unrunnable_main_hidden():
+            self.proc.start()
+        return self.proc
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
+        if kind is None:
+            return
+        for obj in self.made:
+            obj.close()
+        proc = self.proc
+        if proc is not None and getattr(proc, "_popen", None) is not None:  # it may hold a sentinel
+            with contextlib.suppress(Exception):
+                proc.kill()
+                proc.join(2.0)
+                proc.close()
 
 
 HEADROOM = 16  # descriptors a process start needs, counting multiprocessing's own
