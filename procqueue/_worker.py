@@ -184,9 +184,14 @@ class _Worker:
             marks[mark] = 0
             self.fail_all(msg, m.Fault.ARGS_UNPICKLE, exc)
             return
-        if not msg.careful:
+        if not msg.careful and not msg.timed:
             self.run_fast(msg, fn, items)
             return
+        # Careful: each item marked (timeouts, crash attribution) and timed. Timed only (tiny
+        # tasks of submits): the batch is marked as a whole, each item timed for its future.
+        marking = msg.careful
+        if not marking:
+            marks[mark + 1] = UNMARKED
         call = msg.call
         tag = msg.batch_id + 1
         clock = time.perf_counter_ns
@@ -197,9 +202,10 @@ class _Worker:
         t0 = clock()
         flush_at = t0 + FLUSH_NS
         for i, item in enumerate(items):
-            marks[mark + 2] = t0
-            marks[mark + 1] = i
-            marks[mark] = tag  # again after each flush, which leaves it idle
+            if marking:
+                marks[mark + 2] = t0
+                marks[mark + 1] = i
+                marks[mark] = tag  # again after each flush, which leaves it idle
             try:
                 if call is m.Call.ONE:
                     value = fn(item)
@@ -217,6 +223,8 @@ class _Worker:
             t0 = t1
             if t1 >= flush_at:
                 self.flush(msg, start, values, durations, errors)
+                if not marking:
+                    marks[mark + 1], marks[mark] = UNMARKED, tag
                 start = i + 1
                 values, durations, errors = [], array("q"), []
                 t0 = clock()
@@ -235,9 +243,6 @@ class _Worker:
         values: list[Any] = []
         append = values.append
         errors: list[m.ErrorInfo] = []
-        if msg.timed:
-            self.run_timed(msg, fn, items, t0, values, errors)
-            return
         n = len(items)
         while len(values) < n:
             rest = itertools.islice(items, len(values), None)
@@ -257,32 +262,6 @@ class _Worker:
                 append(None)
         marks[mark] = 0
         self.flush(msg, 0, values, array("q", [clock() - t0]), errors)  # one total: see BatchDone
-
-    def run_timed(
-        self, msg: m.RunBatch, fn: Callable[..., Any], items: list[Any], t0: int, values: list[Any],
-        errors: list[m.ErrorInfo],
-    ) -> None:  # fmt: skip
-        """Tiny tasks of `submit`s: unmarked, but each timed, so each future reports its own duration."""
-        call, clock = msg.call, time.perf_counter_ns
-        durations = array("q")
-        for i, item in enumerate(items):
-            try:
-                if call is m.Call.ONE:
-                    value = fn(item)
-                elif call is m.Call.STAR:
-                    value = fn(*item)
-                else:
-                    value = fn(*item[0], **item[1])
-            except BaseException as exc:
-                value = None
-                blob, name, text, tb = pack_exception(exc)
-                errors.append(m.ErrorInfo(i, _fault(exc), blob, name, text, tb))
-            t1 = clock()
-            durations.append(t1 - t0)
-            t0 = t1
-            values.append(value)
-        self.marks[self.mark] = 0
-        self.flush(msg, 0, values, durations, errors)
 
     def flush(
         self, msg: m.RunBatch, start: int, values: list[Any], durations: array[int], errors: list[m.ErrorInfo]
