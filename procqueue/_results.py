@@ -112,26 +112,33 @@ class Future(concurrent.futures.Future):  # type: ignore[type-arg]
         lazy = self._lazy
         if lazy is None:
             return
-        ok, value = lazy()  # never raises; outside the lock: it runs user code
-        with self._condition:
-            if self._lazy is lazy:
-                if ok:
-                    self._result = value
-                else:
-                    self._exception = value
-                self._lazy = None
+        ok, value = lazy()  # never raises; no lock held: it runs user code. Two racing threads
+        if self._lazy is lazy:  # would both compute it, and either result is the same
+            if ok:
+                self._result = value
+            else:
+                self._exception = value
+            self._lazy = None
 
     def result(self, timeout: float | None = None) -> Any:
         """The task's value, as `concurrent.futures.Future.result`."""
-        super().exception(timeout)  # waits; raises CancelledError or TimeoutError as the standard one
+        try:
+            value = super().result(timeout)  # waits; CancelledError or TimeoutError as the standard one
+            if self._lazy is None and self._exception is None:
+                return value
+        except ProcQueueError as exc:
+            if exc is not _PENDING:
+                raise
         self._resolve()
-        return super().result(0)
+        if self._exception is not None:
+            raise self._exception
+        return self._result
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
         """The task's error, or None, as `concurrent.futures.Future.exception`."""
         super().exception(timeout)
         self._resolve()
-        return super().exception(0)
+        return self._exception
 
     def _invoke_callbacks(self) -> None:
         invoke = super()._invoke_callbacks  # type: ignore[misc]
