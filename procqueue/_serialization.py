@@ -132,19 +132,16 @@ def pickle_arguments(obj: Any) -> bytes | Pickled:
     by-value spare rides along, for a worker that cannot resolve the name).
     Raises what pickling raised."""
     buffers: list[pickle.PickleBuffer] = []
-
-    def keep(pb: pickle.PickleBuffer) -> bool:
-        try:
-            size = pb.raw().nbytes
-        except BufferError:
-            return True
-        if size < OUT_OF_BAND:
-            return True
-        buffers.append(pb)
-        return False
-
-    blob = dumps(obj, keep)
-    spare = by_value(obj) if _MAIN in blob else None
+    try:  # the common case, at C speed: every PickleBuffer (numpy arrays, ...) out of band
+        blob = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL, buffer_callback=buffers.append)
+        plain = not (_MAIN in blob and not _main_is_importable())
+    except Exception:  # a lambda, a local class: only cloudpickle can
+        plain = False
+    if not plain:  # by value, as the worker could not resolve it by reference
+        buffers.clear()
+        blob, spare = by_value(obj, buffers.append), None
+    else:
+        spare = by_value(obj) if _MAIN in blob else None
     return blob if spare is None and not buffers else Pickled(blob, buffers, spare)
 
 
