@@ -50,29 +50,31 @@ def deferring() -> Iterator[None]:
 
 
 class Runner:
-    """Threads that run user callbacks handed over by the pool's own threads."""
+    """Threads that run user callbacks handed over by the pool's own threads.
+
+    The first thread takes callbacks in order as they come. While every thread
+    is busy, a post starts one more (up to `MAX_THREADS`), which takes a
+    callback only once it has waited `STUCK` seconds: quick callbacks keep their
+    order on one thread, and one that blocks holds up the others for `STUCK`
+    at most. A thread that finds nothing to do for `IDLE_EXIT` seconds ends."""
 
     def __init__(self) -> None:
         self._cv = threading.Condition(threading.Lock())
-        self._queue: deque[Callable[[], Any]] = deque()
+        self._queue: deque[tuple[float, Callable[[], Any]]] = deque()  # (posted at, callback)
         self._threads: list[threading.Thread] = []
-        self._busy: dict[threading.Thread, float] = {}  # thread -> when its current callback started
+        self._busy: set[threading.Thread] = set()
         self._closing = False
         self._reported = False
 
     def post(self, fn: Callable[[], Any]) -> None:
         """Run `fn` soon, on a runner thread (never blocks)."""
         with self._cv:
-            self._queue.append(fn)
-            idle = len(self._threads) - len(self._busy)
-            now = time.monotonic()
-            stuck = all(now - t0 > STUCK for t0 in self._busy.values())
-            if (idle <= 0 and (not self._threads or stuck)) and len(self._threads) < MAX_THREADS:
+            self._queue.append((time.monotonic(), fn))
+            if len(self._busy) >= len(self._threads) and len(self._threads) < MAX_THREADS:
                 thread = threading.Thread(target=self._serve, name="procqueue-callbacks", daemon=True)
                 self._threads.append(thread)
                 thread.start()
-            else:
-                self._cv.notify()
+            self._cv.notify_all()
 
     def close(self) -> None:
         """Threads end once the queue is empty."""
@@ -88,27 +90,39 @@ class Runner:
             if thread is not me:
                 thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
 
+    def _next(self, me: threading.Thread) -> Callable[[], Any] | None:
+        """The next callback for this thread, or None when it should end (lock held)."""
+        idle_since = time.monotonic()
+        while True:
+            now = time.monotonic()
+            if self._queue:
+                first = self._threads and me is self._threads[0]
+                wait = 0.0 if first else self._queue[0][0] + STUCK - now
+                if wait <= 0:
+                    self._busy.add(me)
+                    return self._queue.popleft()[1]
+            elif self._closing or (me is not self._threads[0] and now - idle_since >= IDLE_EXIT):
+                return None
+            else:
+                wait = IDLE_EXIT if me is not self._threads[0] else 60.0
+            self._cv.wait(wait)
+
     def _serve(self) -> None:
         me = threading.current_thread()
         while True:
             with self._cv:
-                while not self._queue:
-                    if self._closing:
-                        self._threads.remove(me)
-                        return
-                    extra = me is not self._threads[0]
-                    if not self._cv.wait(IDLE_EXIT if extra else None) and extra and not self._queue:
-                        self._threads.remove(me)
-                        return
-                fn = self._queue.popleft()
-                self._busy[me] = time.monotonic()
+                fn = self._next(me)
+                if fn is None:
+                    self._threads.remove(me)
+                    self._cv.notify_all()  # another may now be the first
+                    return
             try:
                 fn()
             except BaseException as exc:  # the callback's own failure; the pool goes on
                 self._report(exc)
             finally:
                 with self._cv:
-                    self._busy.pop(me, None)
+                    self._busy.discard(me)
 
     def _report(self, exc: BaseException) -> None:
         # Logged as concurrent.futures does for a raising callback; the first with its traceback.

@@ -13,6 +13,7 @@ a kill timer (items 4, 13, 15, 18, 19).
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import re
@@ -832,3 +833,40 @@ def test_item5_arguments_are_pickled_in_the_callers_thread_not_under_the_pools_l
         assert pool.submit(h.square, 6).result(timeout=30) == 36
     s = _at_rest(pool)
     assert s.submitted == 14 and s.completed == 13 and s.failed == 1
+
+
+@pytest.mark.timeout(60)
+def test_item5_a_blocked_callback_holds_up_other_callbacks_half_a_second_at_most(tmp_path: Path) -> None:
+    """Item 5 (found in review): a done-callback that blocks must not keep the callbacks of
+    other futures waiting; nor, in TaskQueue.results(), must a result whose unpickling blocks
+    in the parent keep the other results from coming out."""
+    release = threading.Event()
+    with pq.Pool(workers=2) as pool:
+        a = pool.submit(h.square, 1)
+        a.add_done_callback(lambda _: release.wait(30))
+        a.result(timeout=30)
+        ran = threading.Event()
+        b = pool.submit(h.square, 2)
+        b.add_done_callback(lambda _: ran.set())
+        assert b.result(timeout=30) == 4
+        assert ran.wait(5), "another future's callback waited for a blocked one"
+        release.set()
+
+    gate = str(tmp_path / "gate")
+    got: list[Any] = []
+    handler = functools.partial(x.blocks_in_parent, parent_pid=os.getpid(), gate=gate)
+    with pq.TaskQueue(handler, workers=2) as q:
+        for i in range(30):
+            q.submit(pq.Task(i, i))
+        done = threading.Event()
+
+        def consume() -> None:
+            for r in q.results():
+                got.append(r.task_id)
+                if len(got) == 29:
+                    done.set()
+
+        threading.Thread(target=consume, name="consumer", daemon=True).start()
+        ok = done.wait(15)
+        Path(gate).touch()
+        assert ok, f"only {len(got)} of the 29 healthy results came out while one blocked"
