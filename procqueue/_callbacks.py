@@ -70,11 +70,15 @@ class Runner:
         """Run `fn` soon, on a runner thread (never blocks)."""
         with self._cv:
             self._queue.append((time.monotonic(), fn))
-            if len(self._busy) >= len(self._threads) and len(self._threads) < MAX_THREADS:
-                thread = threading.Thread(target=self._serve, name="procqueue-callbacks", daemon=True)
-                self._threads.append(thread)
-                thread.start()
+            self._ensure_standby()
             self._cv.notify_all()
+
+    def _ensure_standby(self) -> None:
+        """While callbacks wait and every thread is busy, one more thread stands by (lock held)."""
+        if self._queue and len(self._busy) >= len(self._threads) and len(self._threads) < MAX_THREADS:
+            thread = threading.Thread(target=self._serve, name="procqueue-callbacks", daemon=True)
+            self._threads.append(thread)
+            thread.start()
 
     def close(self) -> None:
         """Threads end once the queue is empty."""
@@ -100,7 +104,9 @@ class Runner:
                 wait = 0.0 if first else self._queue[0][0] + STUCK - now
                 if wait <= 0:
                     self._busy.add(me)
-                    return self._queue.popleft()[1]
+                    fn = self._queue.popleft()[1]
+                    self._ensure_standby()  # in case this one blocks with others still waiting
+                    return fn
             elif self._closing or (me is not self._threads[0] and now - idle_since >= IDLE_EXIT):
                 return None
             else:

@@ -19,7 +19,7 @@ from typing import Any
 from . import _messages as m
 from ._errors import SerializationError
 from ._results import Chunk, Sink
-from ._serialization import _text, describe, dumps, dumps_body, dumps_callable, name_bad_argument
+from ._serialization import _text, describe, dumps, dumps_body, dumps_callable, name_bad_argument, safe_repr
 
 TARGET_BATCH_NS = 20_000_000  # auto chunksize aims at batches of about 20 ms of tiny tasks,
 LONG_TASK_NS = 100_000  # ... and for tasks longer than this (their batch overhead is already
@@ -48,15 +48,16 @@ class Handler:
         if self.blob is None and self.error is None:
             try:
                 self.blob = dumps_callable(self.fn)
-            except Exception as exc:
+            except BaseException as exc:  # a __reduce__ may raise anything, SystemExit too: the handler's failure
+                name = safe_repr(self.fn)
                 self.error = SerializationError(
-                    f"the handler {getattr(self.fn, '__qualname__', repr(self.fn))} ({describe(self.fn)}) "
-                    f"could not be pickled: {type(exc).__name__}: {exc}; pass a module-level function, "
-                    "or a callable whose state pickles",
+                    f"the handler {name} ({describe(self.fn)}) could not be pickled: {type(exc).__name__}: "
+                    f"{_text(exc)}; pass a module-level function, or a callable whose state pickles",
                     stage="handler",
-                    what=repr(self.fn),
+                    what=name,
                     task_id=None,
                 )
+                self.error.__cause__ = exc
         if self.error is not None:
             raise self.error
         assert self.blob is not None
@@ -303,7 +304,7 @@ def encode_items(
             items.extend(run.items[start : start + count])
     try:
         return dumps_body(items, segments[0][0].by_value), segments
-    except Exception:
+    except BaseException:  # a __reduce__ may raise anything: find the items that do not pickle
         pass
     kept: list[tuple[Run, int, int]] = []
     good: list[Any] = []
@@ -313,7 +314,7 @@ def encode_items(
             item = run.items[j]
             try:
                 dumps(item)
-            except Exception:
+            except BaseException:
                 reject(run, j, argument_error(run.first_id + j, run.call, item))
                 if run_start is not None:
                     kept.append((run, run_start, j - run_start))

@@ -716,11 +716,10 @@ class Engine(Outcomes):
             payload: list[bytes | memoryview] = []
             try:
                 blob = run.handler.wire()
-            except ProcQueueError as exc:
-                blob = b""
-                rejected = [(r, j, exc) for r, s, n in batch.segments for j in range(s, s + n)]
-            else:
                 payload, _ = encode_items(batch.segments, partial(_collect, rejected))
+            except BaseException as exc:  # a handler that will not pickle (or a bug): its tasks fail, not the pool
+                blob, err = b"", exc if isinstance(exc, ProcQueueError) else _encode_failure(exc)
+                rejected = [(r, j, err) for r, s, n in batch.segments for j in range(s, s + n)]
             with self.cv:
                 slot = self.supervisor.slots[batch.slot]
                 if self.batches.get(batch.batch_id) is not batch or slot.batches.get(batch.batch_id) is not batch:
@@ -1034,6 +1033,17 @@ def _refuse_in_bootstrapping_child(method: str) -> None:
     )
     sys.stderr.flush()
     os._exit(_worker.EXIT_UNGUARDED_MAIN)
+
+
+def _encode_failure(exc: BaseException) -> SerializationError:
+    err = SerializationError(
+        f"a batch could not be pickled: {type(exc).__name__}; pass picklable arguments",
+        stage="argument",
+        what=type(exc).__name__,
+        task_id=None,
+    )
+    err.__cause__ = exc
+    return err
 
 
 def _collect(into: list[tuple[Run, int, BaseException]], run: Run, j: int, exc: BaseException) -> None:

@@ -223,6 +223,16 @@ def _text(exc: BaseException) -> str:
         return f"<str() of the {type(exc).__name__} failed>"
 
 
+def safe_repr(obj: object) -> str:
+    """A name for an object in a message: its `__qualname__`, else its repr, else its type's
+    name (a hostile `__repr__` may raise anything)."""
+    try:
+        name = getattr(obj, "__qualname__", None)
+        return name if isinstance(name, str) else repr(obj)
+    except BaseException:
+        return f"<a {type(obj).__qualname__}>"
+
+
 def describe(obj: object) -> str:
     """`a _thread.lock` style name of an object's type."""
     kind = type(obj)

@@ -224,3 +224,13 @@ class BlocksInParent:
 
 def blocks_in_parent(x: int, parent_pid: int, gate: str) -> Any:
     return BlocksInParent(parent_pid, gate) if x == 0 else x
+
+
+class HandlerThatExitsWhenPickled:
+    """A callable whose pickling raises SystemExit."""
+
+    def __call__(self, x: Any) -> Any:
+        return x
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        raise SystemExit(1)

@@ -870,3 +870,19 @@ def test_item5_a_blocked_callback_holds_up_other_callbacks_half_a_second_at_most
         ok = done.wait(15)
         Path(gate).touch()
         assert ok, f"only {len(got)} of the 29 healthy results came out while one blocked"
+
+
+@pytest.mark.timeout(60)
+def test_item5_a_map_item_or_handler_whose_pickling_raises_system_exit_fails_alone() -> None:
+    """Item 5 / invariant 8 (found in review): map items and handlers are pickled by the pool's
+    thread; a `__reduce__` raising SystemExit there fails its own tasks, never the pool."""
+    with pq.Pool(workers=2) as pool:
+        out = list(pool.map(h.identity, [1, x.ExitsWhenPickled(), 3], return_exceptions=True))
+        assert out[0] == 1 and out[2] == 3 and isinstance(out[1], pq.SerializationError)
+        err = pool.submit(x.HandlerThatExitsWhenPickled(), 1).exception(timeout=30)
+        assert isinstance(err, pq.SerializationError) and err.stage == "handler"
+        out = list(pool.map(x.HandlerThatExitsWhenPickled(), [1, 2], return_exceptions=True))
+        assert all(isinstance(e, pq.SerializationError) and e.stage == "handler" for e in out)
+        assert pool.submit(h.square, 5).result(timeout=30) == 25
+    s = _at_rest(pool)
+    assert s.failed == 4 and s.completed == 3
