@@ -108,6 +108,7 @@ MAX_BARREN_DEATHS = 5  # workers in a row that die before any outcome: the pool 
 PREFETCH_NS = 40_000_000  # a worker gets a second batch while it holds less than this much estimated work
 MAX_HELD = 2  # ... and never a third: the rest stays with the parent, for whichever worker frees first
 COLLECTOR_RESTARTS = 5  # collector deaths in a row with nothing forwarded between them: the pool is broken
+COLLECTOR_SILENCE = 2.0  # seconds without a result, while work is out, before we look whether it is stopped
 
 log = logging.getLogger("procqueue")
 
@@ -201,6 +202,7 @@ class Engine(Outcomes):
         self._woken = False
         self._barren_deaths = 0
         self._collector_deaths = 0  # in a row, with nothing forwarded between them
+        self._heard = self._asked = time.monotonic()  # the collector's last result; the last look at it
         self._stop_deadline = float("inf")
         self.sink_error: m.SinkFailed | None = None
         self._wake_r = self._wake_w = -1
@@ -556,6 +558,7 @@ class Engine(Outcomes):
                     elif not self.supervisor.flush(slot):
                         sel.unregister(slot.fd)
             self.supervisor.enforce_timeouts()
+            self._check_collector()
 
     def _watch_outbox(self) -> None:
         """Wait for room in the collector's pipe while the outbox holds something."""
@@ -569,8 +572,29 @@ class Engine(Outcomes):
         if fd is not None:
             self.sel.register(fd, selectors.EVENT_WRITE, "out")
 
+    def _check_collector(self) -> None:
+        """A collector stopped from outside (SIGSTOP) forwards nothing and never dies: while
+        work is out and it has been silent a while, ask the kernel; if it is stopped, kill it
+        (it is restarted like a killed one)."""
+        now = time.monotonic()
+        if not self.batches or now - self._heard < COLLECTOR_SILENCE or now - self._asked < COLLECTOR_SILENCE:
+            return
+        self._asked = now
+        import psutil
+
+        with contextlib.suppress(psutil.Error):
+            if psutil.Process(self.collector.pid).status() == psutil.STATUS_STOPPED:
+                log.warning("procqueue: the collector (pid %d) is stopped; killing it", self.collector.pid)
+                os.kill(self.collector.pid, signal.SIGKILL)
+
     def _timeout(self) -> float | None:
         due = self.dispatcher.next_due()
+        if self.batches:  # the collector's silence is checked this often while work is out
+            due = (
+                min(due, time.monotonic() + COLLECTOR_SILENCE)
+                if due is not None
+                else time.monotonic() + COLLECTOR_SILENCE
+            )
         if self.phase == "stopping" and self._stop_deadline != float("inf"):
             due = self._stop_deadline if due is None else min(due, self._stop_deadline)
         nxt = None if due is None else max(0.0, due - time.monotonic())
@@ -768,6 +792,7 @@ class Engine(Outcomes):
             match msg:
                 case m.BatchResult():
                     self._collector_deaths = 0
+                    self._heard = time.monotonic()
                     self._on_batch_result(msg, body, later)
                 case m.WorkerGone():
                     with self.cv:

@@ -886,3 +886,25 @@ def test_item5_a_map_item_or_handler_whose_pickling_raises_system_exit_fails_alo
         assert pool.submit(h.square, 5).result(timeout=30) == 25
     s = _at_rest(pool)
     assert s.failed == 4 and s.completed == 3
+
+
+@pytest.mark.timeout(90)
+def test_item16_a_collector_frozen_with_sigstop_is_replaced() -> None:
+    """Item 16 (found in review): a collector stopped from outside forwards nothing and never
+    dies; the pool notices it is stopped, kills it, restarts it, and every task completes."""
+    pool = pq.Pool(workers=2, task_timeout=5.0)
+    try:
+        futs = [pool.submit(h.sleep_then, i, 0.02) for i in range(100)]
+        time.sleep(0.3)
+        first = pool.stats().collector
+        assert first is not None
+        os.kill(first.pid, signal.SIGSTOP)
+        try:
+            assert [f.result(timeout=60) for f in futs] == list(range(100))
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(first.pid, signal.SIGCONT)
+    finally:
+        _close(pool)
+    s = _at_rest(pool)
+    assert s.completed == 100 and s.failed == 0 and s.timed_out == 0
