@@ -213,7 +213,7 @@ class Engine(Outcomes):
         self.collector_counts = memoryview(self._counters).cast("B").cast("q")
         self.collector = CollectorLink(self.ctx, token, self._counters, _frame_limit(), cfg.sink)
         self.supervisor = Supervisor(self.ctx, cfg.workers, token, init)
-        self.collector.start(self.supervisor._pdeathsig())
+        self.collector.start(self.supervisor.pdeathsig_safe())
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
@@ -936,7 +936,7 @@ class Engine(Outcomes):
             self.cv.notify_all()
         run_all(later)
         try:
-            self.collector.start(self.supervisor._pdeathsig())
+            self.collector.start(self.supervisor.pdeathsig_safe())
         except OSError as exc:
             self._break(PoolBroken(f"{why}, and another could not be started: {exc}"))
             with self.lock:

@@ -112,7 +112,7 @@ class Supervisor:
             self.marks[_worker.MARK_WORDS * slot.index] = 0
             proc = launch.start(
                 _worker.main,
-                (slot.index, task_r, theirs, self.token, self._markers, fault_w, self.init, self._pdeathsig()),
+                (slot.index, task_r, theirs, self.token, self._markers, fault_w, self.init, self.pdeathsig_safe()),
                 f"procqueue-worker-{slot.index}",
             )
         for obj in (task_r, fault_w, theirs):
@@ -143,7 +143,7 @@ class Supervisor:
         slot.respawn_at = time.monotonic() + delay
         return delay
 
-    def _pdeathsig(self) -> bool:
+    def pdeathsig_safe(self) -> bool:
         """Whether the worker may ask to die with its parent: PR_SET_PDEATHSIG fires
         when the *thread* that started it ends, so only for starters that live as
         long as the pool (the fork server, the main thread, the manager)."""
