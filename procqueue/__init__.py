@@ -9,7 +9,7 @@
 See README.md; the wiring of the processes is drawn in `procqueue/_engine.py`.
 """
 
-from ._errors import (
+from procqueue._errors import (
     Dropped,
     InitializerFailed,
     PoolBroken,
@@ -22,11 +22,11 @@ from ._errors import (
     TaskTimeout,
     WorkerCrashed,
 )
-from ._messages import TaskState
-from ._monitor import Monitor, Stats, WorkerStats
-from ._pool import Future, Options, Pool
-from ._taskqueue import Result, Task, TaskQueue
-from ._view import LiveView
+from procqueue._monitor.sampler import Monitor, Stats, WorkerStats
+from procqueue._monitor.view import LiveView
+from procqueue._pool import Future, Options, Pool
+from procqueue._protocol.messages import TaskState
+from procqueue._taskqueue import Result, Task, TaskQueue
 
 __version__ = "0.1.0"
 

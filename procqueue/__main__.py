@@ -1,3 +1,3 @@
-from ._cli import main
+from procqueue._cli.main import main
 
 main()

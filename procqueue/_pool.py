@@ -12,20 +12,20 @@ from collections.abc import Callable, Generator, Iterable, Iterator
 from types import TracebackType
 from typing import IO, TYPE_CHECKING, Any, Literal, TypeVar, cast
 
-from . import _messages as m
-from ._callbacks import on_internal_thread
-from ._config import BACKPRESSURE, Config, default_start_method, default_workers
-from ._dispatcher import Run, argument_error
-from ._engine import Engine
-from ._errors import ProcQueueError
-from ._monitor import Monitor, Stats
-from ._results import Chunk, FutureSink, Later, Stream, run_all
-from ._results import Future as Future
-from ._serialization import pickle_arguments
+from procqueue._callbacks import on_internal_thread
+from procqueue._errors import ProcQueueError
+from procqueue._local.engine import Engine
+from procqueue._monitor.sampler import Monitor, Stats
+from procqueue._protocol import messages as m
+from procqueue._protocol.pickling import pickle_arguments
+from procqueue._results import Chunk, FutureSink, Later, Stream, run_all
+from procqueue._results import Future as Future
+from procqueue._scheduler.queue import Run, argument_error
+from procqueue._settings import BACKPRESSURE, Config, default_start_method, default_workers
 
 if TYPE_CHECKING:
-    from ._sink import SinkSpec
-    from ._view import LiveView
+    from procqueue._local.output import SinkSpec
+    from procqueue._monitor.view import LiveView
 
 T = TypeVar("T")
 Chunksize = int | Literal["auto"] | None
@@ -294,7 +294,7 @@ class _Feeder:
         engine = self.engine
         bar = None
         if progress is not None:  # the bar starts with the iteration, not with the call to map()
-            from ._view import MapProgress
+            from procqueue._monitor.view import MapProgress
 
             total, title, views = progress
             bar = MapProgress(total, title, views[-1] if views else None)
@@ -505,7 +505,7 @@ class Pool(concurrent.futures.Executor):
         It redraws in place on a terminal (on `file`, default stderr) and
         writes plain lines otherwise.
         """
-        from ._view import LiveView
+        from procqueue._monitor.view import LiveView
 
         return LiveView(self.stats, self._views, total, file, interval, title)
 

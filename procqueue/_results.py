@@ -17,10 +17,17 @@ from collections.abc import Callable
 from functools import partial
 from typing import Any
 
-from . import _messages as m
-from ._callbacks import Runner, on_internal_thread
-from ._errors import ProcQueueError, SerializationError, TaskFailed, TaskTimeout, WorkerCrashed, describe_exitcode
-from ._serialization import loads, loads_body
+from procqueue._callbacks import Runner, on_internal_thread
+from procqueue._errors import (
+    ProcQueueError,
+    SerializationError,
+    TaskFailed,
+    TaskTimeout,
+    WorkerCrashed,
+    describe_exitcode,
+)
+from procqueue._protocol import messages as m
+from procqueue._protocol.pickling import loads, loads_body
 
 Later = list[Callable[[], Any]]
 MakeError = Callable[[], BaseException]

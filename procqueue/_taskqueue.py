@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Literal
 
-from ._pool import Future, Pool
+from procqueue._pool import Future, Pool
 
 
 @dataclass(frozen=True)

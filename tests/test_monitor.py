@@ -279,7 +279,7 @@ def test_rates_count_tasks_that_ended_before_the_first_sample() -> None:
 
 def test_rates_are_not_dragged_to_zero_by_a_slow_start(monkeypatch: pytest.MonkeyPatch) -> None:
     """Tasks of 2 s on 2 workers: one finished task per second, reported in bursts."""
-    from procqueue import _monitor
+    from procqueue._monitor import sampler as _monitor
 
     clock = [100.0]
     monkeypatch.setattr(_monitor.time, "monotonic", lambda: clock[0])

@@ -11,10 +11,10 @@ import struct
 import pytest
 
 import procqueue as pq
-from procqueue import _messages as m
-from procqueue._dispatcher import Dispatcher, Handlers, Run
+from procqueue._protocol import messages as m
 from procqueue._results import Chunk, Stream
-from procqueue._retry import backoff_delay, should_retry
+from procqueue._scheduler.queue import Dispatcher, Handlers, Run
+from procqueue._scheduler.retry import backoff_delay, should_retry
 
 
 def test_public_names_are_pinned() -> None:
@@ -90,7 +90,7 @@ def test_frames_survive_any_split_of_the_byte_stream() -> None:
 
 
 def test_out_of_band_buffers_round_trip_writable() -> None:
-    from procqueue._serialization import dumps_body, loads_body
+    from procqueue._protocol.pickling import dumps_body, loads_body
 
     big = bytearray(range(256)) * 1024  # 256 KiB: out of band
     parts = dumps_body([pickle.PickleBuffer(big), "small", 3])

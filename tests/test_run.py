@@ -19,8 +19,8 @@ from typing import Any
 import psutil
 import pytest
 
-from procqueue import _records as r
-from procqueue._cli import _Size
+from procqueue._cli import records as r
+from procqueue._cli.main import _Size
 
 from conftest import _settled
 

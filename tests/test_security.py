@@ -23,7 +23,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import procqueue as pq
-from procqueue import _messages as m
+from procqueue._protocol import messages as m
 
 import handlers as h
 

@@ -30,10 +30,10 @@ from multiprocessing.context import BaseContext
 from multiprocessing.process import BaseProcess
 from typing import Any
 
-from . import _messages as m
-from . import _worker
-from ._dispatcher import Batch
-from ._serialization import unrunnable_main_hidden
+from procqueue._local import worker as _worker
+from procqueue._protocol import messages as m
+from procqueue._protocol.pickling import unrunnable_main_hidden
+from procqueue._scheduler.queue import Batch
 
 PIPE_SIZE = 1 << 20  # bytes: a big batch crosses in one write, not in 16 wake-ups of the manager
 WRITEV_MAX = 512  # buffers per writev (IOV_MAX is at least 1024)

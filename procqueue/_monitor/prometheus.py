@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from ._monitor import Sampler
+    from procqueue._monitor.sampler import Sampler
 
 COUNTERS = ("submitted", "completed", "failed", "retried", "dropped", "cancelled", "crashed", "timed_out")
 GAUGES = {

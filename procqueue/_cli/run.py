@@ -30,13 +30,13 @@ from dataclasses import dataclass, field
 from multiprocessing import connection
 from typing import IO, Any
 
-from . import _records as r
-from ._collector import WRITTEN
-from ._errors import ProcQueueError
-from ._pool import Pool
-from ._records import UsageError
-from ._results import Chunk
-from ._sink import ERRORS, OUTPUT, SinkSpec, wait_unlocked
+from procqueue._cli import records as r
+from procqueue._cli.records import UsageError
+from procqueue._errors import ProcQueueError
+from procqueue._local.collector import WRITTEN
+from procqueue._local.output import ERRORS, OUTPUT, SinkSpec, wait_unlocked
+from procqueue._pool import Pool
+from procqueue._results import Chunk
 
 LOCK_WAIT = 5.0  # seconds to wait for the collector of a killed run to let go of the output
 PRIORITY_BLOCK = 256  # --priority-field: records read, grouped by priority, per heap entry

@@ -17,7 +17,7 @@ import weakref
 from types import TracebackType
 from typing import IO, TYPE_CHECKING, Any
 
-from ._monitor import Stats
+from procqueue._monitor.sampler import Stats
 
 if TYPE_CHECKING:
     from collections.abc import Callable

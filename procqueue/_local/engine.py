@@ -78,13 +78,8 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
-from . import _collector, _worker
-from . import _messages as m
-from ._callbacks import Runner, deferring, mark_internal
-from ._collector_link import CollectorLink
-from ._config import Config
-from ._dispatcher import MAX_DIRECT_BATCH, Batch, Dispatcher, Handlers, Run, encode_items
-from ._errors import (
+from procqueue._callbacks import Runner, deferring, mark_internal
+from procqueue._errors import (
     Dropped,
     InitializerFailed,
     PoolBroken,
@@ -95,12 +90,18 @@ from ._errors import (
     SerializationError,
     describe_exitcode,
 )
-from ._messages import TaskState as S
-from ._monitor import Sampler, Stats
-from ._outcomes import Outcomes, has_futures
-from ._results import Later, Stream, run_all
-from ._serialization import dumps_callable
-from ._supervisor import Slot, Supervisor
+from procqueue._local import collector as _collector
+from procqueue._local import worker as _worker
+from procqueue._local.collector_link import CollectorLink
+from procqueue._local.outcomes import Outcomes, has_futures
+from procqueue._local.supervisor import Slot, Supervisor
+from procqueue._monitor.sampler import Sampler, Stats
+from procqueue._protocol import messages as m
+from procqueue._protocol.messages import TaskState as S
+from procqueue._protocol.pickling import dumps_callable
+from procqueue._results import Later, Stream, run_all
+from procqueue._scheduler.queue import MAX_DIRECT_BATCH, Batch, Dispatcher, Handlers, Run, encode_items
+from procqueue._settings import Config
 
 FAST_ITEM_NS = 50_000  # tasks shorter than this run unmarked in a tight loop (no timeout)
 STOP_GRACE = 5.0  # seconds an idle worker gets to exit after Stop
@@ -1021,7 +1022,7 @@ def _preload_in_forkserver() -> None:
     # a script fed on stdin would fail in the server, an unguarded one start a pool there.
     now = getattr(forkserver._forkserver, "_preload_modules", None)
     have = [m for m in now or [] if m != "__main__"]
-    want = have + [m for m in ("procqueue._worker", "procqueue._collector") if m not in have]
+    want = have + [m for m in ("procqueue._local.worker", "procqueue._local.collector") if m not in have]
     if want != now:
         forkserver.set_forkserver_preload(want)
 

@@ -29,8 +29,8 @@ from collections.abc import Callable
 from multiprocessing import connection, parent_process
 from typing import Any
 
-from . import _messages as m
-from ._serialization import dumps_values, loads_body, loads_callable, pack_exception, unpack_arguments
+from procqueue._protocol import messages as m
+from procqueue._protocol.pickling import dumps_values, loads_body, loads_callable, pack_exception, unpack_arguments
 
 # A batch reports what it has so far at least this often, so a crash late in a
 # long batch re-runs little, and the collector's counters stay fresh.

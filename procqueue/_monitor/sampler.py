@@ -25,10 +25,10 @@ from typing import IO, TYPE_CHECKING, Any
 
 import psutil
 
-from . import _collector as c
+from procqueue._local import collector as c
 
 if TYPE_CHECKING:
-    from ._engine import Engine
+    from procqueue._local.engine import Engine
 
 log = logging.getLogger("procqueue")
 
@@ -357,7 +357,7 @@ class Sampler:
                     f"the monitor log {os.fspath(monitor.log)!r} cannot be opened for appending: {exc.strerror}",
                 ) from exc
         if monitor.prometheus_port is not None:
-            from ._prometheus import serve
+            from procqueue._monitor.prometheus import serve
 
             try:
                 self._server, self.prometheus_address = serve(self, monitor.prometheus_host, monitor.prometheus_port)

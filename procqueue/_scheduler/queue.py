@@ -16,10 +16,18 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import _messages as m
-from ._errors import SerializationError
-from ._results import Chunk, Sink
-from ._serialization import _text, describe, dumps, dumps_body, dumps_callable, name_bad_argument, safe_repr
+from procqueue._errors import SerializationError
+from procqueue._protocol import messages as m
+from procqueue._protocol.pickling import (
+    _text,
+    describe,
+    dumps,
+    dumps_body,
+    dumps_callable,
+    name_bad_argument,
+    safe_repr,
+)
+from procqueue._results import Chunk, Sink
 
 TARGET_BATCH_NS = 20_000_000  # auto chunksize aims at batches of about 20 ms of tiny tasks,
 LONG_TASK_NS = 100_000  # ... and for tasks longer than this (their batch overhead is already

@@ -19,17 +19,17 @@ from concurrent.futures import CancelledError
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
-from . import _messages as m
-from . import _worker
-from ._dispatcher import Batch, Dispatcher, Run
-from ._messages import TaskState as S
-from ._results import Chunk, FutureSink, Later, MakeError, Values, crash_error, remote_error
-from ._retry import Final, Requeue, Retry, decide
+from procqueue._local import worker as _worker
+from procqueue._protocol import messages as m
+from procqueue._protocol.messages import TaskState as S
+from procqueue._results import Chunk, FutureSink, Later, MakeError, Values, crash_error, remote_error
+from procqueue._scheduler.queue import Batch, Dispatcher, Run
+from procqueue._scheduler.retry import Final, Requeue, Retry, decide
 
 if TYPE_CHECKING:
-    from ._config import Config
-    from ._engine import _Counts, _Lost
-    from ._supervisor import Supervisor
+    from procqueue._local.engine import _Counts, _Lost
+    from procqueue._local.supervisor import Supervisor
+    from procqueue._settings import Config
 
 
 class Outcomes:

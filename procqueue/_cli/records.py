@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from ._errors import TaskFailed
+from procqueue._errors import TaskFailed
 
 FORMATS = ("jsonl", "csv", "lines")
 _encode = json.JSONEncoder(ensure_ascii=False, allow_nan=False).encode

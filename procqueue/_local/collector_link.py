@@ -25,9 +25,9 @@ from multiprocessing import connection
 from multiprocessing.context import BaseContext
 from typing import Any
 
-from . import _collector
-from . import _messages as m
-from ._supervisor import Launch
+from procqueue._local import collector as _collector
+from procqueue._local.supervisor import Launch
+from procqueue._protocol import messages as m
 
 CONTROL, LINK = 0, 1
 

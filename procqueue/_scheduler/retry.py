@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from ._messages import RETRYABLE, Fault
+from procqueue._protocol.messages import RETRYABLE, Fault
 
 JITTER = 0.25
 

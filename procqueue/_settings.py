@@ -9,8 +9,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from ._monitor import Monitor
-    from ._sink import SinkSpec
+    from procqueue._local.output import SinkSpec
+    from procqueue._monitor.sampler import Monitor
 
 BACKPRESSURE = ("block", "drop", "error")
 

@@ -32,8 +32,8 @@ from dataclasses import dataclass
 from multiprocessing import connection, parent_process
 from typing import Any
 
-from . import _messages as m
-from ._sink import OUTPUT, FileSink, SinkSpec
+from procqueue._local.output import OUTPUT, FileSink, SinkSpec
+from procqueue._protocol import messages as m
 
 # Indexes into the shared counters array.
 FORWARDED, WRITTEN = range(2)  # attempts forwarded; records the sink wrote
@@ -151,7 +151,7 @@ class Collector:
                 raise TypeError(f"collector got an unknown worker message {msg!r}")
 
     def sink_values(self, body: memoryview, errors: tuple[m.ErrorInfo, ...]) -> None:
-        from ._serialization import loads_body
+        from procqueue._protocol.pickling import loads_body
 
         try:
             values = loads_body(body)  # (seq, line) per item; None where it failed
@@ -246,7 +246,7 @@ class Collector:
 def main(pdeathsig: bool, *args: Any) -> None:
     """Entry point of the collector process: `args` are `Collector`'s."""
     if pdeathsig:
-        from ._worker import die_with_parent
+        from procqueue._local.worker import die_with_parent
 
         die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)

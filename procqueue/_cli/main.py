@@ -9,8 +9,8 @@ from typing import Any, ClassVar
 
 import click
 
-from ._demo import count_primes
-from ._pool import Pool
+from procqueue._cli.demo import count_primes
+from procqueue._pool import Pool
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -145,9 +145,9 @@ def run(
     (even by SIGKILL), the same command with --resume finishes the job, with
     exactly one record per input.
     """
-    from ._records import UsageError
-    from ._run import RunSettings
-    from ._run import run as run_records
+    from procqueue._cli.records import UsageError
+    from procqueue._cli.run import RunSettings
+    from procqueue._cli.run import run as run_records
 
     if timeout is not None and timeout != timeout:
         raise click.BadParameter("must be a number of seconds, not nan", param_hint="--timeout")

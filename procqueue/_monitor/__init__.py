@@ -1,0 +1,1 @@
+"""Watching a pool: the psutil sampler, the Prometheus exporter, the live view."""
