@@ -24,6 +24,7 @@ from procqueue._errors import (
 )
 from procqueue._monitor.sampler import Monitor, Stats, WorkerStats
 from procqueue._monitor.view import LiveView
+from procqueue._output import FileOutput, OutputHandle, OutputStatus
 from procqueue._pool import Future, Options, Pool
 from procqueue._protocol.messages import TaskState
 from procqueue._taskqueue import Result, Task, TaskQueue
@@ -32,11 +33,14 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Dropped",
+    "FileOutput",
     "Future",
     "InitializerFailed",
     "LiveView",
     "Monitor",
     "Options",
+    "OutputHandle",
+    "OutputStatus",
     "Pool",
     "PoolBroken",
     "PoolClosed",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import concurrent.futures
 import itertools
 import math
+import os
 import time
 import weakref
 from collections import deque
@@ -15,7 +16,9 @@ from typing import IO, TYPE_CHECKING, Any, Literal, TypeVar, cast
 from procqueue._callbacks import on_internal_thread
 from procqueue._errors import ProcQueueError
 from procqueue._local.engine import Engine
+from procqueue._local.file_writer import SinkSpec
 from procqueue._monitor.sampler import Monitor, Stats
+from procqueue._output import FileOutput, OutputHandle
 from procqueue._protocol import messages as m
 from procqueue._protocol.pickling import pickle_arguments
 from procqueue._results import Chunk, FutureSink, Later, Stream, run_all
@@ -24,7 +27,6 @@ from procqueue._scheduler.queue import Run, argument_error
 from procqueue._settings import BACKPRESSURE, Config, default_start_method, default_workers
 
 if TYPE_CHECKING:
-    from procqueue._local.output import SinkSpec
     from procqueue._monitor.view import LiveView
 
 T = TypeVar("T")
@@ -380,7 +382,9 @@ class Pool(concurrent.futures.Executor):
     it). The default start method is forkserver (spawn where there is none),
     safe with threads. `monitor` (keyword only) sets how the pool samples
     itself: True (every second, the default), an interval in seconds, a
-    `procqueue.Monitor` with sinks, or False for off.
+    `procqueue.Monitor` with sinks, or False for off. `output` (keyword only,
+    a `procqueue.FileOutput`) has the collector write the tasks' values to a
+    file instead of returning them (what `procqueue run` does).
     """
 
     def __init__(
@@ -400,7 +404,7 @@ class Pool(concurrent.futures.Executor):
         *,
         block_timeout: float | None = None,
         monitor: bool | float | Monitor = True,
-        _sink: SinkSpec | None = None,
+        output: FileOutput | None = None,
     ) -> None:
         workers = default_workers() if workers is None else workers
         if not isinstance(workers, int) or workers < 1:
@@ -433,9 +437,17 @@ class Pool(concurrent.futures.Executor):
         self._cfg = Config(
             workers, capacity, backpressure, max_retries, backoff, backoff_max, task_timeout,
             max_tasks_per_worker, max_worker_memory, initializer, tuple(initargs), method, block_timeout,
-            Monitor.of(monitor), _sink,
+            Monitor.of(monitor), _sink_spec(output),
         )  # fmt: skip
-        self._engine = Engine(self._cfg)
+        try:
+            self._engine = Engine(self._cfg)
+        finally:
+            if self._cfg.sink is not None and self._cfg.sink.stream is not None:
+                self._cfg.sink.stream.close()  # the collector holds its own copy
+        self.output: OutputHandle | None = None
+        """With `output=FileOutput(...)`: write records of the parent's own, read how writing goes."""
+        if output is not None:
+            self.output = OutputHandle(self._engine.sink_records, self._engine.output_status)
         self._views: list[LiveView] = []  # live views open on this pool, innermost last
         self._default = Options(self)
         # A pool dropped without shutdown still ends its processes (no orphans).
@@ -532,6 +544,19 @@ class Pool(concurrent.futures.Executor):
         else:
             self.shutdown(wait=True)  # as ProcessPoolExecutor: queued work still runs
         return False
+
+
+def _sink_spec(output: FileOutput | None) -> SinkSpec | None:
+    if output is None:
+        return None
+    if not isinstance(output, FileOutput):
+        raise TypeError(f"output must be a procqueue.FileOutput, not {type(output).__name__}")
+    stream = None
+    if output.fd is not None:
+        from multiprocessing import connection
+
+        stream = connection.Connection(os.dup(output.fd), readable=False)  # reaches the collector so
+    return SinkSpec(output.path, output.errors, output.ordered, stream)
 
 
 def _name(fn: Callable[..., Any]) -> str:

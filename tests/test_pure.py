@@ -20,7 +20,7 @@ from procqueue._scheduler.retry import backoff_delay, should_retry
 def test_public_names_are_pinned() -> None:
     assert sorted(pq.__all__) == sorted(
         [
-            "Dropped", "Future", "InitializerFailed", "LiveView", "Monitor", "Options", "Pool", "PoolBroken", "PoolClosed",
+            "Dropped", "FileOutput", "Future", "InitializerFailed", "LiveView", "Monitor", "Options", "OutputHandle", "OutputStatus", "Pool", "PoolBroken", "PoolClosed",
             "PoolStartError", "ProcQueueError", "QueueFull", "Result", "SerializationError", "Stats", "Task", "TaskFailed",
             "TaskQueue", "TaskState", "TaskTimeout", "WorkerCrashed", "WorkerStats", "__version__",
         ]

@@ -27,14 +27,14 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from multiprocessing import connection
 from typing import IO, Any
 
 from procqueue._cli import records as r
 from procqueue._cli.records import UsageError
 from procqueue._errors import ProcQueueError
 from procqueue._local.collector import WRITTEN
-from procqueue._local.output import ERRORS, OUTPUT, SinkSpec, wait_unlocked
+from procqueue._local.file_writer import ERRORS, OUTPUT, wait_unlocked
+from procqueue._output import FileOutput
 from procqueue._pool import Pool
 from procqueue._results import Chunk
 
@@ -215,16 +215,13 @@ class Run:
                     with contextlib.suppress(FileNotFoundError):
                         os.truncate(path, 0)
         self.handler = r.RecordHandler(self.fn, s.fmt, s.id_field, header)
-        out_stream = connection.Connection(os.dup(sys.stdout.fileno()), readable=False) if self.to_stdout else None
         ordered = s.ordered if s.ordered is not None else s.priority_field is None
-        spec = SinkSpec(s.output, s.errors, ordered, out_stream)
+        output = FileOutput(s.output, s.errors, ordered, sys.stdout.fileno() if self.to_stdout else None)
         pool = Pool(
             s.workers, s.capacity, max_retries=s.retries, task_timeout=s.timeout,
             max_tasks_per_worker=s.max_tasks_per_worker, max_worker_memory=s.max_worker_memory,
-            initializer=r.prepare_worker, initargs=(self.to_stdout, s.initializer), _sink=spec,
+            initializer=r.prepare_worker, initargs=(self.to_stdout, s.initializer), output=output,
         )  # fmt: skip
-        if out_stream is not None:
-            out_stream.close()  # the collector holds its own copy
         engine = pool._engine
         engine.on_final_failure = self.on_final_failure
         source = csv_in.rows() if csv_in is not None else r.read_lines(stream, s.fmt)

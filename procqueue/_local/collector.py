@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from multiprocessing import connection, parent_process
 from typing import Any
 
-from procqueue._local.output import OUTPUT, FileSink, SinkSpec
+from procqueue._local.file_writer import OUTPUT, FileSink, SinkSpec
 from procqueue._protocol import messages as m
 
 # Indexes into the shared counters array.

@@ -96,6 +96,7 @@ from procqueue._local.collector_link import CollectorLink
 from procqueue._local.outcomes import Outcomes, has_futures
 from procqueue._local.supervisor import Slot, Supervisor
 from procqueue._monitor.sampler import Sampler, Stats
+from procqueue._output import OutputStatus
 from procqueue._protocol import messages as m
 from procqueue._protocol.messages import TaskState as S
 from procqueue._protocol.pickling import dumps_callable
@@ -291,6 +292,15 @@ class Engine(Outcomes):
         """Records for the collector to write to its sink (`_sink.py`), from any thread."""
         if records:
             self.send_control(m.SinkRecords(records))
+
+    def output_status(self) -> OutputStatus:
+        """How the collector's writing of a `FileOutput` goes (any thread)."""
+        failed = self.sink_error
+        return OutputStatus(
+            int(self.collector_counts[_collector.WRITTEN]),
+            None if failed is None else failed.message,
+            failed is not None and failed.broken_pipe,
+        )
 
     def check_open(self) -> None:
         if self.broken is not None:

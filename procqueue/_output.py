@@ -1,0 +1,67 @@
+"""Values to files instead of back to the parent: `FileOutput`, the extension
+point `procqueue run` is built on.
+
+With `Pool(output=FileOutput(...))` every task's handler returns
+`(seq, data)`: `seq` its record's place in the input (0, 1, 2, ... over every
+record the pool will write) and `data` whole lines of bytes. The collector
+process writes `data` to the file, in `seq` order when `ordered`, so the
+values never pass through the parent; the future or map yields None for each.
+The parent adds records of its own (failures, say) with `OutputHandle.write`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class FileOutput:
+    """Where the pool writes its tasks' values (see the module docstring).
+
+    `path` is opened for appending (created 0o644) and locked while the pool
+    writes it; `fd` instead writes to an open descriptor (stdout, a pipe),
+    which the pool duplicates. `errors` takes the records the parent writes
+    with `errors=True` (the output itself when None). A record is written whole,
+    in one `write()`, so a reader never sees half of one unless the writer was
+    killed inside it.
+    """
+
+    path: str | None = None
+    errors: str | None = None
+    ordered: bool = True
+    fd: int | None = None
+
+    def __post_init__(self) -> None:
+        if (self.path is None) == (self.fd is None):
+            raise ValueError("FileOutput needs exactly one of path= and fd=")
+
+
+@dataclass(frozen=True)
+class OutputStatus:
+    """How the writing goes: records `written` so far (values and the parent's
+    own), and the `error` that stopped it (`broken_pipe` when the reader went away)."""
+
+    written: int
+    error: str | None = None
+    broken_pipe: bool = False
+
+
+class OutputHandle:
+    """A pool's `FileOutput` while it runs: `pool.output`."""
+
+    def __init__(
+        self, send: Callable[[list[tuple[int, int, bytes]]], None], status: Callable[[], OutputStatus]
+    ) -> None:
+        self._send = send
+        self._status = status
+
+    def write(self, records: Iterable[tuple[int, bytes]], *, errors: bool = True) -> None:
+        """Have the collector write `(seq, data)` records made in the parent (to the
+        `errors` file when `errors` and there is one). Never blocks; safe from any thread."""
+        target = 1 if errors else 0
+        self._send([(seq, target, data) for seq, data in records])
+
+    def status(self) -> OutputStatus:
+        """Records written so far, and the error that stopped the writing, if any."""
+        return self._status()
