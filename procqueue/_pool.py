@@ -384,7 +384,8 @@ class Pool(concurrent.futures.Executor):
     itself: True (every second, the default), an interval in seconds, a
     `procqueue.Monitor` with sinks, or False for off. `output` (keyword only,
     a `procqueue.FileOutput`) has the collector write the tasks' values to a
-    file instead of returning them (what `procqueue run` does).
+    file instead of returning them (what `procqueue run` does). `backend`
+    (keyword only) says what runs the tasks: "local", processes on this machine.
     """
 
     def __init__(
@@ -405,7 +406,10 @@ class Pool(concurrent.futures.Executor):
         block_timeout: float | None = None,
         monitor: bool | float | Monitor = True,
         output: FileOutput | None = None,
+        backend: str = "local",
     ) -> None:
+        if backend != "local":
+            raise ValueError(f"unknown backend {backend!r}; procqueue has 'local'")
         workers = default_workers() if workers is None else workers
         if not isinstance(workers, int) or workers < 1:
             raise ValueError(f"workers must be an int >= 1, got {workers!r}")
