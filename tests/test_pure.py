@@ -11,8 +11,10 @@ import struct
 import pytest
 
 import procqueue as pq
+from procqueue._protocol import framing
 from procqueue._protocol import messages as m
 from procqueue._results import Chunk, Stream
+from procqueue._scheduler import states
 from procqueue._scheduler.queue import Dispatcher, Handlers, Run
 from procqueue._scheduler.retry import backoff_delay, should_retry
 
@@ -51,19 +53,19 @@ def test_errors_pickle_with_their_fields() -> None:
     ],
 )
 def test_messages_round_trip_through_frames(msg: object) -> None:
-    reader = m.FrameReader()
-    wire = m.framed(msg, b"body")
+    reader = framing.FrameReader()
+    wire = framing.framed(msg, b"body")
     frames = reader.feed(wire[:5]) + reader.feed(wire[5:])
     assert len(frames) == 1
-    header, body = m.decode(frames[0])
+    header, body = framing.decode(frames[0])
     assert header == msg
     assert bytes(body) == b"body"
 
 
 def test_torn_frame_is_held_back_not_misread() -> None:
-    reader = m.FrameReader()
-    good = m.framed(m.Stop())
-    torn = m.framed(m.Bye(1, 2))[:-3]
+    reader = framing.FrameReader()
+    good = framing.framed(m.Stop())
+    torn = framing.framed(m.Bye(1, 2))[:-3]
     frames = reader.feed(good + torn)
     assert len(frames) == 1
     assert reader.pending == len(torn)
@@ -74,17 +76,17 @@ def test_frames_survive_any_split_of_the_byte_stream() -> None:
 
     rng = random.Random(3)
     bodies = [b"", b"x", bytes(range(256)) * 3, bytes(rng.randrange(256) for _ in range(70_000)), b"end"]
-    wire = b"".join(m.framed(m.Stop(), body) for body in bodies)
+    wire = b"".join(framing.framed(m.Stop(), body) for body in bodies)
     # a frame with the 64-bit length prefix, as Connection writes frames over 2 GiB
-    payload = m.encode(m.Stop(), b"long")
+    payload = framing.encode(m.Stop(), b"long")
     wire += struct.pack("!i", -1) + struct.pack("!Q", len(payload)) + payload
     for trial in range(200):
         # trial 0 feeds the first 3,000 bytes one at a time (every prefix split), then the rest
         cuts = list(range(1, 3000)) if trial == 0 else sorted(rng.sample(range(1, len(wire)), rng.randrange(1, 12)))
-        reader = m.FrameReader()
+        reader = framing.FrameReader()
         got = []
         for a, b in itertools.pairwise([0, *cuts, len(wire)]):
-            got.extend(bytes(m.decode(f)[1]) for f in reader.feed(wire[a:b]))
+            got.extend(bytes(framing.decode(f)[1]) for f in reader.feed(wire[a:b]))
         assert got == [*bodies, b"long"], cuts
         assert reader.pending == 0
 
@@ -102,18 +104,18 @@ def test_out_of_band_buffers_round_trip_writable() -> None:
 
 
 def test_state_machine_accepts_a_full_life_and_rejects_skips() -> None:
-    S = m.TaskState
-    ledger = m.Ledger()
+    S = states.TaskState
+    ledger = states.Ledger()
     for to in (S.PENDING, S.DISPATCHED, S.CRASHED, S.RETRYING, S.PENDING, S.DISPATCHED, S.DONE):
         ledger.move(1, to)
     ledger.move(2, S.DROPPED)
     ledger.check_books()
-    with pytest.raises(m.InvalidTransition, match="new -> done"):
+    with pytest.raises(states.InvalidTransition, match="new -> done"):
         ledger.move(3, S.DONE)
     ledger.move(4, S.PENDING)
-    with pytest.raises(m.InvalidTransition, match="never ended"):
+    with pytest.raises(states.InvalidTransition, match="never ended"):
         ledger.check_books()
-    assert all(S.DONE not in TRANS for state, TRANS in m.TRANSITIONS.items() if state in m.FINAL)
+    assert all(S.DONE not in TRANS for state, TRANS in states.TRANSITIONS.items() if state in states.FINAL)
 
 
 def test_backoff_doubles_with_bounded_jitter_and_cap() -> None:

@@ -23,6 +23,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import procqueue as pq
+from procqueue._protocol import framing
 from procqueue._protocol import messages as m
 
 import handlers as h
@@ -156,13 +157,13 @@ def test_pool_channels_are_private() -> None:
 
 # --- the frame reader, on arbitrary bytes -----------------------------------------------
 
-TOKEN = bytes(range(m.TOKEN_SIZE))
+TOKEN = bytes(range(framing.TOKEN_SIZE))
 
 
 @settings(max_examples=300, deadline=None)
 @given(st.binary(max_size=4096), st.lists(st.integers(min_value=1, max_value=64), max_size=20))
 def test_reader_never_raises_and_never_parses_before_the_token(data: bytes, cuts: list[int]) -> None:
-    reader = m.FrameReader(limit=1 << 20, token=TOKEN)
+    reader = framing.FrameReader(limit=1 << 20, token=TOKEN)
     frames = []
     pos = 0
     for cut in [*cuts, len(data)]:
@@ -183,14 +184,14 @@ def test_reader_never_raises_and_never_parses_before_the_token(data: bytes, cuts
 def test_frames_after_the_token_come_out_whole_whatever_the_split(
     bodies: list[bytes], cuts: list[int], tail: bytes
 ) -> None:
-    wire = TOKEN + b"".join(m.framed(m.Stop(), body) for body in bodies) + tail
-    reader = m.FrameReader(limit=1 << 20, token=TOKEN)
+    wire = TOKEN + b"".join(framing.framed(m.Stop(), body) for body in bodies) + tail
+    reader = framing.FrameReader(limit=1 << 20, token=TOKEN)
     frames = []
     pos = 0
     for cut in [*cuts, len(wire)]:
         frames += [bytes(f) for f in reader.feed(wire[pos : pos + cut])]
         pos += cut
-    got = [bytes(m.decode(f)[1]) for f in frames[: len(bodies)]]
+    got = [bytes(framing.decode(f)[1]) for f in frames[: len(bodies)]]
     assert got == bodies
 
 
@@ -200,26 +201,26 @@ def test_an_oversized_length_prefix_ends_the_stream_without_allocating(size: int
     import struct
 
     prefix = struct.pack("!i", size) if size < 0x7FFFFFFF else struct.pack("!i", -1) + struct.pack("!Q", size)
-    reader = m.FrameReader(limit=1 << 20, token=TOKEN)
+    reader = framing.FrameReader(limit=1 << 20, token=TOKEN)
     assert reader.feed(TOKEN + prefix + rest) == []
     assert reader.error is not None and "limit" in reader.error
     assert reader.pending < 64 + 12
-    assert reader.feed(m.framed(m.Stop())) == []  # once ended, nothing more is parsed
+    assert reader.feed(framing.framed(m.Stop())) == []  # once ended, nothing more is parsed
 
 
 @settings(max_examples=100, deadline=None)
-@given(st.binary(min_size=m.TOKEN_SIZE, max_size=m.TOKEN_SIZE).filter(lambda b: b != TOKEN))
+@given(st.binary(min_size=framing.TOKEN_SIZE, max_size=framing.TOKEN_SIZE).filter(lambda b: b != TOKEN))
 def test_a_wrong_token_ends_the_stream(token: bytes) -> None:
-    reader = m.FrameReader(limit=1 << 20, token=TOKEN)
+    reader = framing.FrameReader(limit=1 << 20, token=TOKEN)
     payload = pickle.dumps(m.Stop())
-    assert reader.feed(token + m.framed(m.Stop()) + payload) == []
+    assert reader.feed(token + framing.framed(m.Stop()) + payload) == []
     assert reader.error is not None and not reader.proven
 
 
 def test_a_negative_length_prefix_is_refused() -> None:
     import struct
 
-    reader = m.FrameReader(limit=1 << 20)
+    reader = framing.FrameReader(limit=1 << 20)
     assert reader.feed(struct.pack("!i", -5) + b"x" * 10) == []
     assert reader.error is not None
 
@@ -228,8 +229,8 @@ def test_collector_drops_a_link_whose_peer_lacks_the_token() -> None:
     """The collector's end of a link checks the token before parsing (unit level, one process)."""
     a, b = socket.socketpair()
     try:
-        reader = m.FrameReader(limit=1 << 20, token=TOKEN)
-        a.sendall(b"\x00" * m.TOKEN_SIZE + m.framed(m.Stop()))
+        reader = framing.FrameReader(limit=1 << 20, token=TOKEN)
+        a.sendall(b"\x00" * framing.TOKEN_SIZE + framing.framed(m.Stop()))
         assert reader.feed(b.recv(4096)) == []
         assert reader.error == "the peer did not present the pool's token"
     finally:

@@ -32,7 +32,7 @@ from typing import IO, Any
 from procqueue._cli import records as r
 from procqueue._cli.records import UsageError
 from procqueue._errors import ProcQueueError
-from procqueue._local.collector import WRITTEN
+from procqueue._protocol.layout import WRITTEN
 from procqueue._local.file_writer import ERRORS, OUTPUT, wait_unlocked
 from procqueue._output import FileOutput
 from procqueue._pool import Pool

@@ -2,7 +2,7 @@
 
 Wiring is drawn in `_engine.py`. What the collector owns:
 - one socket per worker, each the collector's end of a socket pair the
-  parent made for that worker and handed over as a descriptor (`LINK`
+  parent made for that worker and handed over as a descriptor (`layout.LINK`
   datagrams on the links socket): no socket listens, so no other process can
   reach it. A link's first bytes must be the pool's token, compared before
   anything on it is parsed as a frame;
@@ -26,19 +26,15 @@ import os
 import selectors
 import signal
 import socket
-import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
 from multiprocessing import connection, parent_process
 from typing import Any
 
 from procqueue._local.file_writer import OUTPUT, FileSink, SinkSpec
+from procqueue._protocol import framing, layout
 from procqueue._protocol import messages as m
 
-# Indexes into the shared counters array.
-FORWARDED, WRITTEN = range(2)  # attempts forwarded; records the sink wrote
-SLOTS = 2
-LINK = struct.Struct("!qq")  # a links datagram: slot, pid; the descriptor rides along
 READ_SIZE = 1 << 20
 
 
@@ -47,7 +43,7 @@ class _Link:
     sock: socket.socket
     slot: int
     pid: int
-    reader: m.FrameReader
+    reader: framing.FrameReader
     eof: bool = False
     last: tuple[int, int, int] = (-1, 0, 0)  # batch_id, start, count of the last BatchDone
 
@@ -64,7 +60,7 @@ class Collector:
         sink: SinkSpec | None = None,
     ) -> None:
         self.control = control
-        self.control_reader = m.FrameReader(frame_limit)
+        self.control_reader = framing.FrameReader(frame_limit)
         self.links = links
         self.results = results
         self.token = token
@@ -77,26 +73,26 @@ class Collector:
 
     # --- plumbing -------------------------------------------------------------------
 
-    def send(self, header: object, body: m.Body = b"") -> None:
-        m.write_frame(self.results.fileno(), header, body)
+    def send(self, header: object, body: framing.Body = b"") -> None:
+        framing.write_frame(self.results.fileno(), header, body)
 
     def take_links(self) -> None:
         """Adopt the worker sockets the parent has handed over so far."""
         while True:
             try:
-                data, fds, _, _ = socket.recv_fds(self.links, LINK.size, 1)
+                data, fds, _, _ = socket.recv_fds(self.links, layout.LINK.size, 1)
             except (BlockingIOError, InterruptedError):
                 return
             if not data:
                 return
-            if len(fds) != 1 or len(data) != LINK.size:
+            if len(fds) != 1 or len(data) != layout.LINK.size:
                 for fd in fds:
                     os.close(fd)
                 continue
-            slot, pid = LINK.unpack(data)
+            slot, pid = layout.LINK.unpack(data)
             sock = socket.socket(fileno=fds[0])
             sock.setblocking(False)
-            link = _Link(sock, slot, pid, m.FrameReader(self.frame_limit, self.token))
+            link = _Link(sock, slot, pid, framing.FrameReader(self.frame_limit, self.token))
             self.by_pid[pid] = link
             self.sel.register(sock, selectors.EVENT_READ, link)
             self.read(link)
@@ -128,13 +124,13 @@ class Collector:
 
     def on_worker_frame(self, link: _Link, frame: memoryview) -> None:
         try:
-            msg, body = m.decode(frame)
+            msg, body = framing.decode(frame)
         except Exception:  # a torn or corrupt frame from a dying worker: the rest of its stream is suspect
             link.reader.error = "a frame did not decode"
             return
         match msg:
             case m.BatchDone():
-                self.counts[FORWARDED] += msg.count
+                self.counts[layout.FORWARDED] += msg.count
                 link.last = (msg.batch_id, msg.start, msg.count)
                 if self.sink is not None:
                     self.sink_values(body, msg.errors)
@@ -164,7 +160,7 @@ class Collector:
         assert sink is not None
         failed = sink.error is not None
         sink.add(records)
-        self.counts[WRITTEN] = sink.written
+        self.counts[layout.WRITTEN] = sink.written
         if sink.error is not None and not failed:  # tell the parent once; it stops the run
             err = sink.error
             self.send(m.SinkFailed(f"{type(err).__name__}: {err}", isinstance(err, BrokenPipeError)))
@@ -193,7 +189,7 @@ class Collector:
             self.running = False  # the parent is gone
             return
         for frame in self.control_reader.feed(data):
-            msg, _ = m.decode(frame)
+            msg, _ = framing.decode(frame)
             match msg:
                 case m.WorkerLost():
                     self.on_worker_lost(msg)
@@ -215,7 +211,7 @@ class Collector:
     def close_sink(self) -> None:
         if self.sink is not None:
             self.sink.close()
-            self.counts[WRITTEN] = self.sink.written
+            self.counts[layout.WRITTEN] = self.sink.written
             self.sink = None
 
     def serve(self) -> None:

@@ -27,7 +27,7 @@ from typing import Any
 
 from procqueue._local import collector as _collector
 from procqueue._local.supervisor import Launch
-from procqueue._protocol import messages as m
+from procqueue._protocol import framing, layout
 
 CONTROL, LINK = 0, 1
 
@@ -48,7 +48,7 @@ class CollectorLink:
         self.results: connection.Connection | None = None
         self.control_w: connection.Connection | None = None
         self.links_w: socket.socket | None = None
-        self.reader = m.FrameReader(frame_limit)
+        self.reader = framing.FrameReader(frame_limit)
         self.generation = 0
 
     def start(self, pdeathsig: bool) -> None:
@@ -70,7 +70,7 @@ class CollectorLink:
         with self.lock:
             self.process, self.pid = proc, proc.pid or -1
             self.results, self.control_w, self.links_w = results_r, control_w, links_w
-            self.reader = m.FrameReader(self.frame_limit)
+            self.reader = framing.FrameReader(self.frame_limit)
             self.generation += 1
             self.outbox.clear()
 
@@ -82,11 +82,11 @@ class CollectorLink:
 
     def send(self, msg: object) -> None:
         """A control message, from any thread; never blocks."""
-        self._post((CONTROL, memoryview(m.framed(msg)), None))
+        self._post((CONTROL, memoryview(framing.framed(msg)), None))
 
     def link(self, slot: int, pid: int, sock: socket.socket) -> None:
         """Hand a new worker's socket to the collector (the parent's copy is closed once sent)."""
-        self._post((LINK, _collector.LINK.pack(slot, pid), sock))
+        self._post((LINK, layout.LINK.pack(slot, pid), sock))
 
     def _post(self, entry: tuple[int, Any, Any]) -> None:
         with self.lock:

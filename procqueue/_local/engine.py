@@ -90,18 +90,18 @@ from procqueue._errors import (
     SerializationError,
     describe_exitcode,
 )
-from procqueue._local import collector as _collector
-from procqueue._local import worker as _worker
 from procqueue._local.collector_link import CollectorLink
 from procqueue._local.outcomes import Outcomes, has_futures
 from procqueue._local.supervisor import Slot, Supervisor
 from procqueue._monitor.sampler import Sampler, Stats
 from procqueue._output import OutputStatus
+from procqueue._protocol import framing, layout
 from procqueue._protocol import messages as m
-from procqueue._protocol.messages import TaskState as S
 from procqueue._protocol.pickling import dumps_callable
 from procqueue._results import Later, Stream, run_all
+from procqueue._scheduler import states
 from procqueue._scheduler.queue import MAX_DIRECT_BATCH, Batch, Dispatcher, Handlers, Run, encode_items
+from procqueue._scheduler.states import TaskState as S
 from procqueue._settings import Config
 
 FAST_ITEM_NS = 50_000  # tasks shorter than this run unmarked in a tight loop (no timeout)
@@ -195,7 +195,7 @@ class Engine(Outcomes):
         self.batches: dict[int, Batch] = {}
         self.lost: dict[int, _Lost] = {}
         self.counts = _Counts()
-        self.ledger = m.Ledger() if os.environ.get("PROCQUEUE_VALIDATE") == "1" else None
+        self.ledger = states.Ledger() if os.environ.get("PROCQUEUE_VALIDATE") == "1" else None
         self.dispatcher.ledger = self.ledger
         self.closed = False  # no more submits
         self.broken: ProcQueueError | None = None
@@ -210,8 +210,8 @@ class Engine(Outcomes):
         self._wake_r = self._wake_w = -1
         self.sel = selectors.DefaultSelector()
 
-        token = secrets.token_bytes(m.TOKEN_SIZE)
-        self._counters: Any = self.ctx.RawArray("q", _collector.SLOTS)  # type: ignore[attr-defined]
+        token = secrets.token_bytes(framing.TOKEN_SIZE)
+        self._counters: Any = self.ctx.RawArray("q", layout.COUNTERS)  # type: ignore[attr-defined]
         self.collector_counts = memoryview(self._counters).cast("B").cast("q")
         self.collector = CollectorLink(self.ctx, token, self._counters, _frame_limit(), cfg.sink)
         self.supervisor = Supervisor(self.ctx, cfg.workers, token, init)
@@ -297,7 +297,7 @@ class Engine(Outcomes):
         """How the collector's writing of a `FileOutput` goes (any thread)."""
         failed = self.sink_error
         return OutputStatus(
-            int(self.collector_counts[_collector.WRITTEN]),
+            int(self.collector_counts[layout.WRITTEN]),
             None if failed is None else failed.message,
             failed is not None and failed.broken_pipe,
         )
@@ -623,7 +623,7 @@ class Engine(Outcomes):
         """Let the worker finish what it holds, then exit; a fresh one takes its slot."""
         slot.retiring = True
         slot.recycled += 1
-        self._send(slot, m.frame_parts(m.Stop()))
+        self._send(slot, framing.frame_parts(m.Stop()))
 
     def _send(self, slot: Slot, parts: list[bytes | memoryview]) -> None:
         if self.supervisor.send(slot, parts):
@@ -768,7 +768,7 @@ class Engine(Outcomes):
                     batch.batch_id, batch.count, run.handler.id, None if slot.knows(run.handler.id) else blob,
                     run.call, run.attempt, run.retries, careful, run.by_value, run.packed, has_futures(batch.segments),
                 )  # fmt: skip
-                self._send(slot, m.frame_parts(msg, payload))
+                self._send(slot, framing.frame_parts(msg, payload))
                 cap = self.cfg.max_tasks_per_worker
                 if cap is not None and slot.tasks_sent >= cap and not slot.retiring:
                     self._retire(slot)
@@ -796,7 +796,7 @@ class Engine(Outcomes):
         later: Later = []
         for frame in frames:
             try:
-                msg, body = m.decode(frame)
+                msg, body = framing.decode(frame)
             except Exception as exc:  # only the collector writes here: a bug, not an attack
                 log.error("procqueue: a message from the collector did not decode: %r", exc)
                 continue
@@ -848,23 +848,23 @@ class Engine(Outcomes):
         if running is not None:
             batch_id, index, _ = running
             batch = self.batches.get(batch_id)
-            if batch is not None and batch.slot == slot.index and index != _worker.UNMARKED:
+            if batch is not None and batch.slot == slot.index and index != layout.UNMARKED:
                 at = (batch_id, index)
         with self.lock:
-            unmarked = running is not None and running[1] == _worker.UNMARKED
+            unmarked = running is not None and running[1] == layout.UNMARKED
             # A worker we killed for being stalled, or because its collector died, is not its task's fault.
             # Exit 4: it lost its collector (killed), which is not its task's fault either.
-            charge = reason not in ("stalled", "collector") and exitcode != _worker.EXIT_ORPHANED
+            charge = reason not in ("stalled", "collector") and exitcode != layout.EXIT_ORPHANED
             self.lost[pid] = _Lost(slot, batches, at, exitcode, fault_text, unmarked, charge)
             slot.batches = {}
-            init_failed = exitcode == _worker.EXIT_INIT_FAILED and tasks_sent == 0
+            init_failed = exitcode == layout.EXIT_INIT_FAILED and tasks_sent == 0
             # Dying outside any task, before any outcome, is the worker's own fault (imports,
             # start-up); a task that kills its worker is charged to the task instead.
             # SIGKILL is someone else's doing (a user, the OOM killer), not a failure to start.
             barren = exitcode not in (0, -signal.SIGKILL) and running is None
             barren = barren and not slot.productive and not slot.retiring and reason is None
             self._barren_deaths = self._barren_deaths + 1 if barren else 0
-            unguarded = exitcode == _worker.EXIT_UNGUARDED_MAIN and not slot.productive
+            unguarded = exitcode == layout.EXIT_UNGUARDED_MAIN and not slot.productive
             if (
                 not unguarded
                 and self.phase == "running"
@@ -910,7 +910,7 @@ class Engine(Outcomes):
         if old.process is not None:
             old.process.join(1.0)  # its exit code, not None: the sentinel fires before it is reaped
         exitcode = old.process.exitcode if old.process is not None else None
-        if exitcode == _worker.EXIT_UNGUARDED_MAIN:
+        if exitcode == layout.EXIT_UNGUARDED_MAIN:
             self._break(
                 PoolBroken(f"the pool's collector process re-ran the main script and reached Pool(): {UNGUARDED}")
             )
@@ -979,7 +979,7 @@ class Engine(Outcomes):
             for slot in self.supervisor.slots:
                 if slot.alive and not slot.retiring:
                     slot.retiring = True
-                    self._send(slot, m.frame_parts(m.Stop()))
+                    self._send(slot, framing.frame_parts(m.Stop()))
         if self.phase == "stopping" and time.monotonic() > self._stop_deadline:
             # Idle workers exit within milliseconds of Stop; one that does not is killed.
             stuck = [(s.index, s.pid) for s in self.supervisor.slots if s.alive]
@@ -1011,7 +1011,7 @@ class Engine(Outcomes):
         if self.ledger is not None and self.broken is None:
             try:
                 self.ledger.check_books()
-            except m.InvalidTransition as exc:
+            except states.InvalidTransition as exc:
                 self.books_error = exc
         with self.cv:
             self.phase = "done"
@@ -1068,7 +1068,7 @@ def _refuse_in_bootstrapping_child(method: str) -> None:
         f"procqueue: a child process (pid {os.getpid()}) reached Pool() while importing the main script: {UNGUARDED}\n"
     )
     sys.stderr.flush()
-    os._exit(_worker.EXIT_UNGUARDED_MAIN)
+    os._exit(layout.EXIT_UNGUARDED_MAIN)
 
 
 def _encode_failure(exc: BaseException) -> SerializationError:

@@ -19,12 +19,13 @@ from concurrent.futures import CancelledError
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
-from procqueue._local import worker as _worker
+from procqueue._protocol import layout
 from procqueue._protocol import messages as m
-from procqueue._protocol.messages import TaskState as S
 from procqueue._results import Chunk, FutureSink, Later, MakeError, Values, crash_error, remote_error
+from procqueue._scheduler import states
 from procqueue._scheduler.queue import Batch, Dispatcher, Run
 from procqueue._scheduler.retry import Final, Requeue, Retry, decide
+from procqueue._scheduler.states import TaskState as S
 
 if TYPE_CHECKING:
     from procqueue._local.engine import _Counts, _Lost
@@ -42,7 +43,7 @@ class Outcomes:
     counts: _Counts
     dispatcher: Dispatcher
     supervisor: Supervisor
-    ledger: m.Ledger | None
+    ledger: states.Ledger | None
     rng: random.Random
     _barren_deaths: int
     # Called (item, error, attempts) for each task that failed for good, on the manager
@@ -178,7 +179,7 @@ class Outcomes:
                 continue
             again: list[tuple[Run, int]] = []
             loading = (
-                lost.running is not None and lost.running[0] == batch.batch_id and lost.running[1] == _worker.LOADING
+                lost.running is not None and lost.running[0] == batch.batch_id and lost.running[1] == layout.LOADING
             )
             for k in range(batch.done, batch.count):
                 run, j = batch.item(k)

@@ -31,7 +31,7 @@ from multiprocessing.process import BaseProcess
 from typing import Any
 
 from procqueue._local import worker as _worker
-from procqueue._protocol import messages as m
+from procqueue._protocol import framing, layout
 from procqueue._protocol.pickling import unrunnable_main_hidden
 from procqueue._scheduler.queue import Batch
 
@@ -85,7 +85,7 @@ class Slot:
             known.move_to_end(handler_id)
             return True
         known[handler_id] = None
-        if len(known) > _worker.HANDLER_CACHE:
+        if len(known) > layout.HANDLER_CACHE:
             known.popitem(last=False)
         return False
 
@@ -97,7 +97,7 @@ class Supervisor:
         self.ctx = ctx
         self.token = token
         self.init = init
-        self._markers: Any = ctx.RawArray("q", _worker.MARK_WORDS * workers)  # type: ignore[attr-defined]
+        self._markers: Any = ctx.RawArray("q", layout.MARK_WORDS * workers)  # type: ignore[attr-defined]
         self.marks = memoryview(self._markers).cast("B").cast("q")
         self.slots = [Slot(i) for i in range(workers)]
         self.manager: threading.Thread | None = None  # the thread that respawns workers
@@ -109,7 +109,7 @@ class Supervisor:
             task_r, task_w = launch.pipe()
             fault_r, fault_w = launch.pipe()
             theirs, ours = launch.socketpair(socket.SOCK_STREAM)
-            self.marks[_worker.MARK_WORDS * slot.index] = 0
+            self.marks[layout.MARK_WORDS * slot.index] = 0
             proc = launch.start(
                 _worker.main,
                 (slot.index, task_r, theirs, self.token, self._markers, fault_w, self.init, self.pdeathsig_safe()),
@@ -174,14 +174,14 @@ class Supervisor:
         except OSError:  # the worker is gone; its sentinel will tell
             slot.out = []
             return False
-        slot.out = m.drop_written(slot.out, n)
+        slot.out = framing.drop_written(slot.out, n)
         return bool(slot.out)
 
     def running(self, slot: Slot) -> tuple[int, int, int] | None:
         """`(batch_id, index, started_ns)` of the item the worker is in, if any;
         index `UNMARKED` inside an unmarked batch, `LOADING` while it unpickles
         one. Read twice around the start time: the worker writes without a lock."""
-        marks, k = self.marks, _worker.MARK_WORDS * slot.index
+        marks, k = self.marks, layout.MARK_WORDS * slot.index
         for _ in range(3):
             tag, index = marks[k], marks[k + 1]
             if tag == 0:

@@ -7,7 +7,7 @@ Wiring and channels are drawn in `_engine.py`. What a worker owns:
 - before each item it writes `(batch, index, start time)` into its slot of a
   shared array, so the parent knows which item a crash or a timeout belongs to
   without any message (the acknowledgement costs a few stores). While it
-  unpickles a batch (handler and arguments) the index reads `LOADING`, so a
+  unpickles a batch (handler and arguments) the index reads `layout.LOADING`, so a
   poison argument that kills the worker is charged to its batch, not taken
   for a worker that cannot start.
 """
@@ -29,6 +29,7 @@ from collections.abc import Callable
 from multiprocessing import connection, parent_process
 from typing import Any
 
+from procqueue._protocol import framing, layout
 from procqueue._protocol import messages as m
 from procqueue._protocol.pickling import dumps_values, loads_body, loads_callable, pack_exception, unpack_arguments
 
@@ -36,14 +37,7 @@ from procqueue._protocol.pickling import dumps_values, loads_body, loads_callabl
 # long batch re-runs little, and the collector's counters stay fresh.
 FLUSH_NS = 200_000_000
 FLUSH_GRACE_NS = 60_000_000_000
-HANDLER_CACHE = 256  # the parent mirrors this LRU to know what a worker holds
-MARK_WORDS = 3  # per worker: batch id + 1 (0: idle), item index, start (perf_counter_ns)
-UNMARKED = -1  # index: inside a batch of tiny tasks, run without marking each item
-LOADING = -2  # index: unpickling the batch's handler or arguments
 SOCKET_BUFFER = 4 << 20
-EXIT_INIT_FAILED = 3
-EXIT_ORPHANED = 4
-EXIT_UNGUARDED_MAIN = 5  # a child re-ran an unguarded main script and reached Pool()
 PR_SET_PDEATHSIG = 1
 
 
@@ -75,7 +69,7 @@ def die_with_parent() -> None:
         parent = os.getppid()
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
         if os.getppid() != parent:  # it died before the call took effect
-            os._exit(EXIT_ORPHANED)
+            os._exit(layout.EXIT_ORPHANED)
     except (OSError, AttributeError):  # no libc to ask: the watch thread still covers it
         pass
 
@@ -89,7 +83,7 @@ def _watch_parent() -> None:
 
     def watch() -> None:
         connection.wait([sentinel])
-        os._exit(EXIT_ORPHANED)
+        os._exit(layout.EXIT_ORPHANED)
 
     threading.Thread(target=watch, name="procqueue-parent-watch", daemon=True).start()
 
@@ -108,22 +102,22 @@ class _Worker:
         self.out = out
         view = memoryview(markers).cast("B").cast("q")
         self.marks = view
-        self.mark = MARK_WORDS * slot
+        self.mark = layout.MARK_WORDS * slot
         # A handler that failed to unpickle is kept as its error, so a later batch
         # sent without the bytes fails with that reason, not a missing key.
         self.handlers: OrderedDict[int, Callable[..., Any] | BaseException] = OrderedDict()
 
-    def send(self, header: object, body: m.Body = b"") -> None:
-        m.write_frame(self.out.fileno(), header, body)
+    def send(self, header: object, body: framing.Body = b"") -> None:
+        framing.write_frame(self.out.fileno(), header, body)
 
     def serve(self) -> None:
         fd = self.task_conn.fileno()
         while True:
             try:
-                payload = m.read_frame(fd)
+                payload = framing.read_frame(fd)
             except (EOFError, OSError):
                 return  # the parent closed our pipe: nothing more will come
-            msg, body = m.decode(payload)
+            msg, body = framing.decode(payload)
             match msg:
                 case m.RunBatch():
                     self.run(msg, body)
@@ -144,7 +138,7 @@ class _Worker:
             except BaseException as exc:
                 fn = exc
             cache[msg.handler_id] = fn
-            if len(cache) > HANDLER_CACHE:
+            if len(cache) > layout.HANDLER_CACHE:
                 cache.popitem(last=False)
         else:
             fn = cache.get(msg.handler_id) or LookupError(
@@ -168,7 +162,7 @@ class _Worker:
     def run(self, msg: m.RunBatch, body: memoryview) -> None:
         marks, mark = self.marks, self.mark
         marks[mark + 2] = time.perf_counter_ns()
-        marks[mark + 1] = LOADING  # a crash from here on is charged to this batch
+        marks[mark + 1] = layout.LOADING  # a crash from here on is charged to this batch
         marks[mark] = msg.batch_id + 1
         try:
             fn = self.handler(msg)
@@ -191,7 +185,7 @@ class _Worker:
         # tasks of submits): the batch is marked as a whole, each item timed for its future.
         marking = msg.careful
         if not marking:
-            marks[mark + 1] = UNMARKED
+            marks[mark + 1] = layout.UNMARKED
         call = msg.call
         tag = msg.batch_id + 1
         clock = time.perf_counter_ns
@@ -224,7 +218,7 @@ class _Worker:
             if t1 >= flush_at:
                 self.flush(msg, start, values, durations, errors)
                 if not marking:
-                    marks[mark + 1], marks[mark] = UNMARKED, tag
+                    marks[mark + 1], marks[mark] = layout.UNMARKED, tag
                 start = i + 1
                 values, durations, errors = [], array("q"), []
                 t0 = clock()
@@ -234,12 +228,12 @@ class _Worker:
             self.flush(msg, start, values, durations, errors)
 
     def run_fast(self, msg: m.RunBatch, fn: Callable[..., Any], items: list[Any]) -> None:
-        """Tiny tasks: a tight loop, one mark for the whole batch (index UNMARKED)."""
+        """Tiny tasks: a tight loop, one mark for the whole batch (index layout.UNMARKED)."""
         marks, mark, call = self.marks, self.mark, msg.call
         clock = time.perf_counter_ns
         t0 = clock()
         marks[mark + 2] = t0
-        marks[mark + 1] = UNMARKED
+        marks[mark + 1] = layout.UNMARKED
         values: list[Any] = []
         append = values.append
         errors: list[m.ErrorInfo] = []
@@ -317,7 +311,7 @@ def main(
         os.write(out.fileno(), token)  # raw, before any frame: the collector checks it first
         _serve(_Worker(slot, task_conn, out, markers), init)
     except (BrokenPipeError, ConnectionResetError):  # the collector is gone: the pool is ending
-        os._exit(EXIT_ORPHANED)
+        os._exit(layout.EXIT_ORPHANED)
     out.close()
 
 
@@ -330,5 +324,5 @@ def _serve(worker: _Worker, init: bytes | None) -> None:
             worker.send(m.InitFailed(worker.slot, worker.pid, pack_exception(exc)[3]))
             worker.out.close()
             sys.stdout.flush()
-            os._exit(EXIT_INIT_FAILED)
+            os._exit(layout.EXIT_INIT_FAILED)
     worker.serve()

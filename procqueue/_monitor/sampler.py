@@ -25,7 +25,7 @@ from typing import IO, TYPE_CHECKING, Any
 
 import psutil
 
-from procqueue._local import collector as c
+from procqueue._protocol import layout
 
 if TYPE_CHECKING:
     from procqueue._local.engine import Engine
@@ -283,7 +283,7 @@ def snapshot(engine: Engine, readings: dict[int, tuple[float, int]] | None, rate
     collector = None
     if collector_pid is not None and collector_pid in readings:
         cpu, rss = readings[collector_pid]
-        collector = WorkerStats(collector_pid, cpu, rss, counts_in[c.FORWARDED], "running", -1)
+        collector = WorkerStats(collector_pid, cpu, rss, counts_in[layout.FORWARDED], "running", -1)
     return Stats(*head, *rates, elapsed, time.time(), workers, collector)
 
 

@@ -28,6 +28,7 @@ from procqueue._protocol.pickling import (
     safe_repr,
 )
 from procqueue._results import Chunk, Sink
+from procqueue._scheduler import states
 
 TARGET_BATCH_NS = 20_000_000  # auto chunksize aims at batches of about 20 ms of tiny tasks,
 LONG_TASK_NS = 100_000  # ... and for tasks longer than this (their batch overhead is already
@@ -185,7 +186,7 @@ class Dispatcher:
     delayed: list[tuple[float, int, Run]] = field(default_factory=list)
     pending: int = 0  # tasks in the heap: the queue depth `capacity` bounds
     waiting: int = 0  # tasks waiting out a backoff
-    ledger: m.Ledger | None = None  # validate mode
+    ledger: states.Ledger | None = None  # validate mode
     seq: Iterator[int] = field(default_factory=itertools.count)
     pushes: Iterator[int] = field(default_factory=itertools.count)
     batch_ids: Iterator[int] = field(default_factory=lambda: itertools.count(1))
@@ -215,7 +216,7 @@ class Dispatcher:
             run = heapq.heappop(delayed)[2]
             self.waiting -= 1
             if self.ledger is not None:
-                self.ledger.move(run.first_id, m.TaskState.PENDING)
+                self.ledger.move(run.first_id, states.TaskState.PENDING)
             self.push(run, fresh=False)
 
     def size_for(self, run: Run) -> int:

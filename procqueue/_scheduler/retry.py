@@ -5,9 +5,10 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from procqueue._protocol.messages import RETRYABLE, Fault
+from procqueue._protocol.messages import Fault
 
 JITTER = 0.25
+RETRYABLE = frozenset({Fault.RAISED, Fault.CRASHED, Fault.TIMED_OUT})  # the others are final at once
 
 
 def should_retry(attempt: int, retries: int) -> bool:
