@@ -35,7 +35,7 @@ def sample_cost(n: int = 300) -> float:
     with pq.Pool(workers=2, monitor=False, max_worker_memory=1 << 40) as pool:  # a sampler with no sinks
         it = pool.map(tiny, range(50_000_000))
         next(it)
-        sampler = pool._engine.sampler
+        sampler = pool._core.sampler
         t = time.perf_counter()
         for _ in range(n):
             sampler._sample()

@@ -22,11 +22,12 @@ from procqueue._errors import (
     TaskTimeout,
     WorkerCrashed,
 )
-from procqueue._monitor.sampler import Monitor, Stats, WorkerStats
+from procqueue._monitor.sampler import Monitor
 from procqueue._monitor.view import LiveView
 from procqueue._output import FileOutput, OutputHandle, OutputStatus
 from procqueue._pool import Future, Options, Pool
 from procqueue._scheduler.states import TaskState
+from procqueue._stats import Stats, WorkerStats
 from procqueue._taskqueue import Result, Task, TaskQueue
 
 __version__ = "0.1.0"

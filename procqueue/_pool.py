@@ -1,37 +1,38 @@
-"""`Pool`: the public face of the engine (wiring and diagram: `_engine.py`)."""
+"""`Pool` and `Options`: the public face (the front half is `_core.py`; the
+processes and the diagram: `procqueue/_local/__init__.py`)."""
 
 from __future__ import annotations
 
 import concurrent.futures
-import itertools
 import math
 import os
 import time
 import weakref
-from collections import deque
-from collections.abc import Callable, Generator, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from types import TracebackType
-from typing import IO, TYPE_CHECKING, Any, Literal, TypeVar, cast
+from typing import IO, TYPE_CHECKING, Any, Literal, TypeVar
 
-from procqueue._callbacks import on_internal_thread
+from procqueue._core import Core
 from procqueue._errors import ProcQueueError
-from procqueue._local.engine import Engine
-from procqueue._local.file_writer import SinkSpec
-from procqueue._monitor.sampler import Monitor, Stats
+from procqueue._local.backend import LocalBackend
+from procqueue._local.file_writer import OutputSpec
+from procqueue._map import Feeder
+from procqueue._monitor.sampler import Monitor
 from procqueue._output import FileOutput, OutputHandle
 from procqueue._protocol import messages as m
+from procqueue._protocol.arguments import argument_error
 from procqueue._protocol.pickling import pickle_arguments
-from procqueue._results import Chunk, FutureSink, Later, Stream, run_all
+from procqueue._results import Chunk, FutureReceiver, Later, Stream, run_all
 from procqueue._results import Future as Future
-from procqueue._scheduler.queue import Run, argument_error
+from procqueue._scheduler.tasks import Run
 from procqueue._settings import BACKPRESSURE, Config, default_start_method, default_workers
+from procqueue._stats import Stats
 
 if TYPE_CHECKING:
     from procqueue._monitor.view import LiveView
 
 T = TypeVar("T")
 Chunksize = int | Literal["auto"] | None
-WINDOW = 4  # a map keeps at most WINDOW * capacity tasks fed and not yet consumed
 
 
 class Options:
@@ -85,16 +86,23 @@ class Options:
     def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future:
         """Schedule `fn(*args, **kwargs)`; returns a `procqueue.Future`."""
         pool = self._pool
-        engine = pool._engine
-        engine.check_open()
-        with engine.lock:  # one lock round per submit: the handler and the task id
-            handler = engine.handlers.get(fn)
-            task_id = engine.reserve_ids_locked(1)
-        fut = Future(task_id, engine.runner)
+        core = pool._core
+        core.check_open()
+        with core.lock:  # one lock round per submit: the handler and the task id
+            handler = core.scheduler.handlers.get(fn)
+            task_id = core.scheduler.new_ids(1)
+        fut = Future(task_id, core.runner)
         item: Any = (args, kwargs) if kwargs else args
         call = m.Call.FULL if kwargs else m.Call.STAR
         run = Run(
-            handler, [item], call, FutureSink(fut), task_id, self.priority, retries=self.retries, timeout=self.timeout
+            handler,
+            [item],
+            call,
+            FutureReceiver(fut),
+            task_id,
+            self.priority,
+            retries=self.retries,
+            timeout=self.timeout,
         )
         later: Later = []
         # Pickled here, in the caller's thread: a __reduce__ that blocks or raises costs this call only.
@@ -103,13 +111,13 @@ class Options:
             run.items[0] = pickle_arguments(item)
             run.packed = True
         except ProcQueueError as exc:  # the handler would not pickle
-            engine.reject_new(run, exc, later)
+            core.reject_new(run, exc, later)
         except KeyboardInterrupt:  # Ctrl-C while pickling is the user's, not the task's
             raise
         except BaseException:  # a __reduce__ may raise anything, SystemExit too: this task's failure
-            engine.reject_new(run, argument_error(task_id, call, item), later)
+            core.reject_new(run, argument_error(task_id, call, item), later)
         else:
-            engine.enqueue(run, pool._cfg.backpressure, self.block_timeout, later)
+            core.enqueue(run, pool._cfg.backpressure, self.block_timeout, later)
         run_all(later)
         return fut
 
@@ -117,17 +125,17 @@ class Options:
         """`fn(item)` for each item, as one entry of the heap at these options'
         priority; the returned chunk is `done` when all have ended (`procqueue run`)."""
         pool = self._pool
-        engine = pool._engine
-        engine.check_open()
-        with engine.lock:
-            handler = engine.handlers.get(fn)
-            first_id = engine.reserve_ids_locked(len(items))
+        core = pool._core
+        core.check_open()
+        with core.lock:
+            handler = core.scheduler.handlers.get(fn)
+            first_id = core.scheduler.new_ids(len(items))
         chunk = Chunk(Stream(), len(items), first_id)
         run = Run(
             handler, items, m.Call.ONE, chunk, first_id, self.priority, retries=self.retries, timeout=self.timeout
         )
         later: Later = []
-        engine.enqueue(run, pool._cfg.backpressure, self.block_timeout, later)
+        core.enqueue(run, pool._cfg.backpressure, self.block_timeout, later)
         run_all(later)
         return chunk
 
@@ -163,10 +171,10 @@ class Options:
             raise ValueError(f"chunksize must be an int >= 1 or 'auto', got {chunksize!r}")
         if not iterables:
             raise TypeError("map() needs at least one iterable")
-        engine = self._pool._engine
-        engine.check_open()
-        with engine.lock:
-            handler = engine.handlers.get(fn)
+        core = self._pool._core
+        core.check_open()
+        with core.lock:
+            handler = core.scheduler.handlers.get(fn)
         source: Iterable[Any]
         if len(iterables) == 1:
             source, call = iterables[0], m.Call.ONE
@@ -177,7 +185,7 @@ class Options:
         if progress:
             lengths = [len(it) for it in iterables if hasattr(it, "__len__")]  # type: ignore[arg-type]
             bar = (min(lengths) if len(lengths) == len(iterables) else None, _name(fn), self._pool._views)
-        feeder = _Feeder(self, handler, source, call, size, ordered, return_exceptions)
+        feeder = Feeder(self, handler, source, call, size, ordered, return_exceptions)
         feeder.start()  # start now, as Executor.map does, up to the queue's capacity
         return feeder.results(deadline, bar)
 
@@ -186,178 +194,6 @@ class Options:
     ) -> Iterator[T]:
         """`map(fn, iterable, ordered=False)`: results as they complete."""
         return self.map(fn, iterable, chunksize=chunksize, ordered=False)
-
-
-class _Feeder:
-    """Pulls a map's input into the pool as room frees, and hands results back.
-
-    A list, tuple or range is cut into batches by the manager thread itself
-    (slicing one runs no user code), straight to the workers; any other
-    iterable is pulled by the consuming thread into the heap, so a slow or
-    blocking generator never stalls the manager. Chunk bookkeeping is shared
-    with the manager: touch it under the engine's lock.
-    """
-
-    def __init__(
-        self,
-        opts: Options,
-        handler: Any,
-        source: Iterable[Any],
-        call: m.Call,
-        size: int | None,
-        ordered: bool,
-        return_exceptions: bool = False,
-    ) -> None:
-        self.opts = opts
-        self.return_exceptions = return_exceptions
-        self.engine: Engine = opts._pool._engine
-        self.handler = handler
-        self.call = call
-        self.size = size
-        self.ordered = ordered
-        self.stream = Stream(ordered)
-        self.window: deque[Chunk] = deque()  # chunks in input order (ordered maps)
-        self.fed = 0  # chunks fed
-        self.consumed = 0  # chunks handed to the consumer
-        self.exhausted = False  # every input item was cut into a run
-        self.error: BaseException | None = None
-        self.limit = WINDOW * opts._pool._cfg.capacity
-        self.managed = type(source) in (list, tuple, range)
-        # The manager cuts batches from seq[pos:]: the whole sequence, or for other
-        # input a buffer the consumer's thread refills from the iterator.
-        self.seq: Any = source if self.managed else []
-        self.source: Iterator[Any] = iter(()) if self.managed else iter(source)
-        self.pos = 0
-        self.input_done = self.managed  # nothing more will be added to seq
-        self.order = 0  # arrival order among equal priorities
-
-    def make_run(self, items: list[Any], first_id: int) -> Run:
-        """A chunk of the map and the run that fills it (caller holds the engine lock)."""
-        chunk = Chunk(self.stream, len(items), first_id)
-        self.stream.outstanding += len(items)
-        if self.ordered:
-            self.window.append(chunk)
-        self.fed += 1
-        opts = self.opts
-        return Run(
-            self.handler, items, self.call, chunk, first_id, opts.priority,
-            retries=opts.retries, timeout=opts.timeout, chunksize=self.size,
-        )  # fmt: skip
-
-    def start(self) -> None:
-        self.engine.add_feeder(self)
-        self.feed()
-
-    def feed(self) -> None:
-        """Iterator input: refill the buffer the manager cuts from, in the consumer's
-        thread (user code never runs in the manager), while the window has room."""
-        engine = self.engine
-        while not self.input_done:
-            with engine.lock:
-                want = engine.feeder_want(self)
-            if want <= 0:
-                return
-            try:
-                items = list(itertools.islice(self.source, want))
-            except Exception as exc:  # the input itself failed: yield what came before, then raise
-                self.error, items = exc, []
-            with engine.lock:
-                if self.input_done:  # the pool was shut down meanwhile: these never run
-                    return
-                if len(items) < want:
-                    self.input_done = True
-                if self.pos:
-                    del self.seq[: self.pos]
-                    self.pos = 0
-                self.seq.extend(items)
-                engine.wake()
-
-    def _ready(self) -> bool:
-        """Something to do for the consumer (called under the engine lock)."""
-        if self.window and self.window[0].done if self.ordered else self.stream.finished:
-            return True
-        if self.exhausted and self.consumed >= self.fed:
-            return True
-        return not self.input_done and self.engine.feeder_want(self) > 0
-
-    def results(self, deadline: float | None, progress: tuple[int | None, str, list[LiveView]] | None) -> Iterator[Any]:
-        """The map's results: chunk by chunk in Python, item by item in C."""
-        chunks = self._chunks(deadline, progress)
-        # Weakly: the pool holds this feeder, and a strong reference back to the generator
-        # would keep a dropped map alive (never finalized, never cancelled) until shutdown.
-        self._generator = weakref.ref(chunks)
-        results = cast(_MapIterator, _MapIterator.from_iterable(chunks))
-        results.chunks = chunks
-        return results
-
-    def _chunks(
-        self, deadline: float | None, progress: tuple[int | None, str, list[LiveView]] | None
-    ) -> Generator[Iterable[Any], None, None]:
-        engine = self.engine
-        bar = None
-        if progress is not None:  # the bar starts with the iteration, not with the call to map()
-            from procqueue._monitor.view import MapProgress
-
-            total, title, views = progress
-            bar = MapProgress(total, title, views[-1] if views else None)
-        last = 0  # items of the chunk handed out before: consumed once the next one is asked for
-        try:
-            while True:
-                if bar is not None and last:
-                    bar.advance(last)
-                    last = 0
-                if not self.managed:
-                    self.feed()
-                with engine.lock:
-                    chunk = self._next_done()
-                    if chunk is not None:
-                        self.consumed += 1
-                        self.stream.outstanding -= chunk.size
-                        # The window moved: the manager may cut more, from the list or from
-                        # what the buffer already holds (feed() wakes it only when it adds).
-                        engine.wake()
-                    finished = self.exhausted and self.consumed >= self.fed
-                if chunk is not None:
-                    chunk.materialize()  # values unpickled here, in the consumer's thread
-                    last = chunk.size
-                    # After a failed task the map ends (as Executor.map's does): the
-                    # chunk's values are handed out up to it, then this generator closes.
-                    if chunk.errors is None:
-                        yield chunk.values
-                    elif self.return_exceptions:
-                        yield _with_errors(chunk)
-                    else:
-                        yield _until_error(chunk, self._stop)
-                    continue
-                if finished:
-                    if self.error is not None:
-                        raise self.error
-                    return
-                engine.wait_until(self._ready, deadline)
-        finally:
-            # This may run in a finalizer, on any thread (the manager's included) at any
-            # moment: no lock here (plain reads of flags), and the bar's closing, which
-            # runs rich's code, goes to the callback runner when on one of the pool's threads.
-            if bar is not None:
-                if on_internal_thread():
-                    engine.runner.post(bar.close)
-                else:
-                    bar.close()
-            if not self.exhausted or self.consumed < self.fed:
-                engine.abandon(self.stream)
-
-    def _stop(self) -> None:
-        """End the map (its results generator), as after a failed task."""
-        gen = self._generator()
-        if gen is not None:
-            gen.close()
-
-    def _next_done(self) -> Chunk | None:
-        if self.ordered:
-            window = self.window
-            return window.popleft() if window and window[0].done else None
-        finished = self.stream.finished
-        return finished.popleft() if finished else None
 
 
 class Pool(concurrent.futures.Executor):
@@ -444,18 +280,20 @@ class Pool(concurrent.futures.Executor):
             Monitor.of(monitor), _sink_spec(output),
         )  # fmt: skip
         try:
-            self._engine = Engine(self._cfg)
+            self._core = Core(self._cfg, LocalBackend)
         finally:
-            if self._cfg.sink is not None and self._cfg.sink.stream is not None:
-                self._cfg.sink.stream.close()  # the collector holds its own copy
+            if self._cfg.output is not None and self._cfg.output.stream is not None:
+                self._cfg.output.stream.close()  # the collector holds its own copy
         self.output: OutputHandle | None = None
         """With `output=FileOutput(...)`: write records of the parent's own, read how writing goes."""
         if output is not None:
-            self.output = OutputHandle(self._engine.sink_records, self._engine.output_status)
+            local = self._core.backend
+            assert isinstance(local, LocalBackend)
+            self.output = OutputHandle(local.write_output, local.output_status)
         self._views: list[LiveView] = []  # live views open on this pool, innermost last
         self._default = Options(self)
         # A pool dropped without shutdown still ends its processes (no orphans).
-        weakref.finalize(self, self._engine.shutdown, False, False)
+        weakref.finalize(self, self._core.shutdown, False, False)
 
     @property
     def workers(self) -> int:
@@ -503,7 +341,7 @@ class Pool(concurrent.futures.Executor):
         """A snapshot of the pool (see `Stats` for every field): counters read now,
         per-process readings and rates from the monitor's latest sample. Cheap
         (no process is asked anything) and safe from any thread."""
-        return self._engine.stats()
+        return self._core.stats()
 
     def live(
         self,
@@ -528,17 +366,17 @@ class Pool(concurrent.futures.Executor):
     @property
     def prometheus_address(self) -> tuple[str, int] | None:
         """`(host, port)` where `Monitor(prometheus_port=...)` serves `/metrics`; None without one."""
-        return self._engine.sampler.prometheus_address
+        return self._core.sampler.prometheus_address
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Stop accepting tasks; with `wait`, return once every accepted task
         ended and every process exited. `cancel_futures` cancels tasks that
         have not started."""
-        self._engine.shutdown(wait, cancel_futures)
+        self._core.shutdown(wait, cancel_futures)
 
     def terminate(self) -> None:
         """Kill the workers now; tasks not finished fail with `PoolClosed`."""
-        self._engine.terminate()
+        self._core.terminate()
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
@@ -550,7 +388,7 @@ class Pool(concurrent.futures.Executor):
         return False
 
 
-def _sink_spec(output: FileOutput | None) -> SinkSpec | None:
+def _sink_spec(output: FileOutput | None) -> OutputSpec | None:
     if output is None:
         return None
     if not isinstance(output, FileOutput):
@@ -560,38 +398,8 @@ def _sink_spec(output: FileOutput | None) -> SinkSpec | None:
         from multiprocessing import connection
 
         stream = connection.Connection(os.dup(output.fd), readable=False)  # reaches the collector so
-    return SinkSpec(output.path, output.errors, output.ordered, stream)
+    return OutputSpec(output.path, output.errors, output.ordered, stream)
 
 
 def _name(fn: Callable[..., Any]) -> str:
     return getattr(fn, "__name__", None) or type(fn).__name__
-
-
-class _MapIterator(itertools.chain):  # type: ignore[type-arg]
-    """What `map` returns: items come out at C speed; `close()` ends the map early
-    (tasks not started are cancelled), as closing a generator would."""
-
-    chunks: Generator[Iterable[Any], None, None]
-
-    def close(self) -> None:
-        self.chunks.close()
-
-
-def _with_errors(chunk: Chunk) -> list[Any]:
-    """A chunk's values with each failed task's error in its place."""
-    values = list(chunk.values)
-    assert chunk.errors is not None
-    for i, exc in chunk.errors.items():
-        values[i] = exc
-    return values
-
-
-def _until_error(chunk: Chunk, stop: Callable[[], None]) -> Iterator[Any]:
-    """A chunk's values up to its first failed task, whose error is raised there after `stop()`."""
-    errors = chunk.errors
-    assert errors is not None
-    for i, value in enumerate(chunk.values):
-        if i in errors:
-            stop()
-            raise errors[i]
-        yield value

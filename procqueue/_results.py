@@ -21,13 +21,8 @@ from procqueue._callbacks import Runner, on_internal_thread
 from procqueue._errors import (
     ProcQueueError,
     SerializationError,
-    TaskFailed,
-    TaskTimeout,
-    WorkerCrashed,
-    describe_exitcode,
 )
-from procqueue._protocol import messages as m
-from procqueue._protocol.pickling import loads, loads_body
+from procqueue._protocol.pickling import loads_body
 
 Later = list[Callable[[], Any]]
 MakeError = Callable[[], BaseException]
@@ -170,10 +165,12 @@ def _error_of(make: BaseException | MakeError) -> tuple[bool, Any]:
     return False, make if isinstance(make, BaseException) else make()
 
 
-class FutureSink:
-    """The one task of a `submit`."""
+class FutureReceiver:
+    """The one task of a `submit` (a `Receiver`, `procqueue/_scheduler/tasks.py`)."""
 
     __slots__ = ("future",)
+    partial = False  # cancelled whole or not at all
+    timed_each = True  # the future reports its own task's duration
 
     def __init__(self, future: Future) -> None:
         self.future = future
@@ -189,6 +186,9 @@ class FutureSink:
     def cancel(self) -> bool:
         """Cancel a task that never ran; False if it is past that."""
         return self.future.cancel() if not self.future._claimed else False
+
+    def still_read(self) -> bool:
+        return True
 
     def ok(
         self, index: int, values: Values | None, lo: int, hi: int, meta: tuple[int, int, Any, int], later: Later
@@ -223,10 +223,12 @@ class Stream:
 
 
 class Chunk:
-    """Consecutive items of a map. Outcomes land by index, still pickled; the
-    map's consumer turns them into values and errors (`materialize`)."""
+    """Consecutive items of a map (a `Receiver`). Outcomes land by index, still
+    pickled; the map's consumer turns them into values and errors (`materialize`)."""
 
     __slots__ = ("done", "errors", "first_id", "pieces", "remaining", "size", "stream", "values")
+    partial = True  # its tasks may be cancelled one by one
+    timed_each = False
 
     def __init__(self, stream: Stream, size: int, first_id: int = 0) -> None:
         self.stream = stream
@@ -244,6 +246,9 @@ class Chunk:
     def cancel(self) -> bool:
         return True
 
+    def still_read(self) -> bool:
+        return not self.stream.cancelled
+
     def _settled(self, n: int) -> None:
         self.remaining -= n
         if self.remaining == 0:
@@ -254,7 +259,7 @@ class Chunk:
     def ok(
         self, index: int, values: Values | None, lo: int, hi: int, meta: tuple[int, int, Any, int], later: Later
     ) -> None:
-        if values is not None:  # None: the collector wrote them to its sink, nothing comes back
+        if values is not None:  # None: a FileOutput took them, nothing comes back
             self.pieces.append((index, values, lo, hi))
         self._settled(hi - lo)
 
@@ -299,73 +304,4 @@ class Chunk:
             self.errors[i] = unloadable_error(cause, self.first_id + i)
 
 
-Sink = FutureSink | Chunk
-
-
-def remote_error(info: m.ErrorInfo, task_id: int, attempts: int, pid: int, materialize: bool = True) -> BaseException:
-    """Rebuild what a worker reported for one failed attempt as the exception to raise
-    (in the thread that asks for it: unpickling the exception runs user code). With
-    `materialize=False` the exception is not unpickled: a `TaskFailed` stands for it,
-    its `type_name` naming the handler's exception type."""
-    fault = info.fault
-    if fault in (m.Fault.RAISED, m.Fault.REJECTED):
-        exc: BaseException | None = None
-        if info.blob is not None and materialize:
-            try:
-                exc = loads(info.blob)
-            except BaseException:  # an exception whose unpickling raises (even SystemExit)
-                exc = None
-            if exc is not None and not isinstance(exc, BaseException):
-                exc = None
-        lost = exc is None and materialize
-        note = " (the exception itself could not be sent back: it does not pickle or unpickle)" if lost else ""
-        failed = TaskFailed(
-            f"task {task_id} raised {info.type_name}: {info.message} "
-            f"(attempt {attempts}, worker pid {pid}){note}\n\nRemote traceback:\n{info.traceback}",
-            task_id=task_id,
-            attempts=attempts,
-            exception=exc,
-            remote_traceback=info.traceback,
-            type_name=info.type_name,
-            remote_message=info.message,
-        )
-        if exc is None:
-            return failed
-        exc.__cause__ = failed
-        return exc
-    stage, advice = {
-        m.Fault.RESULT_PICKLE: ("result", "return a value plain pickle or cloudpickle can handle"),
-        m.Fault.ARGS_UNPICKLE: ("argument", "make sure the worker can import what the arguments refer to"),
-        m.Fault.HANDLER_UNPICKLE: ("handler", "make sure the worker can import the handler's module"),
-    }[m.Fault(fault)]
-    return SerializationError(
-        f"task {task_id}: {info.message} (in worker pid {pid}); {advice}",
-        stage=stage,
-        what=info.type_name,
-        task_id=task_id,
-    )
-
-
-def crash_error(
-    fault: int, task_id: int, attempts: int, pid: int, exitcode: int | None, timeout: float | None, fault_text: str
-) -> BaseException:
-    """The error for an attempt that ended with its worker: a crash or a timeout."""
-    if fault == m.Fault.TIMED_OUT:
-        return TaskTimeout(
-            f"task {task_id} ran past its timeout of {timeout} s (attempt {attempts}); its worker pid {pid} was killed",
-            task_id=task_id,
-            attempts=attempts,
-            timeout=timeout,
-            pid=pid,
-        )
-    sig = -exitcode if exitcode is not None and exitcode < 0 else None
-    text = (
-        f"worker pid {pid} died with {describe_exitcode(exitcode)} while running task {task_id} "
-        f"(attempt {attempts}). A signal from outside, a crash in C code (segfault), "
-        f"os._exit or running out of memory does this; a retry budget (retries=) lets the task run again."
-    )
-    if fault_text.strip():
-        text += f"\n\nfaulthandler in the worker wrote:\n{fault_text.strip()}"
-    return WorkerCrashed(
-        text, task_id=task_id, attempts=attempts, pid=pid, exitcode=exitcode, signal=sig, fault_traceback=fault_text
-    )
+Receiver = FutureReceiver | Chunk

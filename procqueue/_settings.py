@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from procqueue._local.file_writer import SinkSpec
+    from procqueue._local.file_writer import OutputSpec
     from procqueue._monitor.sampler import Monitor
 
 BACKPRESSURE = ("block", "drop", "error")
@@ -33,7 +33,7 @@ class Config:
     start_method: str
     block_timeout: float | None = None
     monitor: Monitor | None = None
-    sink: SinkSpec | None = None  # the collector writes values to files instead of returning them
+    output: OutputSpec | None = None  # a FileOutput: the collector writes values to files instead of returning them
 
 
 def default_workers() -> int:

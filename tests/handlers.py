@@ -214,9 +214,12 @@ import os, sys, time
 sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})
 import procqueue as pq, handlers as h
 pool = pq.Pool(workers=2, start_method={method!r})
+# Every process up (a spawned child hit by SIGINT while still importing prints a traceback):
+# a result means the collector runs, and two tasks of 0.3 s go one to each worker.
+[f.result() for f in [pool.submit(time.sleep, 0.3) for _ in range(2)]]
 futs = [pool.submit(h.hang, 60) for _ in range(4)]
 time.sleep(0.5)
-pids = [w.pid for w in pool.stats().workers] + [pool._engine.collector.pid]
+pids = [w.pid for w in pool.stats().workers] + [pool._core.backend.collector.pid]
 if {mode!r} in ("ctrl-c", "ctrl-c-group"):
     try:
         with pool:

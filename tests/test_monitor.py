@@ -56,7 +56,7 @@ def test_stats_move_as_a_cpu_bound_batch_runs() -> None:
     ids = {f.task_id for f in futs}
     assert all(w.task_id is None or w.task_id in ids for w in later.workers)
     assert end.completed == 150 and end.attempts == 150 and end.pending == 0 and balanced(end)
-    assert end.collector is not None and end.collector.pid == pool._engine.collector.pid
+    assert end.collector is not None and end.collector.pid == pool._core.backend.collector.pid
     assert end.collector.rss > 0 and end.collector.tasks_done == 150
     assert sum(w.tasks_done for w in end.workers) == 150
     assert leftover_threads(0) == []

@@ -15,8 +15,9 @@ from procqueue._protocol import framing
 from procqueue._protocol import messages as m
 from procqueue._results import Chunk, Stream
 from procqueue._scheduler import states
-from procqueue._scheduler.queue import Dispatcher, Handlers, Run
+from procqueue._scheduler.queue import PendingQueue as Dispatcher
 from procqueue._scheduler.retry import backoff_delay, should_retry
+from procqueue._scheduler.tasks import Handlers, Run
 
 
 def test_public_names_are_pinned() -> None:
@@ -173,7 +174,7 @@ def test_take_merges_runs_and_splits_by_measured_cost() -> None:
 def test_cancelled_runs_are_skipped_and_counted() -> None:
     d, h = Dispatcher(capacity=100), Handlers()
     run = _run(d, h, 5, 0)
-    run.sink.stream.cancelled = True  # type: ignore[union-attr]
+    run.receiver.stream.cancelled = True  # type: ignore[union-attr]
     seen = []
     assert d.take(None, lambda r, s, n: seen.append(n)) == []
     assert seen == [5] and d.pending == 0

@@ -8,8 +8,8 @@ Wiring is drawn in `_engine.py`. What the collector owns:
   anything on it is parsed as a frame;
 - forwards outcomes to the parent as the bytes the worker pickled (never
   unpickled here), counting the attempts it forwarded in a shared array the
-  monitor reads; or, with a sink (`procqueue run`), writes the values to the
-  output file itself (`_sink.py`) and forwards only the header;
+  monitor reads; or, with a FileOutput (`procqueue run`), writes the values to the
+  output file itself (`file_writer.py`) and forwards only the header;
 - on `WorkerLost` reads what the dead worker left in its socket (it wrote
   all it ever will: the process is gone) before answering `WorkerGone`, so
   the parent knows whether the outcome of the task it was running arrived.
@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from multiprocessing import connection, parent_process
 from typing import Any
 
-from procqueue._local.file_writer import OUTPUT, FileSink, SinkSpec
+from procqueue._local.file_writer import OUTPUT, FileWriter, OutputSpec
 from procqueue._protocol import framing, layout
 from procqueue._protocol import messages as m
 
@@ -57,7 +57,7 @@ class Collector:
         token: bytes,
         counters: Any,
         frame_limit: int,
-        sink: SinkSpec | None = None,
+        output: OutputSpec | None = None,
     ) -> None:
         self.control = control
         self.control_reader = framing.FrameReader(frame_limit)
@@ -69,7 +69,7 @@ class Collector:
         self.sel = selectors.DefaultSelector()
         self.by_pid: dict[int, _Link] = {}
         self.running = True
-        self.sink = FileSink(sink) if sink is not None else None
+        self.writer = FileWriter(output) if output is not None else None
 
     # --- plumbing -------------------------------------------------------------------
 
@@ -132,8 +132,8 @@ class Collector:
             case m.BatchDone():
                 self.counts[layout.FORWARDED] += msg.count
                 link.last = (msg.batch_id, msg.start, msg.count)
-                if self.sink is not None:
-                    self.sink_values(body, msg.errors)
+                if self.writer is not None:
+                    self.write_values(body, msg.errors)
                     body = memoryview(b"")
                 self.send(
                     m.BatchResult(msg.batch_id, msg.start, msg.count, link.pid, msg.attempt, msg.errors, msg.durations),
@@ -146,24 +146,24 @@ class Collector:
             case _:
                 raise TypeError(f"collector got an unknown worker message {msg!r}")
 
-    def sink_values(self, body: memoryview, errors: tuple[m.ErrorInfo, ...]) -> None:
+    def write_values(self, body: memoryview, errors: tuple[m.ErrorInfo, ...]) -> None:
         from procqueue._protocol.pickling import loads_body
 
         try:
             values = loads_body(body)  # (seq, line) per item; None where it failed
         except Exception:
             return  # the parent hears of each item through the header; nothing to write
-        self.to_sink((v[0], OUTPUT, v[1]) for v in values if v is not None)
+        self.write_records((v[0], OUTPUT, v[1]) for v in values if v is not None)
 
-    def to_sink(self, records: Iterable[tuple[int, int, bytes]]) -> None:
-        sink = self.sink
-        assert sink is not None
-        failed = sink.error is not None
-        sink.add(records)
-        self.counts[layout.WRITTEN] = sink.written
-        if sink.error is not None and not failed:  # tell the parent once; it stops the run
-            err = sink.error
-            self.send(m.SinkFailed(f"{type(err).__name__}: {err}", isinstance(err, BrokenPipeError)))
+    def write_records(self, records: Iterable[tuple[int, int, bytes]]) -> None:
+        writer = self.writer
+        assert writer is not None
+        failed = writer.error is not None
+        writer.add(records)
+        self.counts[layout.WRITTEN] = writer.written
+        if writer.error is not None and not failed:  # tell the parent once; it stops the run
+            err = writer.error
+            self.send(m.OutputFailed(f"{type(err).__name__}: {err}", isinstance(err, BrokenPipeError)))
 
     def on_worker_lost(self, msg: m.WorkerLost) -> None:
         self.take_links()
@@ -193,26 +193,26 @@ class Collector:
             match msg:
                 case m.WorkerLost():
                     self.on_worker_lost(msg)
-                case m.SinkRecords():
-                    if self.sink is not None:
-                        self.to_sink(msg.records)
+                case m.OutputRecords():
+                    if self.writer is not None:
+                        self.write_records(msg.records)
                 case m.Shutdown():
                     self.take_links()
                     for link in list(self.by_pid.values()):
                         self.read(link)
                         self.close(link)
-                    self.close_sink()
+                    self.close_writer()
                     self.send(m.CollectorDone())
                     self.running = False
                     return
                 case _:
                     raise TypeError(f"collector got an unknown control message {msg!r}")
 
-    def close_sink(self) -> None:
-        if self.sink is not None:
-            self.sink.close()
-            self.counts[layout.WRITTEN] = self.sink.written
-            self.sink = None
+    def close_writer(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.counts[layout.WRITTEN] = self.writer.written
+            self.writer = None
 
     def serve(self) -> None:
         sel = self.sel
@@ -253,5 +253,5 @@ def main(pdeathsig: bool, *args: Any) -> None:
             collector.serve()
     finally:
         with contextlib.suppress(OSError):  # what is written need not run again after a crash
-            collector.close_sink()
+            collector.close_writer()
     os._exit(0)

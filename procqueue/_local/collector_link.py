@@ -35,12 +35,12 @@ CONTROL, LINK = 0, 1
 class CollectorLink:
     """One collector process and the parent's ends of its channels."""
 
-    def __init__(self, ctx: BaseContext, token: bytes, counters: Any, frame_limit: int, sink: Any) -> None:
+    def __init__(self, ctx: BaseContext, token: bytes, counters: Any, frame_limit: int, output: Any) -> None:
         self.ctx = ctx
         self.token = token
         self.counters = counters
         self.frame_limit = frame_limit
-        self.sink = sink
+        self.output = output
         self.lock = threading.Lock()  # the outbox; held only while writing non-blocking
         self.outbox: deque[tuple[int, Any, Any]] = deque()  # (CONTROL, frame, None) | (LINK, header, socket)
         self.process: Any = None
@@ -59,7 +59,7 @@ class CollectorLink:
             results_r, results_w = launch.pipe()
             proc = launch.start(
                 _collector.main,
-                (pdeathsig, control_r, links_r, results_w, self.token, self.counters, self.frame_limit, self.sink),
+                (pdeathsig, control_r, links_r, results_w, self.token, self.counters, self.frame_limit, self.output),
                 "procqueue-collector",
             )
         for obj in (control_r, links_r, results_w):

@@ -1,10 +1,10 @@
-"""The collector's sink: output files it writes itself, so values go from the
+"""The collector's file writer: output files it writes itself, so values go from the
 workers to disk without passing through the parent (`procqueue run`).
 
 Each value a worker returns for the sink is `(seq, line)`: `line` is whole
 lines of bytes, `seq` the record's place in the input (0, 1, 2, ... over every
 record of the run). The parent sends the records it makes itself (errors) as
-`SinkRecords`. Every write is whole lines in one `write()` on an O_APPEND
+`OutputRecords`. Every write is whole lines in one `write()` on an O_APPEND
 descriptor, so a reader never sees a record cut short unless the writer was
 killed inside a write (`procqueue run --resume` repairs that tail).
 """
@@ -22,7 +22,7 @@ OUTPUT, ERRORS = 0, 1
 
 
 @dataclass(frozen=True)
-class SinkSpec:
+class OutputSpec:
     """Where the collector writes: `output` (target 0), `errors` (target 1, or
     the output when None), in input order (`ordered`) or as records come."""
 
@@ -32,11 +32,11 @@ class SinkSpec:
     stream: Any = None  # instead of `output`: a `Connection` on stdout (descriptors reach the collector so)
 
 
-class FileSink:
+class FileWriter:
     """Writes records to their files, in `seq` order when ordered. After a failed
     write (disk full, a closed pipe) it writes nothing more: `error` says why."""
 
-    def __init__(self, spec: SinkSpec) -> None:
+    def __init__(self, spec: OutputSpec) -> None:
         self.spec = spec
         self.written = 0  # records
         self.error: OSError | None = None

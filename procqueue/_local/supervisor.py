@@ -1,6 +1,6 @@
 """The supervisor: worker processes, their task pipes, and their ends.
 
-Wiring is drawn in `_engine.py`. What the supervisor owns, per worker slot:
+Wiring is drawn in `procqueue/_local/__init__.py`. What the supervisor owns, per worker slot:
 the process and how its death is seen (a pidfd on Linux: it fires when the
 worker exits even if a child the handler forked still holds the worker's
 descriptors, which keeps `Process.sentinel` open); the write end of the task
@@ -9,9 +9,8 @@ stalls the manager thread; the worker's marker (which item it runs, since
 when) in a shared array; the read end of its faulthandler pipe; and the
 mirror of the worker's handler cache.
 
-It also notices a worker that holds work but stopped taking it (frozen by
-SIGSTOP, say): one idle, holding batches, for longer than their timeout (or
-`STALL_LIMIT` without one) is killed, and what it held runs elsewhere, uncharged.
+Which worker must be killed (a timeout, a stall) is the scheduler's call
+(`procqueue/_scheduler/limits.py`); the supervisor reads the markers it decides by.
 """
 
 from __future__ import annotations
@@ -33,13 +32,10 @@ from typing import Any
 from procqueue._local import worker as _worker
 from procqueue._protocol import framing, layout
 from procqueue._protocol.pickling import unrunnable_main_hidden
-from procqueue._scheduler.queue import Batch
+from procqueue._scheduler.instructions import KillReason
 
 PIPE_SIZE = 1 << 20  # bytes: a big batch crosses in one write, not in 16 wake-ups of the manager
 WRITEV_MAX = 512  # buffers per writev (IOV_MAX is at least 1024)
-POLL_UNSTARTED = 0.05  # a timed task its worker has not started yet: look again this soon
-STALL_LIMIT = 60.0  # seconds a worker may hold untimed work without starting any of it
-STALL_MIN = 1.0  # ... and timed work: its timeout, but at least this
 RESPAWN_BACKOFF = (0.05, 5.0)  # a failed spawn (out of descriptors, say) is tried again after this, doubling
 
 
@@ -53,20 +49,13 @@ class Slot:
     task_w: connection.Connection | None = None
     fault_r: connection.Connection | None = None
     out: list[bytes | memoryview] = field(default_factory=list)  # frames the pipe has not taken yet
-    batches: dict[int, Batch] = field(default_factory=dict)  # in dispatch order
-    tasks_sent: int = 0
     known: OrderedDict[int, None] = field(default_factory=OrderedDict)
-    retiring: bool = False  # no more work: Stop was sent (task limit, memory, shutdown)
-    recycled: int = 0  # how many workers this slot has replaced for a limit
-    kill_reason: str | None = None  # "timeout" when the supervisor killed it
-    productive: bool = False  # this worker has reported at least one outcome
+    kill_reason: KillReason | None = None  # why we killed it, if we did
     generation: int = 0  # bumped per worker: selector events of a dead predecessor are stale
     death_fd: int = -1  # readable once the worker has exited (a pidfd, or the sentinel)
     pidfd: int = -1  # owned by the slot (closed at reap); -1 where there is none
-    idle_since: float | None = None  # holding batches, seen idle since (stall detection)
     respawn_at: float | None = None  # a spawn failed: try again at this time
     spawn_failures: int = 0
-    tasks_done: int = 0  # attempts finished in this slot, its predecessors' included
     collector_generation: int = 0  # the collector its socket was handed to
 
     @property
@@ -124,13 +113,8 @@ class Supervisor:
         slot.death_fd = slot.pidfd if slot.pidfd >= 0 else proc.sentinel
         slot.generation += 1
         slot.out = []
-        slot.batches = {}
-        slot.tasks_sent = 0
         slot.known.clear()
-        slot.retiring = False
         slot.kill_reason = None
-        slot.productive = False
-        slot.idle_since = None
         slot.respawn_at = None
         slot.spawn_failures = 0
         return ours
@@ -191,47 +175,7 @@ class Supervisor:
                 return tag - 1, index, started
         return None
 
-    def deadline_in(self, slot: Slot, now: float) -> float | None:
-        """Seconds until this worker passes a limit (0: now): the timeout of the
-        item it runs, or the stall limit while it holds work and runs nothing;
-        None when neither applies."""
-        timeouts = [b.head.timeout for b in slot.batches.values() if b.head.timeout is not None]
-        running = self.running(slot)
-        if running is None:
-            if not slot.batches:
-                return None
-            if slot.idle_since is None:
-                slot.idle_since = now
-            limit = max(STALL_MIN, min(timeouts)) if timeouts else STALL_LIMIT
-            left = max(0.0, slot.idle_since + limit - now)
-            return min(left, POLL_UNSTARTED) if timeouts else left  # soon to see a timed task start
-        slot.idle_since = None
-        if not timeouts:
-            return None
-        batch_id, _, started = running
-        batch = slot.batches.get(batch_id)
-        if batch is None or batch.head.timeout is None:
-            return POLL_UNSTARTED
-        return max(0.0, started / 1e9 + batch.head.timeout - time.perf_counter())
-
-    def next_deadline(self) -> float | None:
-        """Seconds until the nearest limit of any worker, or a respawn that is due."""
-        now = time.monotonic()
-        times = [self.deadline_in(s, now) for s in self.slots if s.batches and s.kill_reason is None]
-        times += [max(0.0, s.respawn_at - now) for s in self.slots if s.respawn_at is not None]
-        return min((t for t in times if t is not None), default=None)
-
-    def enforce_timeouts(self) -> None:
-        """Kill each worker past its running task's timeout (charged as a timeout), or
-        stalled with work it never started (its work runs elsewhere, uncharged)."""
-        now = time.monotonic()
-        for slot in self.slots:
-            if slot.batches and slot.kill_reason is None:
-                left = self.deadline_in(slot, now)
-                if left is not None and left <= 0:
-                    self.kill(slot, "timeout" if self.running(slot) is not None else "stalled")
-
-    def kill(self, slot: Slot, reason: str | None = None) -> None:
+    def kill(self, slot: Slot, reason: KillReason | None = None) -> None:
         if slot.kill_reason is None:
             slot.kill_reason = reason
         if slot.pid > 0:
@@ -267,7 +211,6 @@ class Supervisor:
             os.close(slot.pidfd)
         slot.process, slot.task_w, slot.fault_r = None, None, None
         slot.pid = slot.pidfd = slot.death_fd = -1
-        slot.idle_since = None
         return exitcode, text.decode("utf-8", "replace")
 
 

@@ -12,7 +12,6 @@ sample from the sampler thread.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import os
@@ -20,121 +19,26 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import IO, TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import IO, Any, Protocol
 
 import psutil
 
-from procqueue._protocol import layout
+from procqueue._backend import WorkerRow
+from procqueue._stats import Counts, Stats, WorkerStats
 
-if TYPE_CHECKING:
-    from procqueue._local.engine import Engine
+
+class Source(Protocol):
+    """What the sampler reads: the pool's core (`procqueue/_core.py`)."""
+
+    def pids(self) -> list[int]: ...
+
+    def rows(self) -> tuple[Counts, float, list[WorkerRow], tuple[int, int] | None]: ...
+
+    def recycle(self, seat: int, pid: int) -> None: ...
+
 
 log = logging.getLogger("procqueue")
-
-
-@dataclass(frozen=True)
-class WorkerStats:
-    """One worker process (or the collector) as last sampled.
-
-    - `pid`: its process id; -1 while the slot has no process;
-    - `cpu_percent`: CPU used since the previous sample, in percent of one
-      core (0.0 on the first sample of a new process);
-    - `rss`: resident memory in bytes (0 until a new process is first sampled);
-    - `tasks_done`: attempts finished in this slot, its predecessors'
-      included (for the collector: attempts it accounted);
-    - `state`: "idle"; "running" a task; "recycling" (it passed
-      `max_tasks_per_worker` or `max_worker_memory`: it finishes what it holds,
-      then a fresh worker takes the slot); "stopping" (the pool is shutting
-      down); "dead" (no process right now: between a death and its
-      replacement, or after shutdown);
-    - `slot`: its position, 0 to workers-1 (-1 for the collector); a
-      replacement worker takes over its predecessor's slot;
-    - `recycled`: how many workers of this slot were replaced for a limit;
-    - `task_id`: the task it runs (`Future.task_id`); None between tasks and
-      inside a batch of tiny tasks (they are not marked one by one).
-    """
-
-    pid: int
-    cpu_percent: float
-    rss: int
-    tasks_done: int
-    state: str
-    slot: int = 0
-    recycled: int = 0
-    task_id: int | None = None
-
-
-@dataclass(frozen=True)
-class Stats:
-    """A snapshot of a pool. At rest, `submitted == completed + failed + dropped + cancelled`.
-
-    Counters, fresh at every `Pool.stats()` call:
-
-    - `submitted`: tasks accepted (tasks, not attempts);
-    - `completed` / `failed`: tasks that ended with a value / an error;
-    - `retried`: attempts that failed and were scheduled again;
-    - `crashed` / `timed_out`: attempts that ended with their worker's death /
-      past their timeout;
-    - `dropped` / `cancelled`: tasks that never ran (backpressure "drop" /
-      `cancel()` or `shutdown(cancel_futures=True)`);
-    - `attempts`: attempts the collector accounted (each run of a task);
-    - `pending`: the queue depth, tasks waiting in the heap; `retrying`: tasks
-      waiting out a backoff; `in_flight`: tasks handed to workers and not yet
-      ended;
-    - `elapsed`: seconds from the first submit to now (to the end, once the
-      pool has shut down); `timestamp`: when this snapshot was taken
-      (`time.time()`).
-
-    Readings, as of the latest sample (every `Monitor.interval`):
-
-    - `throughput`: tasks completed or failed per second over the last
-      `Monitor.window` seconds; `throughput_ewma`: the same rate,
-      exponentially weighted with `window` as its time constant (smoother;
-      what the ETA uses). Before the first sample, and with no sampler, both
-      are the mean since the first submit;
-    - `workers`: one `WorkerStats` per worker slot, in slot order;
-    - `collector`: the collector process (None when no sampler runs).
-
-    `as_dict()` and `to_json()` give the same as plain data.
-    """
-
-    submitted: int = 0
-    completed: int = 0
-    failed: int = 0
-    retried: int = 0
-    dropped: int = 0
-    cancelled: int = 0
-    crashed: int = 0
-    timed_out: int = 0
-    attempts: int = 0
-    pending: int = 0
-    retrying: int = 0
-    in_flight: int = 0
-    throughput: float = 0.0
-    throughput_ewma: float = 0.0
-    elapsed: float = 0.0
-    timestamp: float = 0.0
-    workers: list[WorkerStats] = field(default_factory=list)
-    collector: WorkerStats | None = None
-
-    @property
-    def ended(self) -> int:
-        """Tasks with their final outcome: completed, failed, dropped or cancelled."""
-        return self.completed + self.failed + self.dropped + self.cancelled
-
-    @property
-    def balanced(self) -> bool:
-        """True when every accepted task has exactly one final outcome."""
-        return self.submitted == self.ended
-
-    def as_dict(self) -> dict[str, Any]:
-        """A plain dict (workers as dicts), ready for `json.dumps`."""
-        return dataclasses.asdict(self)
-
-    def to_json(self) -> str:
-        """One JSON line (no newline)."""
-        return json.dumps(self.as_dict(), separators=(",", ":"))
 
 
 @dataclass(frozen=True)
@@ -245,45 +149,26 @@ class Readings:
         return out
 
 
-def snapshot(engine: Engine, readings: dict[int, tuple[float, int]] | None, rates: tuple[float, float] | None) -> Stats:
-    """The pool's books and the collector's shared counters, read under the pool's
-    lock; then the per-process readings given (or psutil now, when None)."""
-    counts_in = engine.collector_counts
-    sup = engine.supervisor
-    with engine.lock:
-        books = engine.counts
-        end = time.monotonic() if books.stopped is None else books.stopped
-        elapsed = end - books.started if books.started is not None else 0.0
-        rows = []
-        for slot in sup.slots:
-            task_id = engine.task_running(slot) if slot.batches else None
-            if slot.process is None:
-                state = "dead"
-            elif slot.retiring:
-                state = "recycling" if engine.phase == "running" and not engine.closed else "stopping"
-            else:
-                state = "running" if slot.batches else "idle"
-            rows.append((slot.pid, slot.tasks_done, state, slot.index, slot.recycled, task_id))
-        completed, failed = books.completed, books.failed
-        head = (
-            books.submitted, completed, failed, books.retried, books.dropped, books.cancelled,
-            books.crashed, books.timed_out, books.attempts, engine.dispatcher.pending,
-            engine.dispatcher.waiting, books.in_flight,
-        )  # fmt: skip
-        collector_pid = engine.collector.pid if engine.phase != "done" else None
+def snapshot(
+    source: Source, reader: Readings, readings: dict[int, tuple[float, int]] | None, rates: tuple[float, float] | None
+) -> Stats:
+    """The pool's books and its workers, read together under the pool's lock;
+    then the per-process readings given (or `reader`'s psutil readings now, when None)."""
+    head, elapsed, rows, helper = source.rows()
+    completed, failed = head[1], head[2]
     if rates is None:
         mean = (completed + failed) / elapsed if elapsed > 0 else 0.0
         rates = (mean, mean)
     if readings is None:
-        readings = engine.sampler.readings.read([r[0] for r in rows if r[0] > 0], forget_others=False)
+        readings = reader.read([r.pid for r in rows if r.pid > 0], forget_others=False)
     workers = []
-    for pid, done, state, index, recycled, task_id in rows:
-        cpu, rss = readings.get(pid, (0.0, 0))
-        workers.append(WorkerStats(pid, cpu, rss, done, state, index, recycled, task_id))
+    for row in rows:
+        cpu, rss = readings.get(row.pid, (0.0, 0))
+        workers.append(WorkerStats(row.pid, cpu, rss, row.tasks_done, row.state, row.seat, row.recycled, row.task_id))
     collector = None
-    if collector_pid is not None and collector_pid in readings:
-        cpu, rss = readings[collector_pid]
-        collector = WorkerStats(collector_pid, cpu, rss, counts_in[layout.FORWARDED], "running", -1)
+    if helper is not None and helper[0] in readings:
+        cpu, rss = readings[helper[0]]
+        collector = WorkerStats(helper[0], cpu, rss, helper[1], "running", -1)
     return Stats(*head, *rates, elapsed, time.time(), workers, collector)
 
 
@@ -323,7 +208,7 @@ class Sampler:
     recycling, the log) and, for `on_sample`, a sink thread of its own.
 
     Built before the pool starts any process (a bad log path or a busy port
-    fails fast), started once the workers are up, stopped by the engine after
+    fails fast), started once the workers are up, stopped by the pool after
     they are gone (one last sample, so a log ends with the final counts).
     """
 
@@ -338,7 +223,7 @@ class Sampler:
         self.thread: threading.Thread | None = None
         self.sink_thread: threading.Thread | None = None
         self.prometheus_address: tuple[str, int] | None = None
-        self._engine: Engine | None = None
+        self._source: Source | None = None
         self._rates = Rates(monitor.window if monitor is not None else 10.0)
         self._stop = threading.Event()
         self._log: IO[str] | None = None
@@ -367,13 +252,13 @@ class Sampler:
 
     @property
     def started(self) -> bool:
-        return self._engine is not None
+        return self._source is not None
 
-    def start(self, engine: Engine) -> None:
-        self._engine = engine
+    def start(self, source: Source) -> None:
+        self._source = source
         if not self.active:
             return
-        self.latest = self.readings.read(engine.pids())  # the base of the first sample's CPU figures
+        self.latest = self.readings.read(source.pids())  # the base of the first sample's CPU figures
         self.thread = threading.Thread(target=self._run, name="procqueue-monitor", daemon=True)
         self.thread.start()
         if self.monitor is not None and self.monitor.on_sample is not None:
@@ -382,13 +267,13 @@ class Sampler:
 
     def stats(self) -> Stats:
         """`Pool.stats()`: fresh counters with the latest sample's readings and rates."""
-        assert self._engine is not None
+        assert self._source is not None
         if self.thread is None:
-            return snapshot(self._engine, None, None)
-        return snapshot(self._engine, self.latest, self.rates)
+            return snapshot(self._source, self.readings, None, None)
+        return snapshot(self._source, self.readings, self.latest, self.rates)
 
     def stop(self) -> None:
-        """One last sample, then end the threads and close the sinks (the engine calls this)."""
+        """One last sample, then end the threads and close the sinks (the pool calls this)."""
         self._stop.set()
         me = threading.current_thread()
         if self.thread is not None and self.thread is not me:
@@ -414,11 +299,11 @@ class Sampler:
         self._sample()
 
     def _sample(self) -> None:
-        engine = self._engine
-        assert engine is not None
+        source = self._source
+        assert source is not None
         try:
-            self.latest = self.readings.read(engine.pids())
-            stats = snapshot(engine, self.latest, None)
+            self.latest = self.readings.read(source.pids())
+            stats = snapshot(source, self.readings, self.latest, None)
             rates = self._rates.update(stats)
             if rates is not None:
                 self.rates = rates
@@ -426,7 +311,7 @@ class Sampler:
             if self.max_memory is not None:
                 for w in stats.workers:
                     if w.rss > self.max_memory and w.state in ("idle", "running"):
-                        engine.recycle(w.slot, w.pid)
+                        source.recycle(w.slot, w.pid)
             if self._log is not None:
                 self._write_log(stats)
             if self.sink_thread is not None:

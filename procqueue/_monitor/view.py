@@ -17,7 +17,7 @@ import weakref
 from types import TracebackType
 from typing import IO, TYPE_CHECKING, Any
 
-from procqueue._monitor.sampler import Stats
+from procqueue._stats import Stats
 
 if TYPE_CHECKING:
     from collections.abc import Callable

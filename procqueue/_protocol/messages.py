@@ -10,8 +10,8 @@ the collector forwards without unpickling.
     worker  -> collector  the pool's token (raw bytes), then
                           BatchDone+body, InitFailed, Bye (one socket pair per worker)
     parent  -> collector  each worker's end of its socket pair, as a descriptor
-                          (`LINK` datagrams); WorkerLost, SinkRecords, Shutdown (control pipe)
-    collector -> parent   BatchResult+body, WorkerGone, InitFailed, SinkFailed, CollectorDone
+                          (`LINK` datagrams); WorkerLost, OutputRecords, Shutdown (control pipe)
+    collector -> parent   BatchResult+body, WorkerGone, InitFailed, OutputFailed, CollectorDone
 
 No process listens for connections: every channel is a pipe or a socket pair
 made by the parent and handed down, so no other process can reach the pool.
@@ -159,7 +159,7 @@ class WorkerLost:
 
 
 @dataclass(frozen=True)
-class SinkRecords:
+class OutputRecords:
     """Records for the collector's output files (`_sink.py`): `(seq, target, line)`,
     target 0 the output, 1 the errors file."""
 
@@ -201,7 +201,7 @@ class WorkerGone:
 
 
 @dataclass(frozen=True)
-class SinkFailed:
+class OutputFailed:
     """The collector could not write its sink's file; `broken_pipe`: stdout was closed."""
 
     message: str
@@ -214,5 +214,5 @@ class CollectorDone:
 
 
 WorkerMessage = RunBatch | Stop
-CollectorInbound = BatchDone | InitFailed | Bye | WorkerLost | SinkRecords | Shutdown
-ParentInbound = BatchResult | WorkerGone | InitFailed | SinkFailed | CollectorDone
+CollectorInbound = BatchDone | InitFailed | Bye | WorkerLost | OutputRecords | Shutdown
+ParentInbound = BatchResult | WorkerGone | InitFailed | OutputFailed | CollectorDone

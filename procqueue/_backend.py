@@ -1,0 +1,55 @@
+"""The seam between the front (`_core.py`) and what runs the tasks.
+
+A backend starts and ends the workers, turns what it reads (results, deaths,
+what a worker runs now) into events for the scheduler (`procqueue/_scheduler/`)
+and carries out the instructions it returns, holding the core's lock for the
+scheduler calls. The local backend (`procqueue/_local/`) runs worker
+processes on this machine; another (Dask) reuses the scheduler unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Protocol
+
+
+class WorkerRow(NamedTuple):
+    """One worker position as `stats()` shows it (before CPU and memory readings)."""
+
+    pid: int
+    tasks_done: int
+    state: str  # "idle" | "running" | "recycling" | "stopping" | "dead"
+    seat: int
+    recycled: int
+    task_id: int | None
+
+
+class Backend(Protocol):
+    """What the core asks of a backend."""
+
+    def start(self) -> None:
+        """Start the workers; raise `PoolStartError` (leaving nothing running) if they cannot."""
+
+    def wake(self) -> None:
+        """Look at the scheduler again soon. Safe from any thread, with the core's lock
+        held or not, even in a finalizer: it takes no lock."""
+
+    def may_join(self) -> bool:
+        """Whether the calling thread may wait for the backend to end (not its own threads)."""
+
+    def join(self) -> None:
+        """Wait until every worker has ended and the books are settled (after shutdown)."""
+
+    def kill_all(self) -> None:
+        """Kill every worker now (the pool broke or was terminated)."""
+
+    def recycle(self, seat: int, pid: int) -> None:
+        """Worker `pid` in `seat` is past max_worker_memory: let it finish what it holds and replace it."""
+
+    def pids(self) -> list[int]:
+        """Processes the monitor samples (core's lock held)."""
+
+    def worker_rows(self) -> list[WorkerRow]:
+        """One row per worker position (core's lock held)."""
+
+    def helper(self) -> tuple[int, int] | None:
+        """The backend's own helper process and what it forwarded (the collector), if any (lock held)."""

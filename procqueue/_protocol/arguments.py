@@ -1,0 +1,84 @@
+"""A batch's items as bytes: pickled in one go, and when that fails, item by
+item, so an argument that does not pickle fails its own task, named."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from procqueue._errors import SerializationError
+from procqueue._protocol import messages as m
+from procqueue._protocol.pickling import _text, dumps, dumps_body, name_bad_argument
+
+
+class Items(Protocol):
+    """A run of tasks as far as encoding goes (`procqueue._scheduler.tasks.Run`)."""
+
+    items: list[Any]
+    first_id: int
+    call: m.Call
+    by_value: bool
+
+
+Segments = list[tuple[Any, int, int]]  # (run, first item, how many)
+
+
+def encode_items(
+    segments: Segments, reject: Callable[[Any, int, BaseException], None]
+) -> tuple[list[bytes | memoryview], Segments]:
+    """Pickle a batch's items in one go; on failure find each item that does not
+    pickle, fail it alone (naming the argument) and send the rest."""
+    if len(segments) == 1 and segments[0][1] == 0 and segments[0][2] == len(segments[0][0].items):
+        items = segments[0][0].items  # a whole run: no copy
+    else:
+        items = []
+        for run, start, count in segments:
+            items.extend(run.items[start : start + count])
+    try:
+        return dumps_body(items, segments[0][0].by_value), segments
+    except BaseException:  # a __reduce__ may raise anything: find the items that do not pickle
+        pass
+    kept: Segments = []
+    good: list[Any] = []
+    for run, start, count in segments:
+        run_start = None
+        for j in range(start, start + count):
+            item = run.items[j]
+            try:
+                dumps(item)
+            except BaseException:
+                reject(run, j, argument_error(run.first_id + j, run.call, item))
+                if run_start is not None:
+                    kept.append((run, run_start, j - run_start))
+                    run_start = None
+                continue
+            good.append(item)
+            if run_start is None:
+                run_start = j
+        if run_start is not None:
+            kept.append((run, run_start, start + count - run_start))
+    return (dumps_body(good) if good else []), kept
+
+
+def argument_error(task_id: int, call: m.Call, item: Any) -> SerializationError:
+    """The error of a task whose arguments do not pickle, naming the one that does not."""
+    args, kwargs = _call_args(call, item)
+    what, exc = name_bad_argument(args, kwargs)
+    err = SerializationError(
+        f"task {task_id}: {what} could not be pickled"
+        + (f": {type(exc).__name__}: {_text(exc)}" if exc else "")
+        + "; pass something picklable (or build it inside the handler)",
+        stage="argument",
+        what=what,
+        task_id=task_id,
+    )
+    err.__cause__ = exc
+    return err
+
+
+def _call_args(call: m.Call, item: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    if call is m.Call.ONE:
+        return (item,), {}
+    if call is m.Call.STAR:
+        return tuple(item), {}
+    return tuple(item[0]), dict(item[1])

@@ -1,0 +1,78 @@
+"""The exception an attempt's failure becomes: what a worker reported
+(`ErrorInfo`) or how its worker ended. Built lazily, in the thread that asks
+for it, since unpickling a handler's exception runs user code."""
+
+from __future__ import annotations
+
+from procqueue._errors import SerializationError, TaskFailed, TaskTimeout, WorkerCrashed, describe_exitcode
+from procqueue._protocol import messages as m
+from procqueue._protocol.pickling import loads
+
+
+def remote_error(info: m.ErrorInfo, task_id: int, attempts: int, pid: int, materialize: bool = True) -> BaseException:
+    """Rebuild what a worker reported for one failed attempt as the exception to raise
+    (in the thread that asks for it: unpickling the exception runs user code). With
+    `materialize=False` the exception is not unpickled: a `TaskFailed` stands for it,
+    its `type_name` naming the handler's exception type."""
+    fault = info.fault
+    if fault in (m.Fault.RAISED, m.Fault.REJECTED):
+        exc: BaseException | None = None
+        if info.blob is not None and materialize:
+            try:
+                exc = loads(info.blob)
+            except BaseException:  # an exception whose unpickling raises (even SystemExit)
+                exc = None
+            if exc is not None and not isinstance(exc, BaseException):
+                exc = None
+        lost = exc is None and materialize
+        note = " (the exception itself could not be sent back: it does not pickle or unpickle)" if lost else ""
+        failed = TaskFailed(
+            f"task {task_id} raised {info.type_name}: {info.message} "
+            f"(attempt {attempts}, worker pid {pid}){note}\n\nRemote traceback:\n{info.traceback}",
+            task_id=task_id,
+            attempts=attempts,
+            exception=exc,
+            remote_traceback=info.traceback,
+            type_name=info.type_name,
+            remote_message=info.message,
+        )
+        if exc is None:
+            return failed
+        exc.__cause__ = failed
+        return exc
+    stage, advice = {
+        m.Fault.RESULT_PICKLE: ("result", "return a value plain pickle or cloudpickle can handle"),
+        m.Fault.ARGS_UNPICKLE: ("argument", "make sure the worker can import what the arguments refer to"),
+        m.Fault.HANDLER_UNPICKLE: ("handler", "make sure the worker can import the handler's module"),
+    }[m.Fault(fault)]
+    return SerializationError(
+        f"task {task_id}: {info.message} (in worker pid {pid}); {advice}",
+        stage=stage,
+        what=info.type_name,
+        task_id=task_id,
+    )
+
+
+def crash_error(
+    fault: int, task_id: int, attempts: int, pid: int, exitcode: int | None, timeout: float | None, fault_text: str
+) -> BaseException:
+    """The error for an attempt that ended with its worker: a crash or a timeout."""
+    if fault == m.Fault.TIMED_OUT:
+        return TaskTimeout(
+            f"task {task_id} ran past its timeout of {timeout} s (attempt {attempts}); its worker pid {pid} was killed",
+            task_id=task_id,
+            attempts=attempts,
+            timeout=timeout,
+            pid=pid,
+        )
+    sig = -exitcode if exitcode is not None and exitcode < 0 else None
+    text = (
+        f"worker pid {pid} died with {describe_exitcode(exitcode)} while running task {task_id} "
+        f"(attempt {attempts}). A signal from outside, a crash in C code (segfault), "
+        f"os._exit or running out of memory does this; a retry budget (retries=) lets the task run again."
+    )
+    if fault_text.strip():
+        text += f"\n\nfaulthandler in the worker wrote:\n{fault_text.strip()}"
+    return WorkerCrashed(
+        text, task_id=task_id, attempts=attempts, pid=pid, exitcode=exitcode, signal=sig, fault_traceback=fault_text
+    )

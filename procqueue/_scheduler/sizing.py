@@ -1,0 +1,80 @@
+"""How much work goes in one batch, and how much a worker may hold.
+
+Why a worker holds at most two batches, the second only while it holds under
+~40 ms of estimated work: a batch sent to a worker can no longer be reordered
+(nor taken by a worker that frees up sooner), so the prefetch is the only place
+where a newly submitted urgent task can be overtaken. Batch sizes aim at ~20 ms
+of work for tiny tasks and ~5 ms for tasks over 100 us (auto chunksize), so an
+urgent task waits about two batches at most.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from procqueue._scheduler.tasks import Batch, Handler, Run
+
+TARGET_BATCH_NS = 20_000_000  # auto chunksize aims at batches of about 20 ms of tiny tasks,
+LONG_TASK_NS = 100_000  # ... and for tasks longer than this (their batch overhead is already
+LONG_BATCH_NS = 5_000_000  # ... under 1 %) at 5 ms: fewer tasks stuck behind a slow one
+MAX_BATCH = 4096
+MIN_DIRECT_NS = 1_000_000  # ... nor smaller than this much work, when it can be avoided
+MAX_DIRECT_BATCH = 65536  # cut from a sequence: not bounded by the heap's capacity (the marker allows 2**20)
+PREFETCH_NS = 40_000_000  # a worker gets a second batch while it holds less than this much estimated work
+MAX_HELD = 2  # ... and never a third: the rest stays with the parent, for whichever worker frees first
+FAST_ITEM_NS = 50_000  # tasks shorter than this run unmarked in a tight loop (no timeout)
+
+
+def per_batch(est_ns: float) -> int:
+    """Items in a batch of a handler whose items take `est_ns` each."""
+    per = max(est_ns, 1.0)
+    return int((TARGET_BATCH_NS if per < LONG_TASK_NS else LONG_BATCH_NS) / per)
+
+
+def size_for(run: Run) -> int:
+    """Items of a batch taken from the heap, for this run's handler."""
+    if run.chunksize is not None:
+        return run.chunksize
+    est = run.handler.est_ns
+    if est is None:
+        return 1  # measure first: a long task must not be batched blindly
+    # Batches of ~20 ms (5 ms) bound the tail imbalance to about one batch.
+    return max(1, min(per_batch(est), MAX_BATCH))
+
+
+def direct_size(handler: Handler, total: int, left: int, workers: int) -> int:
+    """A batch cut straight from a sequence of `total` items, `left` of them not
+    cut yet: ~20 ms (5 ms) of work, but at least four batches per worker, and
+    shrinking toward the end (half of what is left per worker), so the tail
+    stays even; not below MIN_DIRECT_NS of work."""
+    est = handler.est_ns
+    if est is None:
+        return 1
+    spread = min(-(-total // (4 * workers)), -(-left // (2 * workers)))
+    spread = max(spread, int(MIN_DIRECT_NS / max(est, 1.0)))
+    return max(1, min(per_batch(est), spread, MAX_DIRECT_BATCH))
+
+
+def may_hold_more(held: Iterable[Batch], est: float | None) -> bool:
+    """The prefetch rule: a worker gets another batch (whose items cost `est`
+    each, None when unmeasured) only while what it holds is under PREFETCH_NS
+    of estimated work, and never a third."""
+    held = list(held)
+    if not held:
+        return True
+    if est is None or len(held) >= MAX_HELD:
+        return False
+    queued = 0.0
+    for b in held:
+        e = b.head.handler.est_ns
+        if e is None:
+            return False
+        queued += (b.count - b.done) * e
+    return queued < PREFETCH_NS
+
+
+def careful(run: Run) -> bool:
+    """Whether a batch of this run marks every item (for timeouts and crash
+    attribution); tiny tasks without a timeout run unmarked, in a tight loop."""
+    est = run.handler.est_ns
+    return run.careful or run.timeout is not None or est is None or est > FAST_ITEM_NS

@@ -1,0 +1,51 @@
+"""The state the scheduler's parts share, and the settings they decide by."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+from procqueue._scheduler import states
+from procqueue._scheduler.books import Books, Lost, Seat
+from procqueue._scheduler.instructions import Instruction
+from procqueue._scheduler.queue import PendingQueue
+from procqueue._scheduler.tasks import Batch, Run
+
+
+@dataclass(frozen=True)
+class Policy:
+    """The pool's settings the scheduler decides by."""
+
+    workers: int
+    capacity: int = 1024
+    backoff: float = 0.1
+    backoff_max: float = 30.0
+    max_tasks_per_worker: int | None = None
+
+
+@dataclass(eq=False)
+class Tables:
+    """Everything the scheduler owns; its parts read and write these."""
+
+    policy: Policy
+    queue: PendingQueue
+    books: Books = field(default_factory=Books)
+    seats: list[Seat] = field(default_factory=list)
+    batches: dict[int, Batch] = field(default_factory=dict)  # out with a worker, by id
+    lost: dict[int, Lost] = field(default_factory=dict)  # dead workers not settled yet, by pid
+    ledger: states.Ledger | None = None  # validate mode: every task's moves are checked
+    rng: random.Random = field(default_factory=random.Random)
+    out: list[Instruction] = field(default_factory=list)  # instructions of the event being handled
+    barren: int = 0  # workers in a row that died before any outcome
+
+    def moves(self, run: Run, start: int, count: int, to: states.TaskState) -> None:
+        """Validate mode: follow tasks `start .. start+count-1` of `run` to `to`."""
+        if self.ledger is not None:
+            for j in range(start, start + count):
+                self.ledger.move(run.first_id + j, to)
+
+    def finish_batch(self, batch: Batch) -> None:
+        """A batch is fully accounted for: no worker holds it any more."""
+        self.batches.pop(batch.batch_id, None)
+        if 0 <= batch.seat < len(self.seats):
+            self.seats[batch.seat].batches.pop(batch.batch_id, None)
