@@ -6,7 +6,7 @@
         for y in pool.map(fn, huge_iterable):
             ...
 
-See README.md; the wiring of the processes is drawn in `procqueue/_engine.py`.
+See README.md; the wiring of the processes is drawn in `procqueue/_local/__init__.py`.
 """
 
 from procqueue._errors import (

@@ -1,6 +1,6 @@
 """The collector process: reads every worker's outcomes and forwards them.
 
-Wiring is drawn in `_engine.py`. What the collector owns:
+Wiring is drawn in `procqueue/_local/__init__.py`. What the collector owns:
 - one socket per worker, each the collector's end of a socket pair the
   parent made for that worker and handed over as a descriptor (`layout.LINK`
   datagrams on the links socket): no socket listens, so no other process can
@@ -15,7 +15,7 @@ Wiring is drawn in `_engine.py`. What the collector owns:
   the parent knows whether the outcome of the task it was running arrived.
 
 It decides nothing: retry or final, and every count of the books, are the
-parent's (`_outcomes.py`, `_retry.py`). So a collector killed from outside
+parent's (`procqueue/_scheduler/`). So a collector killed from outside
 loses no decision and no count: the parent starts another one.
 """
 

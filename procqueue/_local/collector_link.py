@@ -1,4 +1,4 @@
-"""The parent's end of the collector process (wiring: `_engine.py`).
+"""The parent's end of the collector process (wiring: `procqueue/_local/__init__.py`).
 
 It starts the collector with three channels the parent makes and hands down
 (no socket listens anywhere): the control pipe and the links socket, both

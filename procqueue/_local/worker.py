@@ -1,6 +1,6 @@
 """The worker process: take a batch, run the handler per item, report outcomes.
 
-Wiring and channels are drawn in `_engine.py`. What a worker owns:
+Wiring and channels are drawn in `procqueue/_local/__init__.py`. What a worker owns:
 - reads `RunBatch`/`Stop` from its own task pipe (nobody else reads it);
 - writes outcomes to its own socket to the collector (nobody else writes it),
   so a worker killed mid-write tears only its own stream;

@@ -73,7 +73,7 @@ class RunBatch:
     retries: int
     careful: bool
     by_value: bool = False  # the items were pickled by value (a retry after they would not unpickle)
-    packed: bool = False  # each item is a pickle of its own (`_serialization.unpack_arguments`)
+    packed: bool = False  # each item is a pickle of its own (`procqueue/_protocol/pickling.py`)
     timed: bool = False  # unmarked, but each item timed (its future reports its own duration)
 
 
@@ -160,7 +160,7 @@ class WorkerLost:
 
 @dataclass(frozen=True)
 class OutputRecords:
-    """Records for the collector's output files (`_sink.py`): `(seq, target, line)`,
+    """Records for the collector's output files (`procqueue/_local/file_writer.py`): `(seq, target, line)`,
     target 0 the output, 1 the errors file."""
 
     records: list[tuple[int, int, bytes]]

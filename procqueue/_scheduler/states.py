@@ -57,32 +57,80 @@ FINAL = frozenset({S.DONE, S.FAILED, S.CANCELLED, S.DROPPED})
 
 
 class InvalidTransition(AssertionError):
-    """A task was moved along an edge the state machine does not have."""
+    """A task was moved along an edge the state machine does not have, or the
+    books did not balance at rest. Carries the task, the move and its history."""
+
+    def __init__(
+        self, task_id: int | None, state: TaskState | None, to: TaskState | None,
+        history: tuple[TaskState, ...] = (), detail: str = "",
+    ) -> None:  # fmt: skip
+        self.task_id = task_id
+        self.state = state  # where it was
+        self.to = to  # where it was moved
+        self.history = history  # every state it was in, NEW first (validation keeps it)
+        self.detail = detail
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        if self.task_id is None:
+            return f"the books do not balance: {self.detail}"
+        trail = " -> ".join(s.value for s in (*self.history, self.to) if s is not None)
+        if self.to is None:
+            return f"task {self.task_id} never ended (its states: {trail}){self.detail}"
+        return f"task {self.task_id}: illegal move {self.state.value if self.state else '?'} -> " + (
+            f"{self.to.value if self.to else '?'} (its states: {trail}){self.detail}"
+        )
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (InvalidTransition, (self.task_id, self.state, self.to, self.history, self.detail))
+
+
+_CODES = {s: i for i, s in enumerate(TaskState)}
+_STATES = list(TaskState)
 
 
 @dataclass
 class Ledger:
     """Validate mode: follows every task through `TRANSITIONS` and checks the books.
 
-    The pool keeps one when `PROCQUEUE_VALIDATE=1`; it costs a dict update per
-    task per move, so it is off by default.
+    The pool keeps one when `PROCQUEUE_VALIDATE=1` (every test runs so). A live
+    task's whole history is kept; an ended one's final state costs one byte, so
+    a second outcome of a finished task is caught, and named, too.
     """
 
     live: dict[int, list[TaskState]] = field(default_factory=dict)
     finals: dict[TaskState, int] = field(default_factory=lambda: dict.fromkeys(FINAL, 0))
+    ended: bytearray = field(default_factory=bytearray)  # by task id: 0, or 1 + the code of its final state
     accepted: int = 0
+
+    def state_of(self, task_id: int) -> TaskState:
+        history = self.live.get(task_id)
+        if history:
+            return history[-1]
+        if task_id < len(self.ended) and self.ended[task_id]:
+            return _STATES[self.ended[task_id] - 1]
+        return S.NEW
+
+    def history_of(self, task_id: int) -> tuple[TaskState, ...]:
+        history = self.live.get(task_id)
+        if history:
+            return (S.NEW, *history)
+        state = self.state_of(task_id)
+        return (S.NEW,) if state is S.NEW else (S.NEW, state)
 
     def move(self, task_id: int, to: TaskState) -> None:
         history = self.live.get(task_id)
-        state = history[-1] if history else S.NEW
+        state = history[-1] if history else self.state_of(task_id)
         if to not in TRANSITIONS[state]:
-            trail = " -> ".join(s.value for s in [*(history or [S.NEW]), to])
-            raise InvalidTransition(f"task {task_id}: illegal move {trail}")
+            raise InvalidTransition(task_id, state, to, self.history_of(task_id))
         if state is S.NEW:
             self.accepted += 1
         if to in FINAL:
             self.live.pop(task_id, None)
             self.finals[to] += 1
+            if task_id >= len(self.ended):
+                self.ended.extend(bytes(max(task_id + 1 - len(self.ended), len(self.ended))))
+            self.ended[task_id] = 1 + _CODES[to]
         elif history is None:
             self.live[task_id] = [to]
         else:
@@ -91,8 +139,11 @@ class Ledger:
     def check_books(self) -> None:
         """At rest: every accepted task has exactly one final state."""
         if self.live:
-            some = dict(list(self.live.items())[:5])
-            raise InvalidTransition(f"{len(self.live)} tasks never ended, e.g. {some}")
+            task_id, history = next(iter(self.live.items()))
+            raise InvalidTransition(
+                task_id, history[-1], None, (S.NEW, *history),
+                f", nor did {len(self.live) - 1} other tasks",
+            )  # fmt: skip
         total = sum(self.finals.values())
         if total != self.accepted:
-            raise InvalidTransition(f"{self.accepted} accepted but {total} ended")
+            raise InvalidTransition(None, None, None, (), f"{self.accepted} tasks accepted but {total} ended")
