@@ -14,7 +14,7 @@ import itertools
 import weakref
 from collections import deque
 from collections.abc import Callable, Generator, Iterable, Iterator
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from procqueue._callbacks import on_internal_thread
 from procqueue._protocol import messages as m
@@ -24,9 +24,16 @@ from procqueue._scheduler.tasks import Handler, Run
 if TYPE_CHECKING:
     from procqueue._core import Core
     from procqueue._monitor.view import LiveView
-    from procqueue._pool import Options
 
 WINDOW = 4  # a map keeps at most WINDOW * capacity tasks fed and not yet consumed
+
+
+class RunOptions(Protocol):
+    """The per-call options a map's tasks carry (`procqueue.Options`)."""
+
+    priority: int
+    retries: int
+    timeout: float | None
 
 
 class Feeder:
@@ -41,7 +48,8 @@ class Feeder:
 
     def __init__(
         self,
-        opts: Options,
+        core: Core,
+        opts: RunOptions,
         handler: Handler,
         source: Iterable[Any],
         call: m.Call,
@@ -51,7 +59,7 @@ class Feeder:
     ) -> None:
         self.opts = opts
         self.return_exceptions = return_exceptions
-        self.core: Core = opts._pool._core
+        self.core = core
         self.priority = opts.priority
         self.handler = handler
         self.call = call
@@ -63,7 +71,7 @@ class Feeder:
         self.consumed = 0  # chunks handed to the consumer
         self.exhausted = False  # every input item was cut into a run
         self.error: BaseException | None = None
-        self.limit = WINDOW * opts._pool._cfg.capacity
+        self.limit = WINDOW * core.cfg.capacity
         self.managed = type(source) in (list, tuple, range)
         # The manager cuts batches from seq[pos:]: the whole sequence, or for other
         # input a buffer the consumer's thread refills from the iterator.

@@ -185,7 +185,7 @@ class Options:
         if progress:
             lengths = [len(it) for it in iterables if hasattr(it, "__len__")]  # type: ignore[arg-type]
             bar = (min(lengths) if len(lengths) == len(iterables) else None, _name(fn), self._pool._views)
-        feeder = Feeder(self, handler, source, call, size, ordered, return_exceptions)
+        feeder = Feeder(core, self, handler, source, call, size, ordered, return_exceptions)
         feeder.start()  # start now, as Executor.map does, up to the queue's capacity
         return feeder.results(deadline, bar)
 
@@ -277,7 +277,7 @@ class Pool(concurrent.futures.Executor):
         self._cfg = Config(
             workers, capacity, backpressure, max_retries, backoff, backoff_max, task_timeout,
             max_tasks_per_worker, max_worker_memory, initializer, tuple(initargs), method, block_timeout,
-            Monitor.of(monitor), _sink_spec(output),
+            Monitor.of(monitor), _output_spec(output),
         )  # fmt: skip
         try:
             self._core = Core(self._cfg, LocalBackend)
@@ -388,7 +388,7 @@ class Pool(concurrent.futures.Executor):
         return False
 
 
-def _sink_spec(output: FileOutput | None) -> OutputSpec | None:
+def _output_spec(output: FileOutput | None) -> OutputSpec | None:
     if output is None:
         return None
     if not isinstance(output, FileOutput):

@@ -17,18 +17,15 @@ import os
 import selectors
 import signal
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Callable
 
 from procqueue._errors import InitializerFailed, PoolBroken, describe_exitcode
-from procqueue._local.backend import Phase, Tag
+from procqueue._local.wiring import Phase, Tag, Wiring
 from procqueue._protocol import framing, layout
 from procqueue._protocol import messages as m
 from procqueue._results import Later, Values, run_all
 from procqueue._scheduler.deaths import UNGUARDED
-from procqueue._scheduler.instructions import KillReason
-
-if TYPE_CHECKING:
-    from procqueue._local.manager import Manager
+from procqueue._scheduler.instructions import Instruction, KillReason
 
 COLLECTOR_RESTARTS = 5  # collector deaths in a row with nothing forwarded between them: the pool is broken
 COLLECTOR_SILENCE = 2.0  # seconds without a result, while work is out, before we look whether it is stopped
@@ -41,14 +38,20 @@ class CollectorWatch:
 
     silence = COLLECTOR_SILENCE
 
-    def __init__(self, manager: Manager) -> None:
-        self.m = manager
-        self.b = manager.b
+    def __init__(
+        self, wiring: Wiring, execute: Callable[[list[Instruction]], object], finish: Callable[[], None]
+    ) -> None:
+        self.b = wiring
+        self.core = wiring.core
+        self.s = wiring.core.scheduler
+        self.sup = wiring.supervisor
+        self.execute = execute  # carry out instructions (the manager's)
+        self.finish = finish  # the collector is gone for good: the manager's loop ends
         self.deaths = 0  # in a row, with nothing forwarded between them
         self.heard = self.asked = time.monotonic()  # its last result; the last look at it
 
     def on_results(self) -> None:
-        b, core, s = self.b, self.m.core, self.m.s
+        b, core, s = self.b, self.core, self.s
         frames, ended = b.collector.read()
         later: Later = []
         for frame in frames:
@@ -64,7 +67,7 @@ class CollectorWatch:
                     values = Values(body, self.unloadable) if len(body) else None  # empty: a FileOutput took them
                     with core.cv:
                         self.forget_handler_if_unloaded(msg)
-                        self.m.execute(core.apply(s.batch_done(msg, values, time.monotonic()), later))
+                        self.execute(core.apply(s.batch_done(msg, values, time.monotonic()), later))
                 case m.WorkerGone():
                     with core.cv:
                         core.apply(s.worker_gone(msg.pid, msg.reported, time.monotonic()), later)
@@ -80,7 +83,7 @@ class CollectorWatch:
                     b.output_error = msg
                     core.break_pool(PoolBroken(f"the collector could not write the output: {msg.message}"))
                 case m.CollectorDone():
-                    self.m.finish()
+                    self.finish()
                 case _:
                     raise TypeError(f"parent got an unknown message {msg!r}")
         run_all(later)
@@ -91,21 +94,21 @@ class CollectorWatch:
 
     def forget_handler_if_unloaded(self, msg: m.BatchResult) -> None:
         """A worker whose handler did not unpickle does not hold it: send its bytes again next time (lock held)."""
-        batch = self.m.s.batches.get(msg.batch_id)
+        batch = self.s.batches.get(msg.batch_id)
         if batch is None or not any(e.fault == m.Fault.HANDLER_UNPICKLE for e in msg.errors):
             return
-        slot = self.m.sup.slots[batch.seat]
+        slot = self.sup.slots[batch.seat]
         if slot.pid == msg.pid:
             slot.known.pop(batch.head.handler.id, None)
 
     def unloadable(self, n: int) -> None:
         """n values did not unpickle where they were read (a user's thread): they failed."""
-        with self.m.core.cv:
-            self.m.s.values_unloadable(n)
+        with self.core.cv:
+            self.s.values_unloadable(n)
 
     def on_died(self) -> None:
         """The collector ended without being asked: start another, with fresh workers."""
-        b, core, s = self.b, self.m.core, self.m.s
+        b, core, s = self.b, self.core, self.s
         old = b.collector
         b.sel.unregister(old.sentinel)
         with contextlib.suppress(KeyError, ValueError):
@@ -122,10 +125,10 @@ class CollectorWatch:
             core.break_pool(
                 PoolBroken(f"the pool's collector process re-ran the main script and reached Pool(): {UNGUARDED}")
             )
-            self.m.finish()
+            self.finish()
             return
         if b.phase in (Phase.DRAINING, Phase.DONE):
-            self.m.finish()  # every worker had ended and been settled
+            self.finish()  # every worker had ended and been settled
             return
         old.close(kill=True)
         self.deaths += 1
@@ -133,26 +136,26 @@ class CollectorWatch:
         if b.cfg.output is not None:
             # Records it held for the output are lost with it; `procqueue run --resume` redoes exactly those.
             core.break_pool(PoolBroken(f"{why}; the output is complete up to what it wrote: run again with --resume"))
-            self.m.finish()
+            self.finish()
             return
         if self.deaths > COLLECTOR_RESTARTS:
             core.break_pool(PoolBroken(f"{why}, {self.deaths} times in a row; the pool stopped restarting it"))
-            self.m.finish()
+            self.finish()
             return
         log.warning("procqueue: %s; starting another, and fresh workers", why)
         later: Later = []
         with core.cv:
             for pid in s.lost_pids():  # workers whose WorkerGone it never answered
                 core.apply(s.worker_gone(pid, False, time.monotonic()), later)
-            for slot in self.m.sup.slots:
+            for slot in self.sup.slots:
                 if slot.alive:
-                    self.m.sup.kill(slot, KillReason.COLLECTOR)
+                    self.sup.kill(slot, KillReason.COLLECTOR)
         run_all(later)
         try:
-            b.collector.start(self.m.sup.pdeathsig_safe())
+            b.collector.start(self.sup.pdeathsig_safe())
         except OSError as exc:
             core.break_pool(PoolBroken(f"{why}, and another could not be started: {exc}"))
-            self.m.finish()
+            self.finish()
             return
         b.watch_collector()
 
@@ -174,7 +177,7 @@ class CollectorWatch:
         work is out and it has been silent a while, ask the kernel; if it is stopped, kill it
         (it is restarted like a killed one)."""
         now = time.monotonic()
-        if not self.m.s.batches or now - self.heard < COLLECTOR_SILENCE or now - self.asked < COLLECTOR_SILENCE:
+        if not self.s.batches or now - self.heard < COLLECTOR_SILENCE or now - self.asked < COLLECTOR_SILENCE:
             return
         self.asked = now
         import psutil

@@ -1,7 +1,7 @@
 """The collector's file writer: output files it writes itself, so values go from the
 workers to disk without passing through the parent (`procqueue run`).
 
-Each value a worker returns for the sink is `(seq, line)`: `line` is whole
+Each value a worker returns for the output is `(seq, line)`: `line` is whole
 lines of bytes, `seq` the record's place in the input (0, 1, 2, ... over every
 record of the run). The parent sends the records it makes itself (errors) as
 `OutputRecords`. Every write is whole lines in one `write()` on an O_APPEND

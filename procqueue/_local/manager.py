@@ -18,12 +18,11 @@ import selectors
 import time
 import warnings
 from functools import partial
-from typing import TYPE_CHECKING
 
 from procqueue._errors import PoolBroken, ProcQueueError
-from procqueue._local.backend import Phase, Tag
 from procqueue._local.collector_watch import CollectorWatch
 from procqueue._local.supervisor import Slot
+from procqueue._local.wiring import Phase, Tag, Wiring
 from procqueue._protocol import framing
 from procqueue._protocol import messages as m
 from procqueue._protocol.arguments import encode_items
@@ -33,21 +32,18 @@ from procqueue._scheduler import sizing
 from procqueue._scheduler.books import Death
 from procqueue._scheduler.tasks import Batch, Run
 
-if TYPE_CHECKING:
-    from procqueue._local.backend import LocalBackend
-
 STOP_GRACE = 5.0  # seconds an idle worker gets to exit after Stop
 
 
 class Manager:
     """The loop, and how it carries out instructions."""
 
-    def __init__(self, backend: LocalBackend) -> None:
-        self.b = backend
-        self.core = backend.core
-        self.s = backend.core.scheduler
-        self.sup = backend.supervisor
-        self.collector = CollectorWatch(self)
+    def __init__(self, wiring: Wiring) -> None:
+        self.b = wiring
+        self.core = wiring.core
+        self.s = wiring.core.scheduler
+        self.sup = wiring.supervisor
+        self.collector = CollectorWatch(wiring, self.execute, self.finish)
         self.stop_deadline = float("inf")
 
     def run(self) -> None:

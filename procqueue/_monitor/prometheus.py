@@ -7,10 +7,19 @@ readings): nothing is pushed, nothing is stored twice.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-if TYPE_CHECKING:
-    from procqueue._monitor.sampler import Sampler
+from procqueue._stats import Stats
+
+
+class Sampled(Protocol):
+    """What a scrape reads (the pool's `Sampler`)."""
+
+    @property
+    def started(self) -> bool: ...
+
+    def stats(self) -> Stats: ...
+
 
 COUNTERS = ("submitted", "completed", "failed", "retried", "dropped", "cancelled", "crashed", "timed_out")
 GAUGES = {
@@ -22,7 +31,7 @@ GAUGES = {
 }
 
 
-def serve(sampler: Sampler, host: str, port: int) -> tuple[Any, tuple[str, int]]:
+def serve(sampler: Sampled, host: str, port: int) -> tuple[Any, tuple[str, int]]:
     """Start the HTTP endpoint in a daemon thread; returns the server and its bound address."""
     try:
         from prometheus_client import CollectorRegistry, start_http_server
@@ -44,7 +53,7 @@ def serve(sampler: Sampler, host: str, port: int) -> tuple[Any, tuple[str, int]]
 
 
 class _PoolCollector:
-    def __init__(self, sampler: Sampler) -> None:
+    def __init__(self, sampler: Sampled) -> None:
         self.sampler = sampler
 
     def collect(self) -> Iterator[Any]:

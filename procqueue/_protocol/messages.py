@@ -177,7 +177,7 @@ class Shutdown:
 @dataclass(frozen=True)
 class BatchResult:
     """A BatchDone as forwarded by the collector, with the worker's pid; the
-    body (the pickled values) follows unread, or is empty when a sink took them."""
+    body (the pickled values) follows unread, or is empty when a FileOutput took them."""
 
     batch_id: int
     start: int
@@ -202,7 +202,7 @@ class WorkerGone:
 
 @dataclass(frozen=True)
 class OutputFailed:
-    """The collector could not write its sink's file; `broken_pipe`: stdout was closed."""
+    """The collector could not write a FileOutput file; `broken_pipe`: stdout was closed."""
 
     message: str
     broken_pipe: bool

@@ -63,7 +63,7 @@ class PendingQueue:
     def take(self, limit: int | None, on_cancel: Callable[[Run, int, int], None]) -> list[tuple[Run, int, int]]:
         """Cut the next batch off the top of the heap: at most `limit` items.
 
-        Runs whose sink was cancelled are dropped here (`on_cancel`). Runs of
+        Runs whose receiver was cancelled are dropped here (`on_cancel`). Runs of
         the same handler and options merge into one batch, so many `submit`s
         travel together.
         """

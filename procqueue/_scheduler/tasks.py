@@ -112,7 +112,7 @@ class Handlers:
 class Run:
     """Consecutive tasks of one call: same handler, options and priority.
 
-    Item `j` is task `first_id + j` and lands at index `base + j` of `sink`.
+    Item `j` is task `first_id + j` and lands at index `base + j` of `receiver`.
     """
 
     handler: Handler
@@ -137,7 +137,7 @@ class Run:
         return (self.handler.id, self.call, self.attempt, self.retries, self.timeout, self.careful, self.packed)
 
     def part(self, j: int, n: int, careful: bool = False) -> Run:
-        """Items `j .. j+n-1` again, uncharged (a dead worker held them): same ids, sink
+        """Items `j .. j+n-1` again, uncharged (a dead worker held them): same ids, receiver
         slots and place in line, batched as the rest of the run is."""
         return Run(
             self.handler, self.items[j : j + n], self.call, self.receiver, self.first_id + j, self.priority,
@@ -146,7 +146,7 @@ class Run:
         )  # fmt: skip
 
     def single(self, j: int, attempt: int, solo: bool = False, careful: bool = False, by_value: bool = False) -> Run:
-        """Item `j` alone, as a retry or a requeue keeps it: same task id, sink slot and place in line."""
+        """Item `j` alone, as a retry or a requeue keeps it: same task id, receiver slot and place in line."""
         return Run(
             self.handler, [self.items[j]], self.call, self.receiver, self.first_id + j, self.priority,
             self.seq, attempt, self.retries, self.timeout, 1, self.base + j, 0, solo, careful or self.careful,
