@@ -99,21 +99,38 @@ def machine() -> dict[str, Any]:
     }
 
 
-def run_case(spec: dict[str, Any], limit: float) -> dict[str, Any]:
+def run_case(
+    spec: dict[str, Any],
+    limit: float,
+    *,
+    cwd: str | None = None,
+    path: list[str] | None = None,
+    package: str | None = None,
+) -> dict[str, Any]:
     """Run one case in a fresh process group; past `limit` seconds, kill the group: a hang.
 
     The case writes its result to a file: a helper process a peer leaves behind
     (loky's resource tracker) may hold any pipe open long after the case ended.
+    `cwd`, `path` (the case's whole PYTHONPATH) and `package` (the bench package it
+    runs `.case` from) let bench.compare run a case against another checkout's
+    procqueue; by default the case runs from this checkout, as the suite does.
     """
-    package_dir = str(Path(__file__).resolve().parent.parent)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [package_dir, os.environ.get("PYTHONPATH")])))
+    if path is None:
+        path = [str(Path(__file__).resolve().parent.parent), os.environ.get("PYTHONPATH", "")]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, path)))
     with tempfile.TemporaryDirectory(prefix="procqueue-bench-") as tmp:
         out_path, err_path = Path(tmp, "result.json"), Path(tmp, "stderr.txt")
-        cmd = [sys.executable, "-m", f"{__package__}.case", json.dumps(spec), str(out_path)]
+        cmd = [sys.executable, "-m", f"{package or __package__}.case", json.dumps(spec), str(out_path)]
         t = time.monotonic()
         with open(err_path, "w") as err:
             proc = subprocess.Popen(
-                cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True, env=env
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=err,
+                start_new_session=True,
+                env=env,
+                cwd=cwd,
             )
             try:
                 proc.wait(timeout=limit)

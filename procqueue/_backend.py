@@ -5,6 +5,16 @@ what a worker runs now) into events for the scheduler (`procqueue/_scheduler/`)
 and carries out the instructions it returns, holding the core's lock for the
 scheduler calls. The local backend (`procqueue/_local/`) runs worker
 processes on this machine; another (Dask) reuses the scheduler unchanged.
+
+Which side of the seam keeps the accounting: the scheduler's, in the parent.
+Every attempt's outcome, every retry decision and every counter of `stats()`
+is the scheduler's; a backend only reports what happened (this batch's items
+0-2 succeeded and 3 raised; that worker died while its marker pointed at item
+4). The local backend's collector process forwards outcomes without judging
+them, so killing it loses no decision and no count, and a backend whose
+transport is different (Dask's scheduler) needs no collector at all. What the
+collector counts itself (attempts forwarded, records a FileOutput wrote) is
+transport, shown as its own row in `stats()`, never the books.
 """
 
 from __future__ import annotations

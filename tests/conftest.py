@@ -6,13 +6,18 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import psutil
 import pytest
 
+if TYPE_CHECKING:  # imported where used: tests/test_layout.py must run while the package does not import
+    import procqueue as pq
+
 T = TypeVar("T")
 START_METHODS = [m for m in ("forkserver", "spawn", "fork") if m in multiprocessing.get_all_start_methods()]
+# What runs the tasks in tests/test_conformance.py: every behaviour test there runs once per backend.
+BACKENDS = ["local"]
 
 
 def helper_pids(root: psutil.Process | None = None) -> set[int]:
@@ -92,6 +97,34 @@ def _validate_books(monkeypatch: pytest.MonkeyPatch) -> None:
 def balanced(stats: object) -> bool:
     s = stats
     return s.submitted == s.completed + s.failed + s.dropped + s.cancelled  # type: ignore[attr-defined]
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest) -> str:
+    """The backend a conformance test runs on (test ids end in `[local]`)."""
+    return str(request.param)
+
+
+@pytest.fixture
+def make_pool(backend: str) -> Iterator[Callable[..., pq.Pool]]:
+    """`make_pool(**kwargs)` is `pq.Pool(backend=backend, **kwargs)`. At teardown every pool
+    it made is shut down, its books balance at rest and no child process is left."""
+    import procqueue
+
+    pools: list[pq.Pool] = []
+
+    def make(**kwargs: object) -> pq.Pool:
+        pool = procqueue.Pool(backend=backend, **kwargs)  # type: ignore[arg-type]
+        pools.append(pool)
+        return pool
+
+    yield make
+    for pool in pools:
+        pool.shutdown(wait=True)
+    unbalanced = [s for s in (pool.stats() for pool in pools) if not balanced(s)]
+    assert not unbalanced, f"{backend}: books do not balance at rest: {unbalanced}"
+    left = leftover_children()
+    assert not left, f"{backend}: processes left behind: {[(p.pid, p.name()) for p in left]}"
 
 
 os.environ.setdefault("PYTHONFAULTHANDLER", "1")

@@ -32,10 +32,10 @@ from typing import IO, Any
 from procqueue._cli import records as r
 from procqueue._cli.records import UsageError
 from procqueue._errors import ProcQueueError
-from procqueue._protocol.layout import WRITTEN
 from procqueue._local.file_writer import ERRORS, OUTPUT, wait_unlocked
 from procqueue._output import FileOutput
 from procqueue._pool import Pool
+from procqueue._protocol.layout import WRITTEN
 from procqueue._results import Chunk
 
 LOCK_WAIT = 5.0  # seconds to wait for the collector of a killed run to let go of the output
