@@ -20,9 +20,11 @@ import fcntl
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from multiprocessing import connection
 from multiprocessing.context import BaseContext
@@ -31,7 +33,7 @@ from typing import Any
 
 from procqueue._local import worker as _worker
 from procqueue._protocol import framing, layout
-from procqueue._protocol.pickling import unrunnable_main_hidden
+from procqueue._protocol.pickling import main_is_importable
 from procqueue._scheduler.instructions import KillReason
 
 PIPE_SIZE = 1 << 20  # bytes: a big batch crosses in one write, not in 16 wake-ups of the manager
@@ -256,6 +258,26 @@ class Launch:
                 proc.kill()
                 proc.join(2.0)
                 proc.close()
+
+
+_hide_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def unrunnable_main_hidden() -> Iterator[None]:
+    """While a child starts: hide a `__main__.__file__` that is no file ('<stdin>'),
+    which spawn and forkserver children would try to run again and die of."""
+    with _hide_lock:
+        main = sys.modules.get("__main__")
+        path = getattr(main, "__file__", None)
+        if path is None or main_is_importable():
+            yield
+            return
+        del main.__file__  # type: ignore[union-attr]
+        try:
+            yield
+        finally:
+            main.__file__ = path  # type: ignore[union-attr]
 
 
 HEADROOM = 16  # descriptors a process start needs, counting multiprocessing's own

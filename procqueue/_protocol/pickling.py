@@ -3,14 +3,12 @@ and precise about what failed when nothing works."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 import pickle
 import struct
 import sys
-import threading
 import traceback
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, cast
 
 import cloudpickle
@@ -18,7 +16,7 @@ import cloudpickle
 _MAIN = b"__main__"
 
 
-def _main_is_importable() -> bool:
+def main_is_importable() -> bool:
     """A worker has our `__main__` when it is a file: fork inherits it, spawn and
     forkserver run it again as `__mp_main__`. Not so for `python -c`, a script fed
     on stdin (`python - < job.py`, whose `__file__` is '<stdin>') or a notebook."""
@@ -31,8 +29,8 @@ def _main_is_importable() -> bool:
     key = (id(main), path)
     known = _importable.get(key)
     if known is None:  # a stat per pickle would cost more than the pickle: once per main module
-        from multiprocessing import process
-
+        # Where multiprocessing's children start from (its ORIGINAL_DIR, once it is loaded).
+        process = sys.modules.get("multiprocessing.process")
         known = os.path.isfile(os.path.join(getattr(process, "ORIGINAL_DIR", None) or "", path))
         _importable.clear()
         _importable[key] = known
@@ -40,24 +38,6 @@ def _main_is_importable() -> bool:
 
 
 _importable: dict[tuple[int, str], bool] = {}
-_hide_lock = threading.Lock()
-
-
-@contextlib.contextmanager
-def unrunnable_main_hidden() -> Iterator[None]:
-    """While a child starts: hide a `__main__.__file__` that is no file ('<stdin>'),
-    which spawn and forkserver children would try to run again and die of."""
-    with _hide_lock:
-        main = sys.modules.get("__main__")
-        path = getattr(main, "__file__", None)
-        if path is None or _main_is_importable():
-            yield
-            return
-        del main.__file__  # type: ignore[union-attr]
-        try:
-            yield
-        finally:
-            main.__file__ = path  # type: ignore[union-attr]
 
 
 def dumps(obj: Any, buffer_callback: Callable[[pickle.PickleBuffer], Any] | None = None) -> bytes:
@@ -71,7 +51,7 @@ def dumps(obj: Any, buffer_callback: Callable[[pickle.PickleBuffer], Any] | None
         data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL, buffer_callback=buffer_callback)
     except Exception:
         return by_value(obj, buffer_callback)
-    if _MAIN in data and not _main_is_importable():
+    if _MAIN in data and not main_is_importable():
         return by_value(obj, buffer_callback)
     return data
 
@@ -134,7 +114,7 @@ def pickle_arguments(obj: Any) -> bytes | Pickled:
     buffers: list[pickle.PickleBuffer] = []
     try:  # the common case, at C speed: every PickleBuffer (numpy arrays, ...) out of band
         blob = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL, buffer_callback=buffers.append)
-        plain = not (_MAIN in blob and not _main_is_importable())
+        plain = not (_MAIN in blob and not main_is_importable())
     except Exception:  # a lambda, a local class: only cloudpickle can
         plain = False
     if not plain:  # by value, as the worker could not resolve it by reference
