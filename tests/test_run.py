@@ -3,6 +3,7 @@ real files, real pipes, a real SIGKILL, and every process it started gone after.
 
 from __future__ import annotations
 
+import ast
 import collections
 import contextlib
 import json
@@ -19,6 +20,7 @@ from typing import Any
 import psutil
 import pytest
 
+import procqueue
 from procqueue._cli import records as r
 from procqueue._cli.main import _Size
 
@@ -572,3 +574,49 @@ def test_record_handler_renders_records() -> None:
         "line": 8, "id": None, "ok": False,
         "error": {"type": "ValueError", "message": "no", "traceback": "tb", "attempts": 3},
     }  # fmt: skip
+
+
+def _private_uses(source: str) -> list[str]:
+    """Where code reaches into another object's privates: `x._name` (not a dunder)
+    on anything but `self` / `cls`, `getattr(x, "_name")` and the like, and the
+    engine's names (`_engine`, `_submit_items`) on anything at all."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        name = owner = None
+        if isinstance(node, ast.Attribute):
+            name, owner = node.attr, node.value
+        elif (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Name)
+            and node.func.id in ("getattr", "setattr", "hasattr", "delattr")
+            and len(node.args) >= 2
+            and isinstance(node.args[1], ast.Constant)
+            and isinstance(node.args[1].value, str)
+        ):
+            name, owner = node.args[1].value, node.args[0]
+        if name is None or not name.startswith("_") or (name.startswith("__") and name.endswith("__")):
+            continue
+        own = isinstance(owner, ast.Name) and owner.id in ("self", "cls")
+        if not own or name in ("_engine", "_submit_items"):
+            found.append(f"line {node.lineno}: {ast.unparse(node)}")
+    return found
+
+
+def test_the_cli_uses_only_the_public_api() -> None:
+    """`procqueue run` (and the rest of the CLI) is a user of the library like any
+    other: no `pool._engine`, no `Options._submit_items`, no private attribute of
+    a Pool (or of anything else that is not its own)."""
+    sample = "pool._engine.on_final_failure = f\nopts._submit_items(h, xs)\ngetattr(pool, '_cfg')\nself._engine\n"
+    assert len(_private_uses(sample)) == 4  # the check itself sees them
+    assert _private_uses("self._lines()\nexc.__cause__\npool.output.write(x)\n") == []
+    cli_dir = Path(procqueue.__file__).parent / "_cli"
+    found = {path.name: uses for path in sorted(cli_dir.glob("*.py")) if (uses := _private_uses(path.read_text()))}
+    assert not found, f"the CLI reaches into privates: {found}"
+    for name in ("run.py", "records.py"):  # and `procqueue run` imports only public names, and its own modules
+        tree = ast.parse((cli_dir / name).read_text())
+        modules = [node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)]
+        modules += [alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names]
+        private = [
+            mod for mod in modules if mod and mod.startswith("procqueue.") and not mod.startswith("procqueue._cli")
+        ]
+        assert not private, f"{name} imports private modules of procqueue: {private}"

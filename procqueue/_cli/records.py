@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from procqueue._errors import TaskFailed
+from procqueue import ProcQueueError, SerializationError, TaskFailed
 
 FORMATS = ("jsonl", "csv", "lines")
 _encode = json.JSONEncoder(ensure_ascii=False, allow_nan=False).encode
@@ -124,21 +124,75 @@ def _ident_json(ident: Any) -> str:
     return text
 
 
+def failure_record(line: int, raw: Any, exc: BaseException, handler: RecordHandler) -> tuple[bytes, str, str]:
+    """The error record of the record on `line` that failed for good with `exc`, as the
+    pool's map gives it (the handler's own exception, its `__cause__` a `TaskFailed`; a
+    `WorkerCrashed`, `TaskTimeout`, `SerializationError`), with the type and message the
+    summary shows. Never raises: an exception whose str() raises still gets its record."""
+    attempts = attempts_of(exc)
+    try:
+        type_name, message, tb = describe_failure(exc)
+        task_id = task_id_of(exc)
+        if task_id is not None:  # the user thinks in lines, not in procqueue's task ids
+            message = message.replace(f"task {task_id}", f"the record on line {line}")
+        return error_record(line, handler.ident_of_raw(raw), type_name, message, tb, attempts), type_name, message
+    except Exception as bug:
+        kind = type(exc).__name__
+        return error_record(line, None, kind, f"{_safe_repr(exc)} ({_safe_repr(bug)})", "", attempts), kind, ""
+
+
+def _safe_repr(obj: object) -> str:
+    try:
+        return repr(obj)
+    except Exception:
+        return f"<a {type(obj).__name__}>"
+
+
 def describe_failure(exc: BaseException) -> tuple[str, str, str]:
     """`(type, message, traceback)` of a task's final error, as the error record shows it."""
     cause = exc.__cause__
     if isinstance(exc, InvalidRecord):
         return "InvalidRecord", str(exc), ""  # bad input: a traceback would be noise
-    if isinstance(cause, TaskFailed):  # the handler's own exception, rebuilt
-        return _type_name(exc), str(exc), cause.remote_traceback
+    if isinstance(cause, TaskFailed):  # the handler's own exception, rebuilt: described as the worker saw it
+        type_name = cause.type_name or _type_name(exc)
+        message = cause.remote_message if cause.remote_message is not None else str(exc)
+        return type_name, message, cause.remote_traceback
     if isinstance(exc, TaskFailed) and exc.remote_message is not None:
-        # The pool's hook gets the handler's exception described, not unpickled.
+        # The handler's exception did not come back (it would not pickle or unpickle):
+        # the worker's description of it stands in.
         if exc.type_name == f"{InvalidRecord.__module__}.{InvalidRecord.__qualname__}":
             return "InvalidRecord", exc.remote_message, ""
         return exc.type_name or "TaskFailed", exc.remote_message, exc.remote_traceback
     if isinstance(exc, TaskFailed):  # the exception itself did not travel back
         return "TaskFailed", str(exc).split("\n\nRemote traceback:")[0], exc.remote_traceback
     return type(exc).__name__, str(exc), getattr(exc, "fault_traceback", "") or ""
+
+
+def attempts_of(exc: BaseException) -> int:
+    """How many times the handler ran on a record whose final error is `exc`: the
+    `attempts` of its `TaskFailed` cause, or of the error itself (`WorkerCrashed`,
+    `TaskTimeout`); a `SerializationError` without one ran once in a worker, or
+    never when the parent could not pickle the record."""
+    cause = exc.__cause__
+    if isinstance(cause, TaskFailed):
+        return int(cause.attempts)
+    attempts = getattr(exc, "attempts", None) if isinstance(exc, ProcQueueError) else None
+    if isinstance(attempts, int):
+        return attempts
+    if isinstance(exc, SerializationError):
+        return 1 if "(in worker pid " in exc.message else 0
+    return 0
+
+
+def task_id_of(exc: BaseException) -> int | None:
+    """procqueue's task id in a final error, which its messages name (the CLI names the line instead)."""
+    cause = exc.__cause__
+    for err in (exc, cause):
+        if isinstance(err, ProcQueueError):
+            task_id = getattr(err, "task_id", None)
+            if isinstance(task_id, int):
+                return task_id
+    return None
 
 
 def _type_name(exc: BaseException) -> str:

@@ -5,16 +5,22 @@ Where each record goes::
     parent (this module)                 workers                       collector
     read lines / CSV rows ──(seq, line, raw)──► parse, call the handler,
     skip what the output holds           encode the output record ──► writes it (seq order when
-    (--resume); rows it cannot cut ──────── error records, as SinkRecords ─► ordered) to -o / stdout;
-    and tasks that failed for good                                     errors to --errors
+    (--resume); rows it cannot cut ───── error records, pool.output.write ─► ordered) to -o / stdout;
+    and records the map says failed                                    errors to --errors
 
-The parent never sees a value: values go from the workers through the
-collector to disk. It only counts, and renders the few error records.
+Built on the public API only: `Pool(output=FileOutput(...))` has the collector
+write each task's value, `(seq, line of bytes)`; the map hands the parent None
+for each record that went well and, with `return_exceptions=True`, the error
+of each that failed for good, which the parent turns into an error record and
+hands to the collector with `pool.output.write`. The parent never sees a
+value: values go from the workers through the collector to disk. It only
+counts, and renders the few error records.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import heapq
 import itertools
 import json
@@ -29,18 +35,14 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import IO, Any
 
+import procqueue as pq
 from procqueue._cli import records as r
 from procqueue._cli.records import UsageError
-from procqueue._errors import ProcQueueError
-from procqueue._local.file_writer import ERRORS, OUTPUT, wait_unlocked
-from procqueue._output import FileOutput
-from procqueue._pool import Pool
-from procqueue._protocol.layout import WRITTEN
-from procqueue._results import Chunk
 
 LOCK_WAIT = 5.0  # seconds to wait for the collector of a killed run to let go of the output
-PRIORITY_BLOCK = 256  # --priority-field: records read, grouped by priority, per heap entry
-WINDOW = 4  # --priority-field: records queued and unfinished, in multiples of capacity
+PRIORITY_BLOCK = 1024  # --priority-field: records read at a time (at most capacity), grouped by priority
+MAP_AT_LEAST = 8  # --priority-field: a group this large is a map; a smaller one, a submit per record
+WINDOW = 4  # --priority-field: records handed to maps and not yet read back, in multiples of capacity
 SHOWN_FAILURES = 5  # failed records the summary names, those of the lowest lines
 FAILURE_WIDTH = 100  # characters at most of each
 
@@ -135,12 +137,11 @@ class Run:
     def __init__(self, s: RunSettings) -> None:
         self.s = s
         self.summary = Summary()
-        self.pending: deque[tuple[int, int, bytes]] = deque()  # error records for the collector
-        self.target = ERRORS if s.errors else OUTPUT
+        self.pending: list[tuple[int, bytes]] = []  # error records `(seq, line)` for the collector
+        self.handed: deque[tuple[int, int, Any]] = deque()  # records in the map whose result is not read yet
         self.to_stdout = s.output is None
-        self.failures = 0  # tasks that failed for good (counted by the pool's hook)
+        self.failures = 0  # records that failed for good (read from the map)
         self.shown: list[tuple[int, str]] = []  # heap of (-line, text): the failures of the lowest lines
-        self.shown_lock = threading.Lock()  # failures come from the manager thread and from the reader
         self.skipped = 0
         self.check_files()
         with self.quiet_stdout():
@@ -178,7 +179,7 @@ class Run:
                 raise UsageError(f"{path!r} is a directory; give a file name for the records")
             if not os.access(os.path.dirname(os.path.abspath(path)), os.W_OK):
                 raise UsageError(f"cannot write {path!r}: its directory is missing or not writable")
-            if not wait_unlocked(path, LOCK_WAIT):
+            if not _wait_unlocked(path, LOCK_WAIT):
                 raise UsageError(
                     f"another procqueue run is still writing {path!r}; wait for it to end, or stop it first"
                 )
@@ -216,14 +217,14 @@ class Run:
                         os.truncate(path, 0)
         self.handler = r.RecordHandler(self.fn, s.fmt, s.id_field, header)
         ordered = s.ordered if s.ordered is not None else s.priority_field is None
-        output = FileOutput(s.output, s.errors, ordered, sys.stdout.fileno() if self.to_stdout else None)
-        pool = Pool(
+        output = pq.FileOutput(s.output, s.errors, ordered, sys.stdout.fileno() if self.to_stdout else None)
+        pool = pq.Pool(
             s.workers, s.capacity, max_retries=s.retries, task_timeout=s.timeout,
             max_tasks_per_worker=s.max_tasks_per_worker, max_worker_memory=s.max_worker_memory,
             initializer=r.prepare_worker, initargs=(self.to_stdout, s.initializer), output=output,
         )  # fmt: skip
-        engine = pool._engine
-        engine.on_final_failure = self.on_final_failure
+        out = pool.output
+        assert out is not None  # a pool made with output= has its handle
         source = csv_in.rows() if csv_in is not None else r.read_lines(stream, s.fmt)
         items = self.items(source, header)
         sm = self.summary
@@ -233,16 +234,16 @@ class Run:
         try:
             with pool, self.view(pool):
                 if s.priority_field is None:
-                    self.by_map(pool, items, ordered)
+                    self.by_map(pool, items)
                 else:
                     self.by_priority(pool, items)
-                self.flush(pool)
+                self.flush(out)
         except KeyboardInterrupt:
             sm.interrupted, sm.status = "interrupted (Ctrl-C); run again with --resume to finish", 130
         except Terminated:
             sm.interrupted = "terminated (SIGTERM); run again with --resume to finish"
             sm.status = 128 + signal.SIGTERM
-        except ProcQueueError as exc:
+        except pq.ProcQueueError as exc:  # the pool broke (its initializer failed, say): the map raised it
             sm.interrupted = f"{type(exc).__name__}: {exc}"
         finally:
             if main_thread:
@@ -255,21 +256,18 @@ class Run:
         sm.skipped, sm.skipped_failed = self.skipped, self.done.failed
         sm.repaired, sm.foreign = self.done.repaired, self.done.foreign
         sm.wall = time.perf_counter() - t0
-        written = sm.written = engine.collector_counts[WRITTEN]
-        if engine.sink_error is not None:
-            if engine.sink_error.broken_pipe:
+        status = out.status()
+        written = sm.written = status.written
+        if status.error is not None:
+            if status.broken_pipe:
                 sm.interrupted, sm.status = "the output was closed (broken pipe)", 128 + signal.SIGPIPE
             else:
-                sm.interrupted = (
-                    f"could not write the output ({engine.sink_error.message}); fix that, then run again with --resume"
-                )
-        elif engine.broken is not None and sm.interrupted is None:
-            sm.interrupted = f"{type(engine.broken).__name__}: {engine.broken}"
+                sm.interrupted = f"could not write the output ({status.error}); fix that, then run again with --resume"
         elif sm.interrupted is None and written != sm.records:
             sm.interrupted = f"only {written:,} of {sm.records:,} records reached the output; run again with --resume"
         return sm
 
-    def view(self, pool: Pool) -> contextlib.AbstractContextManager[Any]:
+    def view(self, pool: pq.Pool) -> contextlib.AbstractContextManager[Any]:
         s = self.s
         live = s.live if s.live is not None else sys.stderr.isatty()
         if not live:
@@ -280,9 +278,11 @@ class Run:
         return pool.live(total=total, title=f"run {s.target}")
 
     def items(self, source: Iterator[tuple[int, Any]], header: list[str] | None) -> Iterator[Any]:
-        """The records to run: `(seq, line, raw)`, or with --priority-field
-        `((seq, line, raw), priority)`. What cannot be cut out becomes an error record here."""
+        """The records to run: `(seq, line, raw)`, each also put in `handed` (to pair
+        with its result), or with --priority-field `((seq, line, raw), priority)`.
+        What cannot be cut out becomes an error record here."""
         done = self.done
+        handed = self.handed
         prio = self.priority_of(header) if self.s.priority_field else None
         seq = 0
         for line, raw in source:
@@ -293,7 +293,9 @@ class Run:
             if isinstance(raw, r.BadInput):
                 self.reject(seq, line, raw.message, None)
             elif prio is None:
-                yield seq, line, raw
+                item = (seq, line, raw)
+                handed.append(item)
+                yield item
             else:
                 p = prio(line, raw)
                 if isinstance(p, str):
@@ -304,7 +306,7 @@ class Run:
 
     def reject(self, seq: int, line: int, message: str, ident: Any) -> None:
         self.summary.bad += 1
-        self.pending.append((seq, self.target, r.error_record(line, ident, "InvalidRecord", message, "", 0)))
+        self.pending.append((seq, r.error_record(line, ident, "InvalidRecord", message, "", 0)))
         self.note_failure(line, "InvalidRecord", message)
 
     def priority_of(self, header: list[str] | None) -> Callable[[int, Any], int | str]:
@@ -334,75 +336,104 @@ class Run:
 
         return get
 
-    def by_map(self, pool: Pool, items: Iterator[Any], ordered: bool) -> None:
-        results = pool.map(self.handler, items, chunksize=self.s.chunksize, ordered=ordered, return_exceptions=True)
-        pending = self.pending
-        for _ in results:  # values went to disk; errors were recorded by the hook
+    def by_map(self, pool: pq.Pool, items: Iterator[Any]) -> None:
+        """Map over the records. Ordered even when the output is not (the collector
+        orders the file, or not): so each result pairs with the oldest record in
+        `handed`, which `items()` put there as the map pulled it."""
+        results: Iterator[Any] = pool.map(self.handler, items, chunksize=self.s.chunksize, return_exceptions=True)
+        out, handed, pending = pool.output, self.handed, self.pending
+        assert out is not None
+        for result in results:  # None: the value went to disk; else the error of a record that failed for good
+            item = handed.popleft()
+            if result is not None:
+                self.failed(item, result)
             if pending:
-                self.flush(pool)
+                self.flush(out)
 
-    def by_priority(self, pool: Pool, items: Iterator[Any]) -> None:
-        """Records in blocks, each block's records grouped by priority into one run
-        of the heap: dispatch by priority, at the cost of a map rather than of a submit each."""
-        queued: deque[tuple[Chunk, int]] = deque()
+    def by_priority(self, pool: pq.Pool, items: Iterator[Any]) -> None:
+        """Records in blocks, each block's records grouped by priority, each group
+        run at its priority (`_run_group`): dispatch by priority at the cost of a
+        map rather than of a submit each. At most WINDOW * capacity records are
+        queued and not read back; to make room, the group the pool runs first
+        (the highest priority, then the oldest) is read, waiting for it: a
+        failure's record is written about when its group ends, urgent ones early."""
+        out = pool.output
+        assert out is not None
+        queued: list[tuple[int, int, Iterator[Any], list[Any]]] = []  # heap of (-priority, order, results, records)
+        order = itertools.count()
         held, limit = 0, WINDOW * self.s.capacity
         block = max(1, min(PRIORITY_BLOCK, self.s.capacity))
+        chunksize = self.s.chunksize
         while group := list(itertools.islice(items, block)):
             by_priority: dict[int, list[Any]] = {}
             for item, p in group:
                 by_priority.setdefault(p, []).append(item)
-            for p, records in by_priority.items():
-                queued.append((pool.options(priority=p)._submit_items(self.handler, records), len(records)))
+            for p in sorted(by_priority, reverse=True):  # the most urgent first, while workers wait
+                records = by_priority[p]
+                results = _run_group(pool.options(priority=p), self.handler, records, chunksize)
+                heapq.heappush(queued, (-p, next(order), results, records))
                 held += len(records)
             if self.pending:
-                self.flush(pool)
-            while queued and (queued[0][0].done or held > limit):
-                chunk, n = queued.popleft()
-                self.wait_for(pool, chunk)
-                held -= n
-        for chunk, _ in queued:
-            self.wait_for(pool, chunk)
+                self.flush(out)
+            while held > limit:
+                _, _, results, records = heapq.heappop(queued)
+                self.read_back(out, results, records)
+                held -= len(records)
+        while queued:
+            _, _, results, records = heapq.heappop(queued)
+            self.read_back(out, results, records)
 
-    def wait_for(self, pool: Pool, chunk: Chunk) -> None:
-        """Until `chunk` is done, sending error records as they come."""
-        while True:
-            pool._engine.wait_until(lambda: chunk.done or bool(self.pending), None)
-            self.flush(pool)
-            if chunk.done:
-                return
+    def read_back(self, out: pq.OutputHandle, results: Iterator[Any], records: list[Any]) -> None:
+        """Wait for a group's results (None, or the error of a record that failed for
+        good), in order, making the error records of the failures."""
+        pending = self.pending
+        for result, item in zip(results, records, strict=True):
+            if result is not None:
+                self.failed(item, result)
+            if pending:
+                self.flush(out)
 
-    def on_final_failure(self, item: Any, exc: BaseException, attempts: int) -> None:
-        """The pool's hook (manager thread, lock held): a task failed for good; record it.
-        Sent later, from this thread, so the manager never blocks on the collector."""
+    def failed(self, item: tuple[int, int, Any], exc: BaseException) -> None:
+        """Record `item`, which failed for good with `exc`; sent with the next `flush`."""
+        if isinstance(exc, pq.PoolBroken | pq.PoolClosed):
+            raise exc  # not this record's failure: the pool's, which ends the run
         seq, line, raw = item
         self.failures += 1
-        try:
-            type_name, message, tb = r.describe_failure(exc)
-            task_id = getattr(exc, "task_id", None)
-            if task_id is not None:  # the user thinks in lines, not in procqueue's task ids
-                message = message.replace(f"task {task_id}", f"the record on line {line}")
-            record = r.error_record(line, self.handler.ident_of_raw(raw), type_name, message, tb, attempts)
-            self.note_failure(line, type_name, message)
-        except Exception as bug:  # never let a record break the manager thread
-            record = r.error_record(line, None, type(exc).__name__, f"{exc!r} ({bug!r})", "", attempts)
-            self.note_failure(line, type(exc).__name__, "")
-        self.pending.append((seq, self.target, record))
+        record, type_name, message = r.failure_record(line, raw, exc, self.handler)
+        self.note_failure(line, type_name, message)
+        self.pending.append((seq, record))
 
     def note_failure(self, line: int, type_name: str, message: str) -> None:
         """Keep the failure for the summary if its line is among the lowest that failed."""
-        with self.shown_lock:
-            shown = self.shown
-            if len(shown) < SHOWN_FAILURES:
-                heapq.heappush(shown, (-line, failure_text(line, type_name, message)))
-            elif line < -shown[0][0]:
-                heapq.heapreplace(shown, (-line, failure_text(line, type_name, message)))
+        shown = self.shown
+        if len(shown) < SHOWN_FAILURES:
+            heapq.heappush(shown, (-line, failure_text(line, type_name, message)))
+        elif line < -shown[0][0]:
+            heapq.heapreplace(shown, (-line, failure_text(line, type_name, message)))
 
-    def flush(self, pool: Pool) -> None:
-        batch = []
+    def flush(self, out: pq.OutputHandle) -> None:
+        """Hand the error records made so far to the collector, to --errors when given.
+        (Without it they go in the output as values do: `errors=False`, so that the
+        collector writes them in their place when ordered.)"""
         pending = self.pending
-        while pending:
-            batch.append(pending.popleft())
-        pool._engine.sink_records(batch)
+        if pending:
+            records = pending[:]
+            pending.clear()
+            out.write(records, errors=self.s.errors is not None)
+
+
+def _run_group(opts: pq.Options, handler: r.RecordHandler, records: list[Any], chunksize: int | None) -> Iterator[Any]:
+    """Run `records` at `opts`' priority; as it is read, None or the error of each, in order.
+    A map costs the parent about as much as 7 submits, and its batches hold its own records
+    only, so a group smaller than MAP_AT_LEAST is a submit per record (those batch together
+    across priorities)."""
+    if len(records) < MAP_AT_LEAST:
+        futures = [opts.submit(handler, item) for item in records]
+        return (future.exception() for future in futures)
+    # Over an iterator, not the list: the pool sizes its batches by the records' cost alone
+    # (a list it also cuts in four per worker, to even its tail: here, 3x as many batches for
+    # trivial records). A group is at most `capacity` records: the map pulls it all at once.
+    return opts.map(handler, iter(records), chunksize=chunksize, return_exceptions=True)
 
 
 def failure_text(line: int, type_name: str, message: str) -> str:
@@ -432,6 +463,33 @@ def _one_line(text: str, width: int) -> str:
     if len(first) > width or any(part.strip() for part in lines[at + 1 :]) or len(text) > 4 * width:
         first = first[: width - 3].rstrip() + "..."
     return first
+
+
+def _wait_unlocked(path: str, timeout: float) -> bool:
+    """Whether no pool is writing `path` (a `FileOutput` holds an exclusive flock on
+    it while it writes), waiting up to `timeout` seconds for one that is ending, e.g.
+    of a run just killed. False if one still is."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return True
+    deadline = time.monotonic() + timeout
+    try:
+        while not _try_lock(fd):
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
+        return True
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _try_lock(fd: int) -> bool:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
 
 
 def _terminated(signum: int, frame: object) -> None:
