@@ -81,6 +81,14 @@ class Core:
         if s.closed:
             raise PoolClosed("cannot submit to a pool that was shut down; create a new Pool")
 
+    def check_writable(self) -> None:
+        """A FileOutput still takes records: the pool is neither broken nor ended."""
+        s = self.scheduler
+        if s.broken is not None:
+            raise s.broken
+        if s.books.stopped is not None:
+            raise PoolClosed("the pool has ended: its output takes no more records")
+
     def wake(self) -> None:
         """Have the backend look at the scheduler again (from any thread, lock held or not)."""
         self.backend.wake()

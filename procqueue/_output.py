@@ -51,14 +51,21 @@ class OutputHandle:
     """A pool's `FileOutput` while it runs: `pool.output`."""
 
     def __init__(
-        self, send: Callable[[list[tuple[int, int, bytes]]], None], status: Callable[[], OutputStatus]
+        self,
+        send: Callable[[list[tuple[int, int, bytes]]], None],
+        status: Callable[[], OutputStatus],
+        check_open: Callable[[], None],
     ) -> None:
         self._send = send
         self._status = status
+        self._check_open = check_open
 
     def write(self, records: Iterable[tuple[int, bytes]], *, errors: bool = True) -> None:
         """Have the collector write `(seq, data)` records made in the parent (to the
-        `errors` file when `errors` and there is one). Never blocks; safe from any thread."""
+        `errors` file when `errors` and there is one). Never blocks; safe from any thread.
+        Raises `PoolClosed` once the pool has ended (`PoolBroken` if it broke): nothing
+        could write them any more."""
+        self._check_open()
         target = 1 if errors else 0
         self._send([(seq, target, data) for seq, data in records])
 

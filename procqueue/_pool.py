@@ -289,7 +289,7 @@ class Pool(concurrent.futures.Executor):
         if output is not None:
             local = self._core.backend
             assert isinstance(local, LocalBackend)
-            self.output = OutputHandle(local.write_output, local.output_status)
+            self.output = OutputHandle(local.write_output, local.output_status, self._core.check_writable)
         self._views: list[LiveView] = []  # live views open on this pool, innermost last
         self._default = Options(self)
         # A pool dropped without shutdown still ends its processes (no orphans).

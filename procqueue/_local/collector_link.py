@@ -109,15 +109,16 @@ class CollectorLink:
         box = self.outbox
         while box:
             kind, data, sock = box[0]
+            if self.control_w is None or self.links_w is None:  # closed: the collector is gone
+                self._drop_locked()
+                return
             try:
                 if kind == CONTROL:
-                    assert self.control_w is not None
                     n = os.write(self.control_w.fileno(), data)
                     if n < len(data):
                         box[0] = (kind, data[n:], None)
                         return
                 else:
-                    assert self.links_w is not None
                     socket.send_fds(self.links_w, [data], [sock.fileno()])
                     sock.close()
             except (BlockingIOError, InterruptedError):

@@ -82,17 +82,26 @@ class FileWriter:
         self.fds = []
 
     def _write(self, records: Iterable[tuple[int, int, bytes]]) -> None:
+        if self.error is not None:
+            return
+        if self.fds[0] == self.fds[1]:  # one file: in the order given, which is `seq` order when ordered
+            lines = [line for _, _, line in records]
+            self._write_lines(self.fds[0], lines)
+            return
         parts: tuple[list[bytes], list[bytes]] = ([], [])
         for _, target, line in records:
             parts[target].append(line)
         for target, lines in enumerate(parts):
-            if lines and self.error is None:
-                try:
-                    _write_all(self.fds[target], b"".join(lines))
-                except OSError as exc:
-                    self.error = exc
-                    return
-                self.written += len(lines)
+            self._write_lines(self.fds[target], lines)
+
+    def _write_lines(self, fd: int, lines: list[bytes]) -> None:
+        if lines and self.error is None:
+            try:
+                _write_all(fd, b"".join(lines))
+            except OSError as exc:
+                self.error = exc
+                return
+            self.written += len(lines)
 
 
 def _write_all(fd: int, data: bytes) -> None:

@@ -145,6 +145,9 @@ class Scheduler:
             self.broken = error
         self.closed = True
         self.settlement.fail_all(self.broken)
+        for f in self.feeds.feeds:  # their readers get the error; nothing more is cut from them
+            f.exhausted = True
+        self.feeds.feeds.clear()
         return self._take()
 
     # --- events from the backend --------------------------------------------------------
@@ -190,7 +193,9 @@ class Scheduler:
     def _next_batch(self, seat: Seat, limit: int | None, now: float) -> Batch | None:
         t = self.t
         f = self.feeds.next_feed(self.broken is not None, self.closed) if self.feeds.feeds else None
-        if f is not None and may_hold_more(seat.batches.values(), f.handler.est_ns):
+        if f is not None:
+            if not may_hold_more(seat.batches.values(), f.handler.est_ns):
+                return None  # it outranks the queue: nothing less urgent is prefetched ahead of it
             run = self.feeds.cut(f, limit, self.new_ids, self.closed)
             if run is not None:
                 self._account(run, 0, now)
@@ -228,17 +233,21 @@ class Scheduler:
         return self.t.batches.get(batch.batch_id) is batch and seat.batches.get(batch.batch_id) is batch
 
     def sent(self, batch: Batch) -> list[Instruction]:
-        """`batch` went out; a worker that reached its task limit retires."""
-        seat = self.t.seats[batch.seat]
+        """`batch` went out; a worker that reached its task limit retires once the last
+        batch booked to it is out (Stop must follow every batch it is to run)."""
+        batch.sent = True
+        return self._retire_at_limit(self.t.seats[batch.seat])
+
+    def _retire_at_limit(self, seat: Seat) -> list[Instruction]:
         cap = self.t.policy.max_tasks_per_worker
-        if cap is not None and seat.tasks_sent >= cap and self.retire(seat.index, recycle=True):
-            return [Retire(seat.index)]
-        return []
+        if cap is None or seat.tasks_sent < cap or not all(b.sent for b in seat.batches.values()):
+            return []
+        return [Retire(seat.index)] if self.retire(seat.index, recycle=True) else []
 
     def unsendable(self, batch: Batch, rejected: list[tuple[Run, int, BaseException]]) -> list[Instruction]:
         """Some of a booked batch's items would not pickle (`rejected`): they fail, the rest go back."""
         self.settlement.unsendable(batch, rejected)
-        return self._take()
+        return self._take() + self._retire_at_limit(self.t.seats[batch.seat])
 
     def batch_done(self, msg: m.BatchResult, values: object, now: float) -> list[Instruction]:
         """A worker reported outcomes of a batch (`values` still pickled)."""

@@ -163,6 +163,7 @@ class Batch:
     count: int
     seat: int = -1  # the worker position it went to
     done: int = 0  # items reported so far (workers report in order)
+    sent: bool = False  # the backend has sent it (booked batches go out in order, after the booking)
 
     @property
     def head(self) -> Run:

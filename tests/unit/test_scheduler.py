@@ -1167,14 +1167,9 @@ def test_the_scheduler_refuses_an_outcome_reported_twice() -> None:
     assert (info.value.task_id, info.value.state, info.value.to) == (run.first_id + 1, S.DONE, S.DONE)
 
 
-# --- known scheduler bugs, pinned (strict xfail: each flips to a failure once fixed) ------------------------
+# --- scheduler bugs these tests found (fixed) ---------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="scheduler bug: sent() retires a worker at its task limit after the FIRST of the batches booked to it "
-    "in one dispatch (tasks_sent counts booked, not sent), so the backend writes Stop before the next RunBatch",
-)
 def test_task_limit_retire_comes_after_the_last_batch_booked_in_one_dispatch() -> None:
     s = make_scheduler(1, max_tasks_per_worker=2)
     h = s.handlers.get(len)
@@ -1189,11 +1184,6 @@ def test_task_limit_retire_comes_after_the_last_batch_booked_in_one_dispatch() -
     assert [brief(s.sent(b)) for b in sends(out)] == [[], [("retire", 0)]]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="scheduler bug: after break_pool a map being fed stays in scheduler.feeds (dispatch returns before "
-    "next_feed drops it), so idle() stays False and the feed is never marked exhausted",
-)
 def test_break_pool_lets_go_of_the_maps_being_fed() -> None:
     s = make_scheduler(1)
     h = s.handlers.get(len)
@@ -1207,15 +1197,7 @@ def test_break_pool_lets_go_of_the_maps_being_fed() -> None:
     assert feed.exhausted and s.feeds.feeds == []
 
 
-PRIORITY_INVERSION = pytest.mark.xfail(
-    strict=True,
-    reason="scheduler bug (priority inversion): when a more urgent map outranks the heap but may not be "
-    "prefetched (its handler unmeasured), _next_batch falls through to the heap and prefetches lower-priority "
-    "work ahead of it; an equally urgent submit in the heap blocks that prefetch",
-)
-
-
-@pytest.mark.parametrize("urgent", ["submit", pytest.param("map", marks=PRIORITY_INVERSION)])
+@pytest.mark.parametrize("urgent", ["submit", "map"])
 def test_an_urgent_run_that_may_not_be_prefetched_is_not_overtaken(urgent: str) -> None:
     s = make_scheduler(1)
     low, fast = s.handlers.get(abs), s.handlers.get(len)
