@@ -11,6 +11,9 @@ The parent adds records of its own (failures, say) with `OutputHandle.write`.
 
 from __future__ import annotations
 
+import fcntl
+import os
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -35,6 +38,25 @@ class FileOutput:
     def __post_init__(self) -> None:
         if (self.path is None) == (self.fd is None):
             raise ValueError("FileOutput needs exactly one of path= and fd=")
+
+    @staticmethod
+    def wait_released(path: str, timeout: float = 5.0) -> bool:
+        """Whether no pool is writing `path` (a pool holds an exclusive `flock` on its
+        output while it writes), waiting up to `timeout` seconds for one that is
+        ending, e.g. of a run just killed. False if one still is."""
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            return True
+        deadline = time.monotonic() + timeout
+        try:
+            while not _try_lock(fd):
+                if time.monotonic() > deadline:
+                    return False
+                time.sleep(0.05)
+            return True
+        finally:
+            os.close(fd)  # releases the lock
 
 
 @dataclass(frozen=True)
@@ -72,3 +94,11 @@ class OutputHandle:
     def status(self) -> OutputStatus:
         """Records written so far, and the error that stopped the writing, if any."""
         return self._status()
+
+
+def _try_lock(fd: int) -> bool:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True

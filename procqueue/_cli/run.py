@@ -20,7 +20,6 @@ counts, and renders the few error records.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import heapq
 import itertools
 import json
@@ -179,7 +178,7 @@ class Run:
                 raise UsageError(f"{path!r} is a directory; give a file name for the records")
             if not os.access(os.path.dirname(os.path.abspath(path)), os.W_OK):
                 raise UsageError(f"cannot write {path!r}: its directory is missing or not writable")
-            if not _wait_unlocked(path, LOCK_WAIT):
+            if not pq.FileOutput.wait_released(path, LOCK_WAIT):
                 raise UsageError(
                     f"another procqueue run is still writing {path!r}; wait for it to end, or stop it first"
                 )
@@ -463,33 +462,6 @@ def _one_line(text: str, width: int) -> str:
     if len(first) > width or any(part.strip() for part in lines[at + 1 :]) or len(text) > 4 * width:
         first = first[: width - 3].rstrip() + "..."
     return first
-
-
-def _wait_unlocked(path: str, timeout: float) -> bool:
-    """Whether no pool is writing `path` (a `FileOutput` holds an exclusive flock on
-    it while it writes), waiting up to `timeout` seconds for one that is ending, e.g.
-    of a run just killed. False if one still is."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except FileNotFoundError:
-        return True
-    deadline = time.monotonic() + timeout
-    try:
-        while not _try_lock(fd):
-            if time.monotonic() > deadline:
-                return False
-            time.sleep(0.05)
-        return True
-    finally:
-        os.close(fd)  # releases the lock
-
-
-def _try_lock(fd: int) -> bool:
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return False
-    return True
 
 
 def _terminated(signum: int, frame: object) -> None:

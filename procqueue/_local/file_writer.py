@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import fcntl
 import os
-import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -45,7 +44,7 @@ class FileWriter:
         self.fds = [out, os.open(spec.errors, flags, 0o644) if spec.errors else out]
         for fd, path in zip(self.fds, (spec.output, spec.errors), strict=True):
             if path is not None:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held while we write: see `wait_unlocked`
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held while we write: see `FileOutput.wait_released`
         self.next = 0  # ordered: the seq to write next
         self.held: dict[int, tuple[int, bytes]] = {}  # ordered: records waiting for an earlier one
 
@@ -108,29 +107,3 @@ def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view) :]
-
-
-def wait_unlocked(path: str, timeout: float) -> bool:
-    """Whether no collector is writing `path` (waiting up to `timeout` seconds for
-    one that is ending, e.g. of a run just killed). False if one still is."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except FileNotFoundError:
-        return True
-    deadline = time.monotonic() + timeout
-    try:
-        while not _try_lock(fd):
-            if time.monotonic() > deadline:
-                return False
-            time.sleep(0.05)
-        return True
-    finally:
-        os.close(fd)  # releases the lock
-
-
-def _try_lock(fd: int) -> bool:
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return False
-    return True
