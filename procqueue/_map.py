@@ -61,6 +61,7 @@ class Feeder:
         self.return_exceptions = return_exceptions
         self.core = core
         self.priority = opts.priority
+        self.timeout = opts.timeout
         self.handler = handler
         self.call = call
         self.size = size

@@ -43,6 +43,7 @@ class Feed(Protocol):
     limit: int  # the least window of unread results
     order: int  # its place in line among equal priorities
     priority: int
+    timeout: float | None  # its tasks' timeout
     handler: Handler
 
     @property
@@ -101,13 +102,17 @@ class Feeds:
 
     def batch_size(self, f: Feed) -> int:
         """Items per batch cut from a map's input."""
+        sz = self.t.policy.sizing
+        timed = f.timeout is not None
+        if timed and not sz.marks_items:
+            return 1
         if f.size:
             return f.size
         workers = self.t.policy.workers
         if f.managed:
-            return sizing.direct_size(f.handler, len(f.seq), len(f.seq) - f.pos, workers)
+            return sz.direct_size(f.handler, len(f.seq), len(f.seq) - f.pos, workers, timed)
         unknown = sizing.MAX_DIRECT_BATCH * 4 * workers  # an iterator's length: no tail to plan for
-        return sizing.direct_size(f.handler, unknown, unknown, workers)
+        return sz.direct_size(f.handler, unknown, unknown, workers, timed)
 
     def want(self, f: Feed) -> int:
         """How many items an iterator map's reader should pull now: `capacity` or a

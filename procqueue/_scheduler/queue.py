@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from procqueue._scheduler import states
-from procqueue._scheduler.sizing import size_for
+from procqueue._scheduler.sizing import LOCAL, Sizing
 from procqueue._scheduler.tasks import Run
 
 
@@ -28,6 +28,7 @@ class PendingQueue:
     pending: int = 0  # tasks in the heap: the queue depth `capacity` bounds
     waiting: int = 0  # tasks waiting out a backoff
     ledger: states.Ledger | None = None  # validate mode
+    sizing: Sizing = LOCAL
     seq: Iterator[int] = field(default_factory=itertools.count)
     pushes: Iterator[int] = field(default_factory=itertools.count)
     batch_ids: Iterator[int] = field(default_factory=lambda: itertools.count(1))
@@ -80,7 +81,7 @@ class PendingQueue:
                 on_cancel(run, run.pos, n)
                 continue
             if not segments:
-                want = size_for(run)
+                want = self.sizing.size_for(run)
                 if limit is not None:
                     want = min(want, limit)
                 key = run.key()

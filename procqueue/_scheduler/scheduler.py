@@ -27,7 +27,6 @@ from procqueue._scheduler.feeds import Feed, Feeds
 from procqueue._scheduler.instructions import NOTIFY, Fail, Instruction, Kill, Retire, Send
 from procqueue._scheduler.queue import PendingQueue
 from procqueue._scheduler.settle import Settlement
-from procqueue._scheduler.sizing import may_hold_more
 from procqueue._scheduler.states import TaskState as S
 from procqueue._scheduler.tables import Policy, Tables
 from procqueue._scheduler.tasks import Batch, Handlers, Run
@@ -38,7 +37,7 @@ class Scheduler:
 
     def __init__(self, policy: Policy, *, validate: bool = False, rng: random.Random | None = None) -> None:
         self.t = Tables(
-            policy, PendingQueue(policy.capacity), seats=[Seat(i) for i in range(policy.workers)],
+            policy, PendingQueue(policy.capacity, sizing=policy.sizing), seats=[Seat(i) for i in range(policy.workers)],
             ledger=states.Ledger() if validate else None, rng=rng or random.Random(),
         )  # fmt: skip
         self.t.queue.ledger = self.t.ledger
@@ -194,7 +193,7 @@ class Scheduler:
         t = self.t
         f = self.feeds.next_feed(self.broken is not None, self.closed) if self.feeds.feeds else None
         if f is not None:
-            if not may_hold_more(seat.batches.values(), f.handler.est_ns):
+            if not self.t.policy.sizing.may_hold_more(seat.batches.values(), f.handler.est_ns):
                 return None  # it outranks the queue: nothing less urgent is prefetched ahead of it
             run = self.feeds.cut(f, limit, self.new_ids, self.closed)
             if run is not None:
@@ -203,7 +202,7 @@ class Scheduler:
                     t.out.append(NOTIFY)  # its reader may pull more input
                 return self._reserve(seat, [(run, 0, len(run.items))])
         heap = t.queue.heap
-        if heap and may_hold_more(seat.batches.values(), heap[0][-1].handler.est_ns):
+        if heap and self.t.policy.sizing.may_hold_more(seat.batches.values(), heap[0][-1].handler.est_ns):
             segments = t.queue.take(limit, self.settlement.cancelled)
             if segments:
                 return self._reserve(seat, segments)

@@ -11,6 +11,7 @@ urgent task waits about two batches at most.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 from procqueue._scheduler.tasks import Batch, Handler, Run
 
@@ -25,52 +26,83 @@ MAX_HELD = 2  # ... and never a third: the rest stays with the parent, for which
 FAST_ITEM_NS = 50_000  # tasks shorter than this run unmarked in a tight loop (no timeout)
 
 
+@dataclass(frozen=True)
+class Sizing:
+    """A backend's batch sizes and prefetch: the local backend's round trip costs
+    tens of microseconds, a cluster's milliseconds, so a cluster wants longer
+    batches; a backend that cannot see which item of a batch runs (`marks_items`
+    False) gets timed tasks one per batch, so a timeout is a batch's, and no
+    prefetch, so a dead worker's running batch is never in doubt."""
+
+    target_ns: int = TARGET_BATCH_NS
+    long_ns: int = LONG_BATCH_NS
+    max_held: int = MAX_HELD
+    marks_items: bool = True
+
+    def per_batch(self, est_ns: float) -> int:
+        """Items in a batch of a handler whose items take `est_ns` each."""
+        per = max(est_ns, 1.0)
+        return int((self.target_ns if per < LONG_TASK_NS else self.long_ns) / per)
+
+    def size_for(self, run: Run) -> int:
+        """Items of a batch taken from the heap, for this run's handler."""
+        if run.timeout is not None and not self.marks_items:
+            return 1
+        if run.chunksize is not None:
+            return run.chunksize
+        est = run.handler.est_ns
+        if est is None:
+            return 1  # measure first: a long task must not be batched blindly
+        # Batches of ~20 ms (5 ms) bound the tail imbalance to about one batch.
+        return max(1, min(self.per_batch(est), MAX_BATCH))
+
+    def direct_size(self, handler: Handler, total: int, left: int, workers: int, timed: bool = False) -> int:
+        """A batch cut straight from a sequence of `total` items, `left` of them not
+        cut yet: ~20 ms (5 ms) of work, but at least four batches per worker, and
+        shrinking toward the end (half of what is left per worker), so the tail
+        stays even; not below MIN_DIRECT_NS of work."""
+        est = handler.est_ns
+        if est is None or (timed and not self.marks_items):
+            return 1
+        spread = min(-(-total // (4 * workers)), -(-left // (2 * workers)))
+        spread = max(spread, int(MIN_DIRECT_NS / max(est, 1.0)))
+        return max(1, min(self.per_batch(est), spread, MAX_DIRECT_BATCH))
+
+    def may_hold_more(self, held: Iterable[Batch], est: float | None) -> bool:
+        """The prefetch rule: a worker gets another batch (whose items cost `est`
+        each, None when unmeasured) only while what it holds is under PREFETCH_NS
+        of estimated work, and never more than `max_held`."""
+        held = list(held)
+        if not held:
+            return True
+        if est is None or len(held) >= self.max_held:
+            return False
+        queued = 0.0
+        for b in held:
+            e = b.head.handler.est_ns
+            if e is None:
+                return False
+            queued += (b.count - b.done) * e
+        return queued < PREFETCH_NS
+
+
+LOCAL = Sizing()
+
+
 def per_batch(est_ns: float) -> int:
-    """Items in a batch of a handler whose items take `est_ns` each."""
-    per = max(est_ns, 1.0)
-    return int((TARGET_BATCH_NS if per < LONG_TASK_NS else LONG_BATCH_NS) / per)
+    return LOCAL.per_batch(est_ns)
 
 
 def size_for(run: Run) -> int:
-    """Items of a batch taken from the heap, for this run's handler."""
-    if run.chunksize is not None:
-        return run.chunksize
-    est = run.handler.est_ns
-    if est is None:
-        return 1  # measure first: a long task must not be batched blindly
-    # Batches of ~20 ms (5 ms) bound the tail imbalance to about one batch.
-    return max(1, min(per_batch(est), MAX_BATCH))
+    return LOCAL.size_for(run)
 
 
 def direct_size(handler: Handler, total: int, left: int, workers: int) -> int:
-    """A batch cut straight from a sequence of `total` items, `left` of them not
-    cut yet: ~20 ms (5 ms) of work, but at least four batches per worker, and
-    shrinking toward the end (half of what is left per worker), so the tail
-    stays even; not below MIN_DIRECT_NS of work."""
-    est = handler.est_ns
-    if est is None:
-        return 1
-    spread = min(-(-total // (4 * workers)), -(-left // (2 * workers)))
-    spread = max(spread, int(MIN_DIRECT_NS / max(est, 1.0)))
-    return max(1, min(per_batch(est), spread, MAX_DIRECT_BATCH))
+    return LOCAL.direct_size(handler, total, left, workers)
 
 
 def may_hold_more(held: Iterable[Batch], est: float | None) -> bool:
-    """The prefetch rule: a worker gets another batch (whose items cost `est`
-    each, None when unmeasured) only while what it holds is under PREFETCH_NS
-    of estimated work, and never a third."""
-    held = list(held)
-    if not held:
-        return True
-    if est is None or len(held) >= MAX_HELD:
-        return False
-    queued = 0.0
-    for b in held:
-        e = b.head.handler.est_ns
-        if e is None:
-            return False
-        queued += (b.count - b.done) * e
-    return queued < PREFETCH_NS
+    return LOCAL.may_hold_more(held, est)
 
 
 def careful(run: Run) -> bool:

@@ -9,6 +9,7 @@ from procqueue._scheduler import states
 from procqueue._scheduler.books import Books, Lost, Seat
 from procqueue._scheduler.instructions import Instruction
 from procqueue._scheduler.queue import PendingQueue
+from procqueue._scheduler.sizing import LOCAL, Sizing
 from procqueue._scheduler.tasks import Batch, Run
 
 
@@ -21,6 +22,7 @@ class Policy:
     backoff: float = 0.1
     backoff_max: float = 30.0
     max_tasks_per_worker: int | None = None
+    sizing: Sizing = LOCAL  # the backend's batch sizes and prefetch
 
 
 @dataclass(eq=False)
