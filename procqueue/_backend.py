@@ -21,6 +21,8 @@ from __future__ import annotations
 
 from typing import NamedTuple, Protocol
 
+from procqueue._scheduler.sizing import Sizing
+
 
 class WorkerRow(NamedTuple):
     """One worker position as `stats()` shows it (before CPU and memory readings)."""
@@ -31,10 +33,15 @@ class WorkerRow(NamedTuple):
     seat: int
     recycled: int
     task_id: int | None
+    cpu: float | None = None  # percent, when the backend reads it itself (else psutil, by pid)
+    rss: int | None = None  # bytes, likewise
 
 
 class Backend(Protocol):
     """What the core asks of a backend."""
+
+    seats: int  # worker positions: the scheduler's seats
+    sizing: Sizing  # its batch sizes and prefetch
 
     def start(self) -> None:
         """Start the workers; raise `PoolStartError` (leaving nothing running) if they cannot."""

@@ -59,10 +59,13 @@ class Core:
         self.lock = threading.Lock()
         self.cv = threading.Condition(self.lock)
         self.runner = Runner()
-        policy = Policy(cfg.workers, cfg.capacity, cfg.backoff, cfg.backoff_max, cfg.max_tasks_per_worker)
-        self.scheduler = Scheduler(policy, validate=os.environ.get("PROCQUEUE_VALIDATE") == "1")
         self.books_error: BaseException | None = None  # validate mode: what the ledger caught
         self.backend = make_backend(self)  # what can fail on bad input fails before anything starts
+        policy = Policy(
+            self.backend.seats, cfg.capacity, cfg.backoff, cfg.backoff_max, cfg.max_tasks_per_worker,
+            self.backend.sizing,
+        )  # fmt: skip
+        self.scheduler = Scheduler(policy, validate=os.environ.get("PROCQUEUE_VALIDATE") == "1")
         self.sampler = Sampler(cfg.monitor, cfg.max_worker_memory)  # a bad log path, a busy port
         try:
             self.backend.start()

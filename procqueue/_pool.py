@@ -9,6 +9,7 @@ import os
 import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator
+from functools import partial
 from types import TracebackType
 from typing import IO, TYPE_CHECKING, Any, Literal, TypeVar
 
@@ -221,7 +222,12 @@ class Pool(concurrent.futures.Executor):
     `procqueue.Monitor` with sinks, or False for off. `output` (keyword only,
     a `procqueue.FileOutput`) has the collector write the tasks' values to a
     file instead of returning them (what `procqueue run` does). `backend`
-    (keyword only) says what runs the tasks: "local", processes on this machine.
+    (keyword only) says what runs the tasks: "local", processes on this
+    machine, or "dask": a Dask distributed cluster, either a `LocalCluster` of
+    `workers` processes on 127.0.0.1 that the pool starts and closes (with a
+    dashboard if `dashboard`), or the one at `address`, or the one of a
+    `client` you hold (never closed by the pool); `security` is a
+    `distributed.security.Security` for TLS.
     """
 
     def __init__(
@@ -243,9 +249,23 @@ class Pool(concurrent.futures.Executor):
         monitor: bool | float | Monitor = True,
         output: FileOutput | None = None,
         backend: str = "local",
+        address: str | None = None,
+        client: Any = None,
+        security: Any = None,
+        dashboard: bool = False,
     ) -> None:
-        if backend != "local":
-            raise ValueError(f"unknown backend {backend!r}; procqueue has 'local'")
+        if backend not in ("local", "dask"):
+            raise ValueError(f"unknown backend {backend!r}; procqueue has 'local' and 'dask'")
+        if backend == "local" and (address is not None or client is not None or security is not None):
+            raise ValueError('address=, client= and security= are for backend="dask"')
+        if backend == "dask":
+            for name, value in (("max_tasks_per_worker", max_tasks_per_worker),
+                                ("max_worker_memory", max_worker_memory), ("output", output)):  # fmt: skip
+                if value is not None:
+                    raise ValueError(
+                        f'{name}= is not available with backend="dask": a Dask worker\'s limits are its '
+                        "nanny's (memory_limit, lifetime), and values come back to the parent"
+                    )
         workers = default_workers() if workers is None else workers
         if not isinstance(workers, int) or workers < 1:
             raise ValueError(f"workers must be an int >= 1, got {workers!r}")
@@ -279,8 +299,14 @@ class Pool(concurrent.futures.Executor):
             max_tasks_per_worker, max_worker_memory, initializer, tuple(initargs), method, block_timeout,
             Monitor.of(monitor), _output_spec(output),
         )  # fmt: skip
+        if backend == "dask":
+            from procqueue._dask.backend import DaskBackend
+
+            make: Any = partial(DaskBackend, address=address, client=client, security=security, dashboard=dashboard)
+        else:
+            make = LocalBackend
         try:
-            self._core = Core(self._cfg, LocalBackend)
+            self._core = Core(self._cfg, make)
         finally:
             if self._cfg.output is not None and self._cfg.output.stream is not None:
                 self._cfg.output.stream.close()  # the collector holds its own copy
@@ -297,8 +323,8 @@ class Pool(concurrent.futures.Executor):
 
     @property
     def workers(self) -> int:
-        """Number of worker processes."""
-        return self._cfg.workers
+        """Number of worker processes (with backend="dask", of worker threads in the cluster)."""
+        return self._core.backend.seats
 
     def options(
         self,

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import multiprocessing
 import os
 import threading
@@ -17,7 +18,7 @@ if TYPE_CHECKING:  # imported where used: tests/test_layout.py must run while th
 T = TypeVar("T")
 START_METHODS = [m for m in ("forkserver", "spawn", "fork") if m in multiprocessing.get_all_start_methods()]
 # What runs the tasks in tests/test_conformance.py: every behaviour test there runs once per backend.
-BACKENDS = ["local"]
+BACKENDS = ["local"] + (["dask"] if importlib.util.find_spec("distributed") is not None else [])
 
 
 def helper_pids(root: psutil.Process | None = None) -> set[int]:

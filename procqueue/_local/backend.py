@@ -11,6 +11,7 @@ from procqueue._backend import WorkerRow
 from procqueue._local.manager import Manager
 from procqueue._local.wiring import Wiring
 from procqueue._output import OutputStatus
+from procqueue._scheduler.sizing import LOCAL
 
 if TYPE_CHECKING:
     from procqueue._core import Core
@@ -19,8 +20,11 @@ if TYPE_CHECKING:
 class LocalBackend:
     """Worker processes on this machine, a collector, and the manager thread."""
 
+    sizing = LOCAL
+
     def __init__(self, core: Core) -> None:
         self.core = core
+        self.seats = core.cfg.workers
         self.wiring = Wiring(core)  # checks what can fail on bad input (the initializer pickles)
         self.thread = threading.Thread(target=self._main, name="procqueue-manager", daemon=True)
 

@@ -17,20 +17,19 @@ import os
 import selectors
 import time
 import warnings
-from functools import partial
 
-from procqueue._errors import PoolBroken, ProcQueueError
+from procqueue._errors import PoolBroken
 from procqueue._local.collector_watch import CollectorWatch
 from procqueue._local.supervisor import Slot
 from procqueue._local.wiring import Phase, Tag, Wiring
 from procqueue._protocol import framing
 from procqueue._protocol import messages as m
-from procqueue._protocol.arguments import encode_items
+from procqueue._protocol.arguments import encode_batch
 from procqueue._results import Later, run_all
 from procqueue._scheduler import instructions as ins
 from procqueue._scheduler import sizing
 from procqueue._scheduler.books import Death
-from procqueue._scheduler.tasks import Batch, Run
+from procqueue._scheduler.tasks import Batch
 
 STOP_GRACE = 5.0  # seconds an idle worker gets to exit after Stop
 
@@ -137,14 +136,7 @@ class Manager:
         later: Later = []
         for batch in batches:
             run = batch.head
-            rejected: list[tuple[Run, int, BaseException]] = []
-            payload: list[bytes | memoryview] = []
-            try:
-                blob = run.handler.wire()
-                payload, _ = encode_items(batch.segments, partial(_collect, rejected))
-            except BaseException as exc:  # a handler that will not pickle (or a bug): its tasks fail, not the pool
-                blob, err = b"", exc if isinstance(exc, ProcQueueError) else _encode_failure(exc)
-                rejected = [(r, j, err) for r, st, n in batch.segments for j in range(st, st + n)]
+            blob, payload, rejected = encode_batch(run.handler.wire, batch.segments)
             with core.cv:
                 if not s.holds(batch):
                     continue  # settled meanwhile (the pool broke, the worker died)
@@ -272,20 +264,3 @@ class Manager:
         """The collector is gone for good: the manager's loop ends."""
         with self.core.lock:
             self.b.phase = Phase.DONE
-
-
-def _encode_failure(exc: BaseException) -> ProcQueueError:
-    from procqueue._errors import SerializationError
-
-    err = SerializationError(
-        f"a batch could not be pickled: {type(exc).__name__}; pass picklable arguments",
-        stage="argument",
-        what=type(exc).__name__,
-        task_id=None,
-    )
-    err.__cause__ = exc
-    return err
-
-
-def _collect(into: list[tuple[Run, int, BaseException]], run: Run, j: int, exc: BaseException) -> None:
-    into.append((run, j, exc))

@@ -31,6 +31,7 @@ from typing import Any
 
 from procqueue._protocol import framing, layout
 from procqueue._protocol import messages as m
+from procqueue._protocol.failures import fault_of
 from procqueue._protocol.pickling import dumps_values, loads_body, loads_callable, pack_exception, unpack_arguments
 
 # A batch reports what it has so far at least this often, so a crash late in a
@@ -210,7 +211,7 @@ class _Worker:
             except BaseException as exc:
                 value = None
                 blob, name, text, tb = pack_exception(exc)
-                errors.append(m.ErrorInfo(i, _fault(exc), blob, name, text, tb))
+                errors.append(m.ErrorInfo(i, fault_of(exc), blob, name, text, tb))
             t1 = clock()
             values.append(value)
             durations.append(t1 - t0)
@@ -252,7 +253,7 @@ class _Worker:
                         append(fn(*item[0], **item[1]))
             except BaseException as exc:  # the item at len(values) raised; go on after it
                 blob, name, text, tb = pack_exception(exc)
-                errors.append(m.ErrorInfo(len(values), _fault(exc), blob, name, text, tb))
+                errors.append(m.ErrorInfo(len(values), fault_of(exc), blob, name, text, tb))
                 append(None)
         marks[mark] = 0
         self.flush(msg, 0, values, array("q", [clock() - t0]), errors)  # one total: see BatchDone
@@ -275,15 +276,6 @@ class _Worker:
         )
         self.send(header, body)
         self.marks[self.mark] = 0
-
-
-def _fault(exc: BaseException) -> m.Fault:
-    """RAISED, or REJECTED for an error its class marks final (`procqueue_final = True`)."""
-    try:
-        final = getattr(exc, "procqueue_final", False) is True
-    except BaseException:  # a hostile __getattr__: an ordinary failure
-        final = False
-    return m.Fault.REJECTED if final else m.Fault.RAISED
 
 
 def main(

@@ -163,7 +163,7 @@ def snapshot(
         readings = reader.read([r.pid for r in rows if r.pid > 0], forget_others=False)
     workers = []
     for row in rows:
-        cpu, rss = readings.get(row.pid, (0.0, 0))
+        cpu, rss = readings.get(row.pid, (0.0, 0)) if row.cpu is None else (row.cpu, row.rss or 0)
         workers.append(WorkerStats(row.pid, cpu, rss, row.tasks_done, row.state, row.seat, row.recycled, row.task_id))
     collector = None
     if helper is not None and helper[0] in readings:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from procqueue._errors import SerializationError
+from procqueue._errors import ProcQueueError, SerializationError
 from procqueue._protocol import messages as m
 from procqueue._protocol.pickling import _text, dumps, dumps_body, name_bad_argument
 
@@ -82,3 +82,30 @@ def _call_args(call: m.Call, item: Any) -> tuple[tuple[Any, ...], dict[str, Any]
     if call is m.Call.STAR:
         return tuple(item), {}
     return tuple(item[0]), dict(item[1])
+
+
+def encode_batch(
+    wire: Callable[[], bytes], segments: Segments
+) -> tuple[bytes, list[bytes | memoryview], list[tuple[Any, int, BaseException]]]:
+    """A batch as bytes: the handler's (`wire()`), the items' frames, and the items
+    that would not pickle, each with its error (all of them when the handler would
+    not). Runs user code (`__reduce__`): call it without the pool's lock."""
+    rejected: list[tuple[Any, int, BaseException]] = []
+    try:
+        blob = wire()
+        parts, _ = encode_items(segments, lambda run, j, exc: rejected.append((run, j, exc)))
+    except BaseException as exc:  # a handler that will not pickle (or a bug): its tasks fail, not the pool
+        err = exc if isinstance(exc, ProcQueueError) else _batch_failure(exc)
+        return b"", [], [(run, j, err) for run, start, n in segments for j in range(start, start + n)]
+    return blob, parts, rejected
+
+
+def _batch_failure(exc: BaseException) -> SerializationError:
+    err = SerializationError(
+        f"a batch could not be pickled: {type(exc).__name__}; pass picklable arguments",
+        stage="argument",
+        what=type(exc).__name__,
+        task_id=None,
+    )
+    err.__cause__ = exc
+    return err

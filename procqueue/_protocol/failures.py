@@ -76,3 +76,12 @@ def crash_error(
     return WorkerCrashed(
         text, task_id=task_id, attempts=attempts, pid=pid, exitcode=exitcode, signal=sig, fault_traceback=fault_text
     )
+
+
+def fault_of(exc: BaseException) -> m.Fault:
+    """RAISED, or REJECTED for an error its class marks final (`procqueue_final = True`)."""
+    try:
+        final = getattr(exc, "procqueue_final", False) is True
+    except BaseException:  # a hostile __getattr__: an ordinary failure
+        final = False
+    return m.Fault.REJECTED if final else m.Fault.RAISED

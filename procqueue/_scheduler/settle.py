@@ -24,6 +24,8 @@ from procqueue._scheduler.states import TaskState as S
 from procqueue._scheduler.tables import Tables
 from procqueue._scheduler.tasks import Batch, Run
 
+BISECT_ALONE = 8  # suspects of a batch that died this few or fewer run one by one
+
 
 class Settlement:
     """Turns reported outcomes into books, retries and `Resolve`/`Fail` instructions."""
@@ -122,12 +124,13 @@ class Settlement:
             if batch.batch_id not in t.batches:
                 continue
             again: list[tuple[Run, int]] = []
+            suspects: list[tuple[Run, int]] = []  # it died loading (or, on Dask, running) these: one is the poison
             loading = charged and lost.running is not None and lost.running == (batch.batch_id, layout.LOADING)
             for k in range(batch.done, batch.count):
                 run, j = batch.item(k)
                 culprit = charged and lost.running == (batch.batch_id, k)
                 if loading and batch.count - batch.done == 1:
-                    culprit = True  # it died unpickling a batch of one: that task is the poison
+                    culprit = True  # it died in a batch of one: that task is the poison
                 if culprit:
                     if fault == m.Fault.CRASHED:
                         t.books.crashed += 1
@@ -141,16 +144,26 @@ class Settlement:
                     self.failed_attempt(run, j, fault, 1, error, pid, now)
                 else:  # it never ran (or its outcome was lost with the worker): again, uncharged
                     t.moves(run, j, 1, S.PENDING)
-                    if loading:  # died unpickling a batch of several: each alone, to find the one
-                        t.queue.push(run.single(j, run.attempt, solo=True, careful=True), fresh=False)
-                    else:
-                        again.append((run, j))
+                    (suspects if loading else again).append((run, j))
             self.requeue(again, careful=lost.unmarked)
+            self.bisect(suspects)
             t.books.in_flight -= batch.count - batch.done
             t.batches.pop(batch.batch_id, None)
         t.out.append(NOTIFY)
 
-    def requeue(self, items: list[tuple[Run, int]], careful: bool) -> None:
+    def bisect(self, suspects: list[tuple[Run, int]]) -> None:
+        """A batch of several died with no item to blame: run it again in two halves,
+        each apart from other work, until the one that kills its worker runs alone (and
+        is charged); a few suspects run alone at once. Uncharged until then."""
+        if len(suspects) <= BISECT_ALONE:
+            for run, j in suspects:
+                self.t.queue.push(run.single(j, run.attempt, solo=True, careful=True), fresh=False)
+            return
+        half = len(suspects) // 2
+        self.requeue(suspects[:half], careful=True, solo=True)
+        self.requeue(suspects[half:], careful=True, solo=True)
+
+    def requeue(self, items: list[tuple[Run, int]], careful: bool, solo: bool = False) -> None:
         """Put items back in the heap as runs of consecutive items (not one by one: a
         dead worker may have held a batch of tens of thousands of tiny tasks)."""
         k = 0
@@ -159,7 +172,7 @@ class Settlement:
             n = 1
             while k + n < len(items) and items[k + n] == (run, j + n):
                 n += 1
-            self.t.queue.push(run.part(j, n, careful=careful), fresh=False)
+            self.t.queue.push(run.part(j, n, careful=careful, solo=solo), fresh=False)
             k += n
 
     def unsendable(self, batch: Batch, rejected: list[tuple[Run, int, BaseException]]) -> None:

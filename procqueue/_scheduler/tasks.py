@@ -136,12 +136,12 @@ class Run:
     def key(self) -> tuple[int, int, int, int, float | None, bool, bool]:
         return (self.handler.id, self.call, self.attempt, self.retries, self.timeout, self.careful, self.packed)
 
-    def part(self, j: int, n: int, careful: bool = False) -> Run:
+    def part(self, j: int, n: int, careful: bool = False, solo: bool = False) -> Run:
         """Items `j .. j+n-1` again, uncharged (a dead worker held them): same ids, receiver
-        slots and place in line, batched as the rest of the run is."""
+        slots and place in line, batched as the rest of the run is (`solo`: never with others)."""
         return Run(
             self.handler, self.items[j : j + n], self.call, self.receiver, self.first_id + j, self.priority,
-            self.seq, self.attempt, self.retries, self.timeout, self.chunksize, self.base + j, 0, self.solo,
+            self.seq, self.attempt, self.retries, self.timeout, self.chunksize, self.base + j, 0, solo or self.solo,
             careful or self.careful, self.by_value, self.packed,
         )  # fmt: skip
 

@@ -1,0 +1,308 @@
+"""The Dask backend's loop thread: scheduler instructions out as Dask tasks,
+what Dask reports back in as scheduler events (picture: `__init__.py`).
+
+Each round: under the pool's lock, the scheduler books batches to seats with
+room; without it, each batch is pickled (user code) and submitted, pinned to
+its seat's worker. Then the loop waits for the nearest deadline or an event:
+a batch's future finished (its outcomes), failed with `KilledWorker` (its
+worker died: one attempt, charged by the scheduler's rules), a batch started
+(the clock of its timeout), or a wake-up. Dask calls back on its own event
+loop thread; those callbacks only put an event in the queue.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+import time
+from functools import partial
+from typing import TYPE_CHECKING, Any
+
+from procqueue._callbacks import mark_internal
+from procqueue._dask.plugin import START_TOPIC, kill_worker_process, worker_pids
+from procqueue._dask.task import run_batch
+from procqueue._errors import PoolBroken
+from procqueue._protocol import layout
+from procqueue._protocol.arguments import encode_batch
+from procqueue._results import Later, Values, run_all
+from procqueue._scheduler import instructions as ins
+from procqueue._scheduler.books import Death
+from procqueue._scheduler.tasks import Batch
+
+if TYPE_CHECKING:
+    from procqueue._core import Core
+    from procqueue._dask.cluster import Cluster
+
+POLL = 0.5  # seconds between looks at the cluster's workers (their metrics refresh as often)
+
+
+class Loop:
+    """Runs on the backend's thread; `wake` and the Dask callbacks may come from any."""
+
+    def __init__(self, cluster: Cluster, core: Core) -> None:
+        self.b = cluster
+        self.core = core
+        self.s = core.scheduler
+        self.client = cluster.client
+        self.events: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
+        self.futures: dict[int, Any] = {}  # batch id -> its Dask future
+        self.started: dict[str, float] = {}  # key -> when it began (our clock)
+        self.kill_reason: dict[int, ins.KillReason] = {}  # seat -> why we killed its worker
+        self.kills: list[ins.Kill] = []  # to carry out without the lock
+        self.cancel_due = False
+        self.incarnation = 1  # makes up distinct ids for workers whose pid the scheduler would not tell
+        self.dead: set[str] = set()  # addresses of workers seen dead (the scheduler may list them a while)
+        self.next_look = 0.0
+        self.client.subscribe_topic(START_TOPIC, self._on_start)
+
+    # --- from other threads ------------------------------------------------------------------
+
+    def wake(self) -> None:
+        self.events.put(("wake",))
+
+    def _on_start(self, event: tuple[float, dict[str, Any]]) -> None:
+        self.events.put(("start", event[1].get("key"), time.monotonic()))
+
+    def _on_done(self, batch: Batch, future: Any) -> None:
+        self.events.put(("done", batch, future))
+
+    def cancel_all(self) -> None:
+        """The pool broke or was terminated: stop what runs (its outcomes no longer matter)."""
+        self.cancel_due = True
+        self.wake()
+
+    def cancel_now(self) -> None:
+        self.cancel_due = False
+        with contextlib.suppress(Exception):
+            self.client.cancel(list(self.futures.values()), force=True)
+
+    # --- the loop -----------------------------------------------------------------------------
+
+    def run(self) -> None:
+        mark_internal()  # futures settled here hand their callbacks to the runner
+        try:
+            self.serve()
+        except BaseException as exc:  # a bug in procqueue: fail loudly, leave nothing running
+            self.core.books_error = exc
+            self.core.break_pool(PoolBroken(f"procqueue's Dask loop failed: {type(exc).__name__}: {exc}"))
+            raise
+        finally:
+            self.close()
+
+    def serve(self) -> None:
+        core, s = self.core, self.s
+        while True:
+            later: Later = []
+            with core.lock:
+                sends = self.execute(core.apply(s.dispatch(time.monotonic()), later))
+            run_all(later)
+            self.submit(sends)
+            self.carry_out_kills()
+            with core.lock:
+                if s.closed and (s.idle() or s.broken is not None):
+                    return
+            if self.cancel_due:
+                self.cancel_now()
+            try:
+                self.handle(self.events.get(timeout=self.timeout()))
+            except queue.Empty:
+                continue
+            while True:  # everything else that came meanwhile
+                try:
+                    event = self.events.get_nowait()
+                except queue.Empty:
+                    break
+                self.handle(event)
+
+    def handle(self, event: tuple[Any, ...]) -> None:
+        kind = event[0]
+        if kind == "done":
+            self.on_done(event[1], event[2])
+        elif kind == "start":
+            self.started[event[1]] = event[2]
+
+    def timeout(self) -> float | None:
+        """Until the nearest backoff, task timeout or look at the workers. Workers past a
+        limit are killed here; seats whose worker came back are opened here."""
+        now = time.monotonic()
+        if now >= self.next_look:
+            self.refresh(now)
+        with self.core.lock:
+            kills, limit = self.s.check_limits(self._reading, now, now)
+            self.execute(list(kills))
+        self.carry_out_kills()
+        due = self.s.next_due()
+        waits = [self.next_look - now] + ([] if limit is None else [limit]) + ([] if due is None else [due - now])
+        return max(0.0, min(waits))
+
+    def _reading(self, seat: int) -> tuple[int, int, float] | None:
+        for batch in self.s.seats[seat].batches.values():
+            began = self.started.get(self.key(batch))
+            if began is not None:
+                return batch.batch_id, layout.LOADING, began
+        return None
+
+    def refresh(self, now: float) -> None:
+        """Look at the cluster: metrics for `stats()`, pids, and seats whose worker is back."""
+        self.next_look = now + POLL
+        try:
+            workers = self.client.scheduler_info(n_workers=-1)["workers"]
+        except Exception:  # the scheduler is gone; the futures will say so
+            return
+        by_name = {str(w.get("name")): addr for addr, w in workers.items() if addr not in self.dead}
+        self.b.metrics = {
+            addr: (float(w.get("metrics", {}).get("cpu", 0.0)), int(w.get("metrics", {}).get("memory", 0)))
+            for addr, w in workers.items()
+        }
+        pids: dict[str, int] | None = None
+        for i, name in enumerate(self.b.names):
+            addr = by_name.get(name)
+            with self.core.lock:
+                seat = self.s.seats[i]
+                gone = seat.open and addr != self.b.addr[i]
+                started = any(self.key(b) in self.started for b in seat.batches.values())
+            if gone and not started:
+                # Its worker went away between batches (its batch, pinned to it, would wait forever).
+                self.lost_worker(i, None, "its Dask worker left the cluster", pid=self.b.pid[i])
+                continue
+            if not seat.open and self.b.addr[i] is None and addr is not None and not self.s.stopping:
+                if pids is None:
+                    pids = self._pids()
+                with self.core.lock:
+                    self.b.addr[i] = addr
+                    self.b.pid[i] = pids.get(addr, -1 - i - 1000 * self.incarnation)
+                    self.incarnation += 1
+                    self.s.worker_started(i, self.b.pid[i])
+                    self.wake()
+
+    def _pids(self) -> dict[str, int]:
+        try:
+            return dict(self.client.run_on_scheduler(worker_pids))
+        except Exception:
+            return {}
+
+    # --- instructions ---------------------------------------------------------------------------
+
+    def execute(self, todo: list[ins.Instruction]) -> list[Batch]:
+        """Carry out what the scheduler said (lock held); batches to submit come back."""
+        sends: list[Batch] = []
+        for i in todo:
+            match i:
+                case ins.Send(batch=batch):
+                    sends.append(batch)
+                case ins.Kill():
+                    self.kill_reason.setdefault(i.seat, i.reason)
+                    self.kills.append(i)
+                case ins.Break():
+                    self.cancel_due = True
+                case ins.Retire() | ins.Start():
+                    pass  # no task limit on Dask; a nanny restarts a dead worker by itself
+                case _:
+                    raise TypeError(f"the Dask backend got an instruction it does not know: {i!r}")
+        return sends
+
+    def key(self, batch: Batch) -> str:
+        return f"{self.b.prefix}{batch.batch_id}"
+
+    def submit(self, batches: list[Batch]) -> None:
+        """Pickle each batch (user code: without the lock) and hand it to Dask."""
+        core, s = self.core, self.s
+        later: Later = []
+        for batch in batches:
+            run = batch.head
+            blob, parts, rejected = encode_batch(run.handler.wire, batch.segments)
+            addr = self.b.addr[batch.seat]
+            with core.cv:
+                if not s.holds(batch):
+                    continue
+                if rejected:
+                    core.apply(s.unsendable(batch, rejected), later)
+                    continue
+            body = b"".join(parts)
+            future = self.client.submit(
+                run_batch, batch.batch_id, batch.count, blob, body, int(run.call), run.attempt, run.packed,
+                key=self.key(batch), pure=False, retries=0, workers=[addr] if addr else None,
+                allow_other_workers=False, priority=run.priority,
+            )  # fmt: skip
+            self.futures[batch.batch_id] = future
+            future.add_done_callback(partial(self._on_done, batch))
+            with core.cv:
+                self.execute(core.apply(s.sent(batch), later))
+        run_all(later)
+
+    def carry_out_kills(self) -> None:
+        kills, self.kills = self.kills, []
+        for kill in kills:
+            addr = self.b.addr[kill.seat]
+            if addr is None:
+                continue
+            with contextlib.suppress(Exception):  # it may be dead already
+                self.client.run(kill_worker_process, workers=[addr], nanny=True, on_error="return")
+
+    # --- outcomes -------------------------------------------------------------------------------
+
+    def on_done(self, batch: Batch, future: Any) -> None:
+        core, s = self.core, self.s
+        self.futures.pop(batch.batch_id, None)
+        self.started.pop(self.key(batch), None)
+        later: Later = []
+        status = future.status
+        if status == "finished":
+            try:
+                msg, body = future.result()
+            except BaseException as exc:  # its result did not come back whole: as if its worker died
+                self.died(batch, f"{type(exc).__name__}: {exc}")
+                return
+            finally:
+                future.release()  # a held result is recomputed if its worker dies
+            values = Values(memoryview(body), self._unloadable)
+            with core.cv:
+                self.execute(core.apply(s.batch_done(msg, values, time.monotonic()), later))
+            run_all(later)
+            return
+        if status == "cancelled" and s.broken is not None:
+            return  # the pool broke: everything was settled already
+        error: BaseException | None = None
+        with contextlib.suppress(BaseException):
+            error = future.exception(timeout=0)
+        future.release()
+        self.died(batch, "" if error is None else f"{type(error).__name__}: {error}")
+
+    def died(self, batch: Batch, why: str) -> None:
+        """The worker running (or about to run) `batch` died."""
+        with self.core.lock:
+            if not self.s.holds(batch):
+                return  # settled already (the pool broke, or its worker was found gone)
+        # Dask cannot say which item of a batch ran: see __init__.py.
+        self.lost_worker(batch.seat, (batch.batch_id, layout.LOADING), why, pid=self.b.pid[batch.seat])
+
+    def lost_worker(self, seat: int, running: tuple[int, int] | None, why: str, pid: int) -> None:
+        """A seat's worker `pid` is gone: one attempt of what it ran, by the scheduler's rules."""
+        core, s = self.core, self.s
+        later: Later = []
+        with core.cv:
+            if self.b.addr[seat] is None or self.b.pid[seat] != pid:
+                return  # this death was handled already
+            reason = self.kill_reason.pop(seat, None)
+            held = [self.futures.get(b.batch_id) for b in s.seats[seat].batches.values()]
+            self.execute(core.apply(s.worker_died(Death(seat, pid, None, running, reason, why)), later))
+            core.apply(s.worker_gone(pid, False, time.monotonic()), later)
+            if self.b.addr[seat] is not None:
+                self.dead.add(self.b.addr[seat] or "")
+            self.b.addr[seat] = None  # the nanny's replacement has a new address: `refresh` finds it
+        run_all(later)
+        stuck = [f for f in held if f is not None and not f.done()]
+        if stuck:
+            with contextlib.suppress(Exception):
+                self.client.cancel(stuck, force=True)
+        self.next_look = 0.0
+
+    def _unloadable(self, n: int) -> None:
+        with self.core.cv:
+            self.s.values_unloadable(n)
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.client.unsubscribe_topic(START_TOPIC)
+        self.b.close()
+        self.core.finished()
