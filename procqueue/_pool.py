@@ -15,8 +15,8 @@ from typing import IO, TYPE_CHECKING, Any, Literal, TypeVar
 
 from procqueue._core import Core
 from procqueue._errors import ProcQueueError
+from procqueue._file_writer import OutputSpec
 from procqueue._local.backend import LocalBackend
-from procqueue._local.file_writer import OutputSpec
 from procqueue._map import Feeder
 from procqueue._monitor.sampler import Monitor
 from procqueue._output import FileOutput, OutputHandle
@@ -260,11 +260,11 @@ class Pool(concurrent.futures.Executor):
             raise ValueError('address=, client= and security= are for backend="dask"')
         if backend == "dask":
             for name, value in (("max_tasks_per_worker", max_tasks_per_worker),
-                                ("max_worker_memory", max_worker_memory), ("output", output)):  # fmt: skip
+                                ("max_worker_memory", max_worker_memory)):  # fmt: skip
                 if value is not None:
                     raise ValueError(
                         f'{name}= is not available with backend="dask": a Dask worker\'s limits are its '
-                        "nanny's (memory_limit, lifetime), and values come back to the parent"
+                        "nanny's (memory_limit, lifetime)"
                     )
         workers = default_workers() if workers is None else workers
         if not isinstance(workers, int) or workers < 1:
@@ -308,14 +308,13 @@ class Pool(concurrent.futures.Executor):
         try:
             self._core = Core(self._cfg, make)
         finally:
-            if self._cfg.output is not None and self._cfg.output.stream is not None:
+            if backend == "local" and self._cfg.output is not None and self._cfg.output.stream is not None:
                 self._cfg.output.stream.close()  # the collector holds its own copy
         self.output: OutputHandle | None = None
         """With `output=FileOutput(...)`: write records of the parent's own, read how writing goes."""
         if output is not None:
-            local = self._core.backend
-            assert isinstance(local, LocalBackend)
-            self.output = OutputHandle(local.write_output, local.output_status, self._core.check_writable)
+            ends: Any = self._core.backend  # both backends write a FileOutput
+            self.output = OutputHandle(ends.write_output, ends.output_status, self._core.check_writable)
         self._views: list[LiveView] = []  # live views open on this pool, innermost last
         self._default = Options(self)
         # A pool dropped without shutdown still ends its processes (no orphans).

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from procqueue._local.file_writer import OutputSpec
+    from procqueue._file_writer import OutputSpec
     from procqueue._monitor.sampler import Monitor
 
 BACKPRESSURE = ("block", "drop", "error")

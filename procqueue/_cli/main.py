@@ -34,8 +34,20 @@ def main() -> None:
     show_default=True,
     help="How many blocks of 10,000 integers to search for primes.",
 )
+@click.option(
+    "--backend",
+    type=click.Choice(["local", "dask"]),
+    default="local",
+    show_default=True,
+    help="What runs the tasks: processes here, or a Dask cluster (pip install 'procqueue[dask]').",
+)
+@click.option(
+    "--address",
+    metavar="URL",
+    help="With --backend dask: the scheduler, e.g. tcp://host:8786 (default: a local cluster).",
+)
 @click.option("--workers", type=click.IntRange(min=1), default=None, help="Worker processes (default: usable CPUs).")
-def demo(blocks: int, workers: int | None) -> None:
+def demo(blocks: int, workers: int | None, backend: str, address: str | None) -> None:
     """Count primes below BLOCKS*10,000 on all cores, with a live view.
 
     A few blocks fail on their first attempt on purpose and are retried.
@@ -44,8 +56,12 @@ def demo(blocks: int, workers: int | None) -> None:
     """
     t0 = time.perf_counter()
     total = 0
-    with Pool(workers=workers, max_retries=2, backoff=0.05) as pool:
-        click.echo(f"procqueue demo: {blocks} blocks on {pool.workers} workers", err=True)
+    if address is not None and backend != "dask":
+        raise click.UsageError("--address needs --backend dask")
+    where = {"backend": backend, "address": address} if backend == "dask" else {}
+    with Pool(workers=workers, max_retries=2, backoff=0.05, **where) as pool:  # type: ignore[arg-type]
+        on = "Dask worker threads" if backend == "dask" else "workers"
+        click.echo(f"procqueue demo: {blocks} blocks on {pool.workers} {on}", err=True)
         busy_ms = 0.0
         with tempfile.TemporaryDirectory(prefix="procqueue-demo-") as flaky, pool.live(total=blocks, title="demo"):
             futures = [pool.submit(count_primes, b, flaky) for b in range(blocks)]
@@ -131,11 +147,24 @@ Exit status: 0 every record ok, 1 some failed or the run stopped early (resume i
     "--id-field", metavar="NAME", default="id", show_default=True, help="Copy this field of a record into its output."
 )
 @click.option("--live/--no-live", default=None, help="Show the live view on stderr (default: when it is a terminal).")
+@click.option(
+    "--backend",
+    type=click.Choice(["local", "dask"]),
+    default="local",
+    show_default=True,
+    help="What runs the tasks: processes here, or a Dask cluster (pip install 'procqueue[dask]').",
+)
+@click.option(
+    "--address",
+    metavar="URL",
+    help="With --backend dask: the scheduler, e.g. tcp://host:8786 (default: a local cluster).",
+)
 def run(
     handler: str, input_: str | None, output: str | None, errors: str | None, fmt: str, workers: int | None,
     capacity: int, retries: int, timeout: float | None, priority_field: str | None, ordered: bool | None,
     chunksize: int | None, max_tasks_per_worker: int | None, max_worker_memory: int | None,
-    initializer: str | None, resume: bool, overwrite: bool, id_field: str, live: bool | None,
+    initializer: str | None, resume: bool, overwrite: bool, id_field: str, live: bool | None, backend: str,
+    address: str | None,
 ) -> None:  # fmt: skip
     """Run MODULE:FUNC (or path/to/file.py:FUNC) on every record of the input.
 
@@ -155,7 +184,7 @@ def run(
     settings = RunSettings(
         handler, None if input_ in (None, "-") else input_, None if output in (None, "-") else output, errors,
         fmt, workers, capacity, retries, timeout, priority_field, ordered, chunksize, max_tasks_per_worker,
-        max_worker_memory, initializer, resume, overwrite, id_field, live,
+        max_worker_memory, initializer, resume, overwrite, id_field, live, backend, address,
     )  # fmt: skip
     try:
         summary, status = run_records(settings)

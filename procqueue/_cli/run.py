@@ -69,6 +69,8 @@ class RunSettings:
     overwrite: bool = False
     id_field: str | None = "id"
     live: bool | None = None  # None: when stderr is a terminal
+    backend: str = "local"
+    address: str | None = None  # with backend "dask": the scheduler's
 
 
 @dataclass
@@ -157,6 +159,19 @@ class Run:
         """When the records go to stdout, what user code prints goes to stderr."""
         return contextlib.redirect_stdout(sys.stderr) if self.to_stdout else contextlib.nullcontext()
 
+    def backend_options(self) -> dict[str, Any]:
+        s = self.s
+        if s.backend != "dask":
+            if s.address is not None:
+                raise UsageError("--address needs --backend dask")
+            return {}
+        if s.max_tasks_per_worker is not None or s.max_worker_memory is not None:
+            raise UsageError(
+                "--max-tasks-per-worker and --max-worker-memory are for --backend local; "
+                "on Dask a worker's limits are its nanny's"
+            )
+        return {"backend": "dask", "address": s.address}
+
     def check_files(self) -> None:
         s = self.s
         if s.input is not None:
@@ -221,6 +236,7 @@ class Run:
             s.workers, s.capacity, max_retries=s.retries, task_timeout=s.timeout,
             max_tasks_per_worker=s.max_tasks_per_worker, max_worker_memory=s.max_worker_memory,
             initializer=r.prepare_worker, initargs=(self.to_stdout, s.initializer), output=output,
+            **self.backend_options(),
         )  # fmt: skip
         out = pool.output
         assert out is not None  # a pool made with output= has its handle

@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING, Any
 from procqueue._backend import WorkerRow
 from procqueue._dask.cluster import DASK_SIZING, Cluster
 from procqueue._dask.loop import Loop
+from procqueue._dask.output import ParentWriter
+from procqueue._output import OutputStatus
 
 if TYPE_CHECKING:
     from procqueue._core import Core
@@ -26,6 +28,14 @@ class DaskBackend:
         self.core = core
         self.cluster = Cluster(core.cfg, address, client, security, dashboard)
         self.seats = len(self.cluster.names)
+        self.output: ParentWriter | None = None
+        if core.cfg.output is not None:
+            try:
+                self.output = ParentWriter(core.cfg.output, core.break_pool)
+            except BaseException:
+                self.cluster.close()
+                raise
+            self.cluster.writer = self.output
         self.loop: Loop | None = None
         self.thread = threading.Thread(target=self._main, name="procqueue-dask", daemon=True)
 
@@ -72,3 +82,11 @@ class DaskBackend:
 
     def helper(self) -> tuple[int, int] | None:
         return None
+
+    def write_output(self, records: list[tuple[int, int, bytes]]) -> None:
+        """The parent's own records for the FileOutput, from any thread."""
+        if self.output is not None and records:
+            self.output.records(records)
+
+    def output_status(self) -> OutputStatus:
+        return self.output.status() if self.output is not None else OutputStatus(0)

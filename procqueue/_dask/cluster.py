@@ -16,6 +16,7 @@ from procqueue._protocol.pickling import dumps_callable
 from procqueue._scheduler.sizing import Sizing
 
 if TYPE_CHECKING:
+    from procqueue._dask.output import ParentWriter
     from procqueue._settings import Config
 
 INSTALL = "pip install 'procqueue[dask]'"
@@ -62,6 +63,7 @@ class Cluster:
         self.addr: list[str | None] = [None] * self.seats  # each seat's worker now
         self.pid: list[int] = [-1] * self.seats
         self.metrics: dict[str, tuple[float, int]] = {}  # by address: cpu %, rss
+        self.writer: ParentWriter | None = None  # a FileOutput's, written in the parent
         self.init = None if cfg.initializer is None else dumps_callable((cfg.initializer, cfg.initargs))
 
     def _no_dask_retries(self) -> None:
@@ -114,7 +116,10 @@ class Cluster:
             raise
 
     def close(self) -> None:
-        """The pool has ended: let go of what it installed; close what it owns."""
+        """The pool has ended: write what the output holds, let go of what it
+        installed, close what it owns."""
+        if self.writer is not None:
+            self.writer.close()
         if self.cluster is None:  # a cluster that outlives the pool keeps nothing of it
             names = [f"procqueue-start-{self.prefix}"] + ([f"procqueue-init-{self.prefix}"] if self.init else [])
             for name in names:
@@ -134,6 +139,7 @@ class Cluster:
 
 
 def _local_cluster(distributed: Any, workers: int, security: Any, dashboard: bool) -> Any:
+    """The pool's own cluster: `workers` processes of one thread on 127.0.0.1."""
     import dask
 
     settings = {
@@ -146,7 +152,10 @@ def _local_cluster(distributed: Any, workers: int, security: Any, dashboard: boo
             threads_per_worker=1,
             processes=True,
             host="127.0.0.1",
-            dashboard_address=":0" if dashboard else None,
+            # The scheduler serves HTTP (health, metrics) even without a dashboard: on a free
+            # loopback port, not 8787, which another cluster may hold.
+            dashboard_address="127.0.0.1:8787" if dashboard else "127.0.0.1:0",
+            scheduler_kwargs={"dashboard": dashboard},
             memory_limit=0,  # the pool decides about memory, not the nanny
             security=security,
             silence_logs=logging.CRITICAL,  # a worker's death is the pool's to report, not Dask's

@@ -255,7 +255,10 @@ class Loop:
                 return
             finally:
                 future.release()  # a held result is recomputed if its worker dies
-            values = Values(memoryview(body), self._unloadable)
+            values: Values | None = Values(memoryview(body), self._unloadable)
+            if self.b.writer is not None:  # a FileOutput takes the values; none come back
+                self.b.writer.values(body)
+                values = None
             with core.cv:
                 self.execute(core.apply(s.batch_done(msg, values, time.monotonic()), later))
             run_all(later)

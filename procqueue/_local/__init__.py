@@ -14,7 +14,7 @@ module points here.
                                                   (own socket pair each) ──► never unpickled; counts what
     manager thread (manager.py, one selector loop):                          it forwarded; with a FileOutput
       Send ── own pipe per worker ──►                                        (procqueue run): values to the
-      (~40 ms of work queued per worker,                                     output file (file_writer.py)
+      (~40 ms of work queued per worker,                                     output file (_file_writer.py)
        so priority holds at dispatch)                                              │
                                                                                    │
       results ◄──── BatchResult + the worker's value bytes, WorkerGone ◄───────────┘

@@ -9,7 +9,7 @@ Wiring is drawn in `procqueue/_local/__init__.py`. What the collector owns:
 - forwards outcomes to the parent as the bytes the worker pickled (never
   unpickled here), counting the attempts it forwarded in a shared array the
   monitor reads; or, with a FileOutput (`procqueue run`), writes the values to the
-  output file itself (`file_writer.py`) and forwards only the header;
+  output file itself (`procqueue/_file_writer.py`) and forwards only the header;
 - on `WorkerLost` reads what the dead worker left in its socket (it wrote
   all it ever will: the process is gone) before answering `WorkerGone`, so
   the parent knows whether the outcome of the task it was running arrived.
@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from multiprocessing import connection, parent_process
 from typing import Any
 
-from procqueue._local.file_writer import OUTPUT, FileWriter, OutputSpec
+from procqueue._file_writer import OUTPUT, FileWriter, OutputSpec
 from procqueue._protocol import framing, layout
 from procqueue._protocol import messages as m
 

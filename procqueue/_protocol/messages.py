@@ -160,7 +160,7 @@ class WorkerLost:
 
 @dataclass(frozen=True)
 class OutputRecords:
-    """Records for the collector's output files (`procqueue/_local/file_writer.py`): `(seq, target, line)`,
+    """Records for the collector's output files (`procqueue/_file_writer.py`): `(seq, target, line)`,
     target 0 the output, 1 the errors file."""
 
     records: list[tuple[int, int, bytes]]

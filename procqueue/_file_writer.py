@@ -1,10 +1,10 @@
-"""The collector's file writer: output files it writes itself, so values go from the
-workers to disk without passing through the parent (`procqueue run`).
+"""Writing a `FileOutput`: on the local backend the collector process does it,
+so values go from the workers to disk without passing through the parent; on
+the Dask backend a writer thread in the parent does (`procqueue/_dask/output.py`).
 
 Each value a worker returns for the output is `(seq, line)`: `line` is whole
 lines of bytes, `seq` the record's place in the input (0, 1, 2, ... over every
-record of the run). The parent sends the records it makes itself (errors) as
-`OutputRecords`. Every write is whole lines in one `write()` on an O_APPEND
+record of the run). The parent's own records (errors) come as `OutputRecords`. Every write is whole lines in one `write()` on an O_APPEND
 descriptor, so a reader never sees a record cut short unless the writer was
 killed inside a write (`procqueue run --resume` repairs that tail).
 """
