@@ -159,19 +159,6 @@ class Run:
         """When the records go to stdout, what user code prints goes to stderr."""
         return contextlib.redirect_stdout(sys.stderr) if self.to_stdout else contextlib.nullcontext()
 
-    def backend_options(self) -> dict[str, Any]:
-        s = self.s
-        if s.backend != "dask":
-            if s.address is not None:
-                raise UsageError("--address needs --backend dask")
-            return {}
-        if s.max_tasks_per_worker is not None or s.max_worker_memory is not None:
-            raise UsageError(
-                "--max-tasks-per-worker and --max-worker-memory are for --backend local; "
-                "on Dask a worker's limits are its nanny's"
-            )
-        return {"backend": "dask", "address": s.address}
-
     def check_files(self) -> None:
         s = self.s
         if s.input is not None:
@@ -236,7 +223,7 @@ class Run:
             s.workers, s.capacity, max_retries=s.retries, task_timeout=s.timeout,
             max_tasks_per_worker=s.max_tasks_per_worker, max_worker_memory=s.max_worker_memory,
             initializer=r.prepare_worker, initargs=(self.to_stdout, s.initializer), output=output,
-            **self.backend_options(),
+            **backend_options(s),
         )  # fmt: skip
         out = pool.output
         assert out is not None  # a pool made with output= has its handle
@@ -449,6 +436,19 @@ def _run_group(opts: pq.Options, handler: r.RecordHandler, records: list[Any], c
     # (a list it also cuts in four per worker, to even its tail: here, 3x as many batches for
     # trivial records). A group is at most `capacity` records: the map pulls it all at once.
     return opts.map(handler, iter(records), chunksize=chunksize, return_exceptions=True)
+
+
+def backend_options(s: RunSettings) -> dict[str, Any]:
+    """`Pool` keywords for --backend / --address (UsageError where they do not fit)."""
+    if s.backend != "dask":
+        if s.address is not None:
+            raise UsageError("--address needs --backend dask")
+        return {}
+    if s.max_tasks_per_worker is not None or s.max_worker_memory is not None:
+        raise UsageError(
+            "--max-tasks-per-worker and --max-worker-memory are for --backend local; on Dask a worker's limits are its nanny's"
+        )
+    return {"backend": "dask", "address": s.address}
 
 
 def failure_text(line: int, type_name: str, message: str) -> str:
