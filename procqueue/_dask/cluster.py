@@ -46,6 +46,9 @@ class Cluster:
         try:
             if client is None:
                 if address is None:
+                    # Invariant 7: a scheduler on a loopback port would take any local user's client
+                    # (and run its code); with a throwaway certificate only this pool's processes get in.
+                    security = security if security is not None else _private_security(distributed)
                     self.cluster = _local_cluster(distributed, cfg.workers, security, dashboard)
                     address = self.cluster.scheduler_address
                 client = distributed.Client(address, security=security, set_as_default=False)
@@ -136,6 +139,13 @@ class Cluster:
             with contextlib.suppress(Exception):
                 self.cluster.close()
             self.cluster = None
+
+
+def _private_security(distributed: Any) -> Any:
+    try:
+        return distributed.security.Security.temporary()
+    except ImportError as exc:  # cryptography is missing
+        raise ImportError(f"Pool(backend='dask') needs cryptography for its own cluster's TLS: {INSTALL}") from exc
 
 
 def _local_cluster(distributed: Any, workers: int, security: Any, dashboard: bool) -> Any:
