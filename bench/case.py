@@ -8,6 +8,7 @@ hard time limit and records a case that overruns it as a hang.
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import sys
@@ -192,11 +193,54 @@ def durations(peer: Peer, spec: Spec) -> dict[str, Any]:
     return {"rows": rows, "times": []}
 
 
+def dask(peer: Peer, spec: Spec) -> dict[str, Any]:
+    """The Dask workload: tiny tasks, then tasks of ~`ms` ms, each mapped by a warm
+    peer. A Dask peer starts its cluster first (`cluster_start`); a pool, on it or
+    local, is then timed from its creation to its first result (`pool_start`). Only
+    the maps are in `times` (tiny) and `ms_times`; `task_s` is a ~1 ms task's own
+    time, a serial probe in this process before each repeat's maps."""
+    workers, ms_loops = spec["workers"], max(1, int(spec["ms"] * spec["loops_per_ms"]))
+    for module in filter(None, ("procqueue", peer.package)):
+        importlib.import_module(module)  # imports (distributed's take ~0.3 s) are no part of a start
+    t = time.perf_counter()
+    peer.start(workers, **spec.get("options", {}))
+    try:
+        assert peer.map(w.tiny, [1], None) == [2]
+        ready = time.perf_counter() - t
+        cluster = getattr(peer, "cluster_start", None)
+        out: dict[str, Any] = {"cluster_start": [] if cluster is None else [cluster], "pool_start": []}
+        if hasattr(peer, "pool"):  # a pool: procqueue's, local or on the cluster
+            out["pool_start"].append(ready - (cluster or 0.0))
+        n = spec["per_task_n"] if peer.per_item else spec["n"]
+        items, heavy = list(range(n)), [ms_loops] * spec["ms_n"]
+        peer.map(w.tiny, items[:200], None)  # warm: the handler known, its batch size measured
+        peer.map(w.burn, heavy[: 10 * workers], None)
+        out.update(n=n, times=[], ms=spec["ms"], ms_n=len(heavy), ms_times=[], task_s=[])
+        for _ in range(spec["repeats"]):
+            time.sleep(0.2)  # a Dask scheduler (in this process) done with the last map's tasks
+            probe = heavy[:100]
+            t = time.perf_counter()
+            for x in probe:
+                w.burn(x)
+            out["task_s"].append((time.perf_counter() - t) / len(probe))
+            t = time.perf_counter()
+            got = peer.map(w.tiny, items, None)
+            out["times"].append(time.perf_counter() - t)
+            assert len(got) == n and got[-1] == n, f"{peer.name}: {len(got)} results of {n} tiny tasks"
+            t = time.perf_counter()
+            got = peer.map(w.burn, heavy, None)
+            out["ms_times"].append(time.perf_counter() - t)
+            assert len(got) == len(heavy), f"{peer.name}: {len(got)} results of {len(heavy)} tasks"
+    finally:
+        peer.stop()
+    return out
+
+
 WORKLOADS: dict[str, Callable[[Peer, Spec], dict[str, Any]]] = {
     "tiny": tiny, "cpu": cpu, "skewed": skewed, "payload": payload, "stream": stream,
-    "startup": startup, "faults": faults, "priority": priority, "durations": durations,
+    "startup": startup, "faults": faults, "priority": priority, "durations": durations, "dask": dask,
 }  # fmt: skip
-STARTS_ITS_OWN = {"startup"}
+STARTS_ITS_OWN = {"startup", "dask"}
 
 
 def main() -> None:

@@ -73,4 +73,32 @@ def draw(summary: dict[str, list[dict[str, Any]]], out: Path, workers: int) -> l
         fig.savefig(path, dpi=110)
         plt.close(fig)
         paths.append(path)
+    if any("figures" in row for row in summary.get("dask", [])):
+        paths.append(draw_dask(summary["dask"], out, workers))
     return paths
+
+
+def draw_dask(rows: list[dict[str, Any]], out: Path, workers: int) -> Path:
+    """The dask workload: per-task cost of tiny tasks (log scale), throughput of ~1 ms tasks."""
+    rows = [r for r in rows if "figures" in r]
+    names = [f"{r['peer']}\n{r['setting']}" for r in rows]
+    colors = [HIGHLIGHT if r["peer"] == "procqueue (dask)" else "#7f7f7f" for r in rows]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
+    left.barh(names, [statistics.median(r["figures"]["tiny_us"]) for r in rows], color=colors)
+    left.set_xscale("log")
+    left.set_title("tiny tasks: microseconds per task (lower is better)", fontsize=10)
+    right.barh(names, [statistics.median(r["figures"]["ms_rate"]) for r in rows], color=colors)
+    ms = rows[0]["result"].get("ms", 1.0)
+    right.axvline(workers * 1000 / ms, linestyle="--", color="black", label=f"ideal ({workers} workers)")
+    right.legend(fontsize=8, loc="lower right")
+    right.set_title("~1 ms tasks: tasks/s (higher is better)", fontsize=10)
+    right.set_yticklabels([])
+    for ax in (left, right):
+        ax.tick_params(labelsize=8)
+        ax.invert_yaxis()
+    fig.suptitle(f"procqueue's Dask backend on a {workers}-worker LocalCluster (median of rounds)", fontsize=11)
+    fig.tight_layout()
+    path = out / "dask.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,5 +1,8 @@
 """One adapter per pool. Each runs with its own defaults when `chunksize` is None,
-or with the chunk/batch size given. A peer whose package is missing is skipped."""
+or with the chunk/batch size given. A peer whose package is missing is skipped.
+
+The Dask peers (procqueue's Dask backend, raw `client.submit`, `client.map`) run
+only the workload that names them (`dask`): each starts a LocalCluster of its own."""
 
 from __future__ import annotations
 
@@ -7,9 +10,11 @@ import concurrent.futures as cf
 import importlib
 import importlib.metadata
 import itertools
+import logging
 import multiprocessing as mp
 import os
 import pickle
+import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -19,6 +24,9 @@ class Peer:
 
     name = ""
     package: str | None = None  # the distribution to import and report the version of
+    install = "pip install 'procqueue[bench]'"  # what installs it
+    general = True  # runs every workload that does not name its peers (False: only those that do)
+    per_item = False  # one scheduler task per item (raw Dask): it gets fewer tiny tasks
 
     def available(self) -> bool:
         if self.package is None:
@@ -232,7 +240,101 @@ class Limit(Peer):
         return list(itertools.chain.from_iterable(results))
 
 
-PEERS: list[Peer] = [Procqueue(), Serial(), Limit(), Executor(), MpPool(), Loky(), Mpire(), Joblib(), Pebble()]
+class DaskCluster(Peer):
+    """A LocalCluster on loopback, a worker process of one thread per pool worker, and
+    a client of it: `start` times them (`cluster_start`), `stop` closes both."""
+
+    package = "distributed"
+    install = "pip install 'procqueue[dask]'"
+    general = False
+
+    def start(self, workers: int, **options: Any) -> None:
+        distributed: Any = importlib.import_module("distributed")  # partly typed: kept as Any
+
+        t = time.perf_counter()
+        self.cluster: Any = distributed.LocalCluster(
+            n_workers=workers,
+            threads_per_worker=1,
+            processes=True,
+            host="127.0.0.1",
+            dashboard_address=None,
+            silence_logs=logging.ERROR,
+        )
+        try:
+            self.client: Any = distributed.Client(self.cluster, set_as_default=False)
+        except BaseException:
+            self.cluster.close()
+            raise
+        self.cluster_start = time.perf_counter() - t
+
+    def stop(self) -> None:
+        try:
+            self.client.close()
+        finally:
+            self.cluster.close()
+
+    def imap(self, fn: Callable[[Any], Any], items: Iterable[Any], chunksize: int | None) -> Iterator[Any]:
+        return iter(self.map(fn, list(items), chunksize))
+
+
+class DaskPool(DaskCluster):
+    """procqueue's Dask backend on the running cluster: `Pool(backend="dask", client=...)`."""
+
+    name = "procqueue (dask)"
+
+    def start(self, workers: int, **options: Any) -> None:
+        import procqueue as pq
+
+        super().start(workers)
+        try:
+            self.pool = pq.Pool(backend="dask", client=self.client, **options)
+        except BaseException:
+            super().stop()
+            raise
+
+    def stop(self) -> None:
+        try:
+            self.pool.shutdown()
+        finally:
+            super().stop()
+
+    def map(self, fn: Callable[[Any], Any], items: list[Any], chunksize: int | None) -> list[Any]:
+        return list(self.pool.map(fn, items, chunksize=chunksize or "auto"))
+
+    def imap(self, fn: Callable[[Any], Any], items: Iterable[Any], chunksize: int | None) -> Iterator[Any]:
+        return self.pool.map(fn, items, chunksize=chunksize or "auto")
+
+    def submit(self, fn: Callable[..., Any], *args: Any, priority: int = 0) -> Any:
+        return self.pool.options(priority=priority).submit(fn, *args)
+
+
+class DaskSubmit(DaskCluster):
+    """Raw Dask: a future per item (`pure=False`: equal items are distinct tasks), then gather."""
+
+    name = "dask client.submit"
+    per_item = True
+
+    def map(self, fn: Callable[[Any], Any], items: list[Any], chunksize: int | None) -> list[Any]:
+        return self.client.gather([self.client.submit(fn, x, pure=False) for x in items])  # type: ignore[no-any-return]
+
+    def submit(self, fn: Callable[..., Any], *args: Any, priority: int = 0) -> Any:
+        return self.client.submit(fn, *args, pure=False, priority=priority)
+
+
+class DaskMap(DaskCluster):
+    """Raw Dask: `client.map` over the list (a task per item, `pure=False`), then gather."""
+
+    name = "dask client.map"
+    per_item = True
+
+    def map(self, fn: Callable[[Any], Any], items: list[Any], chunksize: int | None) -> list[Any]:
+        return self.client.gather(self.client.map(fn, items, pure=False))  # type: ignore[no-any-return]
+
+
+PEERS: list[Peer] = [
+    Procqueue(), Serial(), Limit(), Executor(), MpPool(), Loky(), Mpire(), Joblib(), Pebble(),
+    DaskPool(), DaskSubmit(), DaskMap(),
+]  # fmt: skip
 
 
 def by_name(name: str) -> Peer:

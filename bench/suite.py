@@ -6,6 +6,12 @@ the machine's description, and draws PNG charts (with matplotlib).
     python -m bench ...                       (the same, from a checkout)
 
 Example: procqueue bench --quick --workload tiny --workload faults
+
+The dask workload (it needs distributed: pip install 'procqueue[dask]') runs
+procqueue's Dask backend on a LocalCluster against raw client.submit, client.map
+and the local backend, and checks the Dask backend's goals (issue 12); its cases
+run interleaved, one repeat each per round, each in a fresh process that starts
+its own cluster outside the timed maps.
 """
 
 from __future__ import annotations
@@ -32,7 +38,11 @@ import psutil
 from . import workloads as w
 from .peers import PEERS, Peer
 
-POOLS = [p.name for p in PEERS if p.name not in ("serial", "limit (bare fork)", "procqueue")]
+POOLS = [p.name for p in PEERS if p.general and p.name not in ("serial", "limit (bare fork)", "procqueue")]
+CUSTOM = ("faults", "durations", "dask")  # workloads whose figures are not one number per repeat
+# The Dask backend's goals (issue 12): its per-task cost on tiny tasks at most this share of
+# raw client.submit's; its throughput on ~1 ms tasks at least this share of the local backend's.
+DASK_GOALS = {"tiny_vs_submit": 0.10, "ms_vs_local": 0.90}
 
 
 @dataclass
@@ -50,7 +60,14 @@ class Workload:
     serial: bool = False  # the serial loop runs it too
     limit_peer: bool = False  # the bare-fork reference runs it too
     needs: str | None = None  # a module it needs (numpy)
-    extra: dict[str, Any] = field(default_factory=dict)
+    install: str = "pip install 'procqueue[bench]'"  # what installs the module it needs
+    extra: dict[str, Any] = field(default_factory=dict)  # more of its spec
+    quick_extra: dict[str, Any] = field(default_factory=dict)  # ... and what --quick changes of it
+    peers: tuple[str, ...] | None = None  # the peers it runs, in this order (None: the general ones)
+    interleave: bool = False  # its repeats run as rounds: every case once per round, in turn
+
+    def spec_extra(self, quick: bool) -> dict[str, Any]:
+        return {**self.extra, **(self.quick_extra if quick else {})}
 
 
 WORKLOADS = [
@@ -71,6 +88,11 @@ WORKLOADS = [
              2000, 500, limit=60.0, quick_limit=20.0),
     Workload("durations", "throughput against task duration", "tasks/s", True, 0, 0, limit=120.0, quick_limit=40.0,
              extra={"durations_ms": [0.01, 0.1, 1.0, 10.0]}),
+    Workload("dask", "on a Dask LocalCluster: {n:,} trivial tasks ({per_task_n:,} a task each for raw Dask), "
+             "then {ms_n:,} tasks of ~{ms:g} ms", "us/task, tasks/s", True, 200_000, 200_000, limit=180.0,
+             quick_limit=90.0, needs="distributed", install="pip install 'procqueue[dask]'",
+             extra={"ms": 1.0, "ms_n": 2000, "per_task_n": 5000}, quick_extra={"ms_n": 1000, "per_task_n": 2000},
+             peers=("procqueue (dask)", "dask client.submit", "dask client.map", "procqueue"), interleave=True),
 ]  # fmt: skip
 BY_NAME = {wl.name: wl for wl in WORKLOADS}
 
@@ -84,7 +106,7 @@ def machine() -> dict[str, Any]:
                 break
     except OSError:
         pass
-    versions = {p.name: p.version() for p in PEERS if p.package and p.available()}
+    versions = {p.package: p.version() for p in PEERS if p.package and p.available()}
     for extra in ("numpy", "matplotlib", "cloudpickle", "psutil"):
         if importlib.util.find_spec(extra) is not None:
             versions[extra] = importlib.metadata.version(extra)
@@ -155,6 +177,8 @@ def settings(wl: Workload, peer: Peer, quick: bool) -> list[dict[str, Any]]:
     """The settings a peer runs a workload with: its defaults, then each chunk size of the sweep."""
     if wl.name == "faults" and peer.name == "procqueue":
         return [{"label": "defaults"}, {"label": "max_retries=1", "options": {"max_retries": 1}}]
+    if wl.name == "dask":  # procqueue's defaults either way; raw Dask's pure=False, as procqueue's own tasks
+        return [{"label": {"procqueue": "backend=local", "procqueue (dask)": "client=c"}.get(peer.name, "pure=False")}]
     if peer.name in ("serial", "limit (bare fork)"):
         return [{"label": "-"}]
     sweep = wl.quick_sweep if quick else wl.sweep
@@ -164,8 +188,13 @@ def settings(wl: Workload, peer: Peer, quick: bool) -> list[dict[str, Any]]:
 
 
 def plan(wl: Workload, chosen: list[Peer], two_best: list[str]) -> list[Peer]:
+    if wl.peers is not None:
+        order = list(wl.peers)
+        return sorted((p for p in chosen if p.name in order), key=lambda p: order.index(p.name))
     peers = []
     for peer in sorted(chosen, key=lambda p: p.name != "serial"):  # serial first: the others' figures use it
+        if not peer.general:
+            continue
         if peer.name == "serial" and not wl.serial:
             continue
         if peer.name == "limit (bare fork)" and not wl.limit_peer:
@@ -211,19 +240,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="smaller inputs, fewer repeats and settings: about 2 minutes")
     ap.add_argument("--workload", action="append", choices=list(BY_NAME), help="run only these (repeatable)")
     ap.add_argument("--peer", action="append", help="run only these peers (repeatable; procqueue always runs)")
-    ap.add_argument("--repeats", type=int, default=None, help="timed runs per case (default 3, quick 2)")
+    ap.add_argument(
+        "--repeats", type=int, default=None, help="timed runs per case (default 3, quick 2; dask: rounds of its cases)"
+    )
     ap.add_argument("--workers", type=int, default=2, help="worker processes per pool (default 2)")
     ap.add_argument("--out", default="bench-results", help="where the JSON and PNG files go (default bench-results/)")
     args = ap.parse_args(argv)
     quick = args.quick
     repeats = args.repeats or (2 if quick else 3)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so a killed suite still ends the case it runs
-    chosen = [p for p in PEERS if args.peer is None or p.name in args.peer or p.name == "procqueue"]
-    notes = [
-        f"{p.name} is not installed: skipped (pip install 'procqueue[bench]')" for p in chosen if not p.available()
-    ]
-    chosen = [p for p in chosen if p.available()]
     todo = [BY_NAME[n] for n in args.workload] if args.workload else WORKLOADS
+    named = {name for wl in todo for name in wl.peers or ()}
+    always = ("procqueue", "procqueue (dask)")
+    chosen = [p for p in PEERS if args.peer is None or p.name in args.peer or p.name in always]
+    chosen = [p for p in chosen if p.general or p.name in named]
+    notes = [f"{p.name} is not installed: skipped ({p.install})" for p in chosen if not p.available()]
+    chosen = [p for p in chosen if p.available()]
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
 
@@ -240,27 +272,41 @@ def main(argv: list[str] | None = None) -> int:
     summary: dict[str, list[dict[str, Any]]] = {}
     for wl in todo:
         if wl.needs and importlib.util.find_spec(wl.needs) is None:
-            print(f"\n{wl.name}: skipped, it needs {wl.needs} (pip install 'procqueue[bench]')")
+            print(f"\n{wl.name}: skipped, it needs {wl.needs} ({wl.install})")
             continue
         n = wl.quick_n if quick else wl.n
-        print(f"\n{wl.name}: {wl.title.format(n=n)}")
+        print(f"\n{wl.name}: {wl.title.format(n=n, **wl.spec_extra(quick))}")
         rows = []
-        for peer in plan(wl, chosen, two_best):
-            for setting in settings(wl, peer, quick):
-                spec = {
-                    "workload": wl.name, "peer": peer.name, "chunksize": setting.get("chunksize"),
-                    "options": setting.get("options", {}), "n": n, "repeats": repeats if wl.name != "faults" else 1,
-                    "workers": args.workers, "loops_per_ms": lpm, "budget": 3.0 if quick else 8.0,
-                    "seconds": 0.3 if quick else 1.0, **wl.extra,
-                }  # fmt: skip
-                result = run_case(spec, wl.quick_limit if quick else wl.limit)
-                cases.append({"spec": spec, "result": result})
-                row = {"peer": peer.name, "setting": setting["label"], "result": result}
-                if "times" in result and wl.name not in ("faults", "durations"):
-                    vals = figures(wl, result, args.workers)
-                    row.update(median=statistics.median(vals), low=min(vals), high=max(vals))
-                rows.append(row)
-                print("  " + describe(wl, row))
+        jobs = [(peer, setting) for peer in plan(wl, chosen, two_best) for setting in settings(wl, peer, quick)]
+        rounds = repeats if wl.interleave else 1
+        got: list[list[dict[str, Any]]] = [[] for _ in jobs]
+        specs = []
+        for peer, setting in jobs:
+            spec = {
+                "workload": wl.name, "peer": peer.name, "chunksize": setting.get("chunksize"),
+                "options": setting.get("options", {}), "n": n,
+                "repeats": 1 if wl.interleave or wl.name == "faults" else repeats,
+                "workers": args.workers, "loops_per_ms": lpm, "budget": 3.0 if quick else 8.0,
+                "seconds": 0.3 if quick else 1.0, **wl.spec_extra(quick), **({"rounds": rounds} if wl.interleave else {}),
+            }  # fmt: skip
+            specs.append(spec)
+        for r in range(rounds):
+            for k, (peer, setting) in enumerate(jobs):
+                if any(failed(res) for res in got[k]):
+                    continue  # it failed in an earlier round: once is enough
+                got[k].append(run_case(specs[k], wl.quick_limit if quick else wl.limit))
+                if wl.interleave:
+                    one = row_of(wl, peer.name, setting["label"], got[k][-1:], args.workers)
+                    print(f"  round {r + 1}/{rounds}: {describe(wl, one)}")
+                else:
+                    rows.append(row_of(wl, peer.name, setting["label"], got[k], args.workers))
+                    print("  " + describe(wl, rows[-1]))
+        if wl.interleave:
+            print(f"  medians of {rounds} rounds:")
+            for k, (peer, setting) in enumerate(jobs):
+                rows.append(row_of(wl, peer.name, setting["label"], got[k], args.workers))
+                print("  " + describe(wl, rows[-1]))
+        cases.extend({"spec": spec, "result": row["result"]} for spec, row in zip(specs, rows, strict=True))
         summary[wl.name] = rows
         if wl.name == "tiny":
             two_best = best_peers(rows, 2) or two_best
@@ -269,6 +315,8 @@ def main(argv: list[str] | None = None) -> int:
     print(table)
     data = {"machine": machine(), "quick": quick, "repeats": repeats, "workers": args.workers,
             "loops_per_ms": lpm, "notes": notes, "cases": cases}  # fmt: skip
+    if "dask" in summary:
+        data["dask_goals"] = dask_goals(summary["dask"])
     (out_dir / "results.json").write_text(json.dumps(data, indent=1))
     (out_dir / "table.txt").write_text(table)
     print(f"raw figures: {out_dir / 'results.json'}; table: {out_dir / 'table.txt'}")
@@ -280,6 +328,119 @@ def main(argv: list[str] | None = None) -> int:
         for path in draw(summary, out_dir, args.workers):
             print(f"chart: {path}")
     return 0
+
+
+def failed(result: dict[str, Any]) -> bool:
+    return bool(result.get("hang")) or "error" in result
+
+
+def merged(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """One case's result from its rounds: their lists joined, their walls summed; a failed
+    round (the last one run) stands for the case, with how many rounds went well before it."""
+    if failed(results[-1]):
+        return dict(results[-1], rounds_ok=len(results) - 1) if len(results) > 1 else results[-1]
+    out: dict[str, Any] = {}
+    for res in results:
+        for key, value in res.items():
+            if isinstance(value, list):
+                out.setdefault(key, []).extend(value)
+            else:
+                out.setdefault(key, value)
+    out["wall"] = sum(res["wall"] for res in results)
+    return out
+
+
+def row_of(wl: Workload, peer: str, setting: str, results: list[dict[str, Any]], workers: int) -> dict[str, Any]:
+    """A table row: a case's result (its rounds merged) and its figures."""
+    result = merged(results)
+    row: dict[str, Any] = {"peer": peer, "setting": setting, "result": result}
+    if "times" in result and wl.name not in CUSTOM:
+        vals = figures(wl, result, workers)
+        row.update(median=statistics.median(vals), low=min(vals), high=max(vals))
+    if "times" in result and wl.name == "dask":
+        row["figures"] = dask_figures(result, workers)
+    return row
+
+
+def dask_figures(result: dict[str, Any], workers: int) -> dict[str, list[float]]:
+    """Per-round figures of a dask case: per tiny task, microseconds of wall time and
+    tasks/s; per ~1 ms task, tasks/s, the share of the ideal (every worker busy with
+    the tasks' own work, `task_s` each: its serial probe) and the overhead, microseconds
+    a worker spends on a task beyond its own work; the cluster's and the pool's start."""
+    n, ms_n, times, ms_times = result["n"], result["ms_n"], result["times"], result["ms_times"]
+    pairs = list(zip(ms_times, result["task_s"], strict=True))
+    return {
+        "tiny_us": [t / n * 1e6 for t in times],
+        "tiny_rate": [n / t for t in times],
+        "ms_rate": [ms_n / t for t in ms_times],
+        "ms_ideal": [ms_n / t / (workers / s) for t, s in pairs],
+        "ms_over_us": [(t * workers / ms_n - s) * 1e6 for t, s in pairs],
+        "cluster_start": list(result["cluster_start"]),
+        "pool_start": list(result["pool_start"]),
+    }
+
+
+def dask_goals(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The Dask backend's goals (DASK_GOALS) from the medians, and the same ratio per round
+    (the rounds ran interleaved: a round's cases ran one after another)."""
+    figs = {row["peer"]: row["figures"] for row in rows if "figures" in row}
+    goals: dict[str, Any] = {}
+    pool, submit, local = figs.get("procqueue (dask)"), figs.get("dask client.submit"), figs.get("procqueue")
+    if pool and submit:
+        goals["tiny_vs_submit"] = {
+            "what": "per-task cost on tiny tasks, procqueue (dask) / dask client.submit",
+            "ratio": statistics.median(pool["tiny_us"]) / statistics.median(submit["tiny_us"]),
+            "rounds": [a / b for a, b in zip(pool["tiny_us"], submit["tiny_us"], strict=False)],
+            "goal": f"<= {DASK_GOALS['tiny_vs_submit']}",
+        }
+        goals["tiny_vs_submit"]["met"] = goals["tiny_vs_submit"]["ratio"] <= DASK_GOALS["tiny_vs_submit"]
+    if pool and local:
+        goals["ms_vs_local"] = {
+            "what": "throughput on ~1 ms tasks, procqueue (dask) / procqueue (local backend)",
+            "ratio": statistics.median(pool["ms_rate"]) / statistics.median(local["ms_rate"]),
+            "rounds": [a / b for a, b in zip(pool["ms_rate"], local["ms_rate"], strict=False)],
+            "goal": f">= {DASK_GOALS['ms_vs_local']}",
+        }
+        goals["ms_vs_local"]["met"] = goals["ms_vs_local"]["ratio"] >= DASK_GOALS["ms_vs_local"]
+    return goals
+
+
+def us(value: float) -> str:
+    """Microseconds, to three figures or so."""
+    return f"{value:.2f}" if value < 10 else f"{value:.1f}" if value < 100 else f"{value:,.0f}"
+
+
+def dask_table(wl: Workload, rows: list[dict[str, Any]]) -> list[str]:
+    """The dask workload's lines of the table: per peer, medians (min-max) of the rounds, then the goals."""
+    lines = [
+        f"  {'':39s} | {'tiny tasks':^37s} | {'~1 ms tasks':^44s} | {'start (s)':^15s}",
+        f"  {'peer':22s} {'setting':16s} | {'us/task':>8s} {'(min-max)':17s} {'tasks/s':>10s} | "
+        f"{'tasks/s':>7s} {'(min-max)':15s} {'of ideal':>9s} {'+us/task':>10s} | {'cluster':>7s} {'pool':>7s}",
+    ]
+    for row in rows:
+        if "figures" not in row:
+            lines.append("  " + describe(wl, row))
+            continue
+        f = row["figures"]
+        med = {k: statistics.median(v) for k, v in f.items() if v}
+        tiny_range = f"({us(min(f['tiny_us']))}-{us(max(f['tiny_us']))})"
+        ms_range = f"({min(f['ms_rate']):,.0f}-{max(f['ms_rate']):,.0f})"
+        starts = " ".join(f"{med[k]:7.2f}" if k in med else f"{'-':>7s}" for k in ("cluster_start", "pool_start"))
+        lines.append(
+            f"  {row['peer']:22s} {row['setting']:16s} | {us(med['tiny_us']):>8s} {tiny_range:17s} "
+            f"{fmt(med['tiny_rate'], 'tasks/s'):>10s} | {med['ms_rate']:7,.0f} {ms_range:15s} {med['ms_ideal']:9.2f} "
+            f"{med['ms_over_us']:10,.0f} | {starts}"
+        )
+    goals = dask_goals(rows)
+    for key, g in goals.items():
+        rounds = ", ".join(f"{x:.4g}" for x in g["rounds"])
+        verdict = "met" if g["met"] else "MISSED"
+        lines.append(
+            f"  goal {key}: {g['what']}: {g['ratio']:.4g} (goal {g['goal']}): {verdict}  [per round: {rounds}]"
+        )
+    if not goals:
+        lines.append("  goals: not judged (a case failed, or its peer did not run)")
+    return lines
 
 
 def describe(wl: Workload, row: dict[str, Any]) -> str:
@@ -294,6 +455,13 @@ def describe(wl: Workload, row: dict[str, Any]) -> str:
     if wl.name == "durations":
         return (
             head + "  " + "  ".join(f"{x['ms']} ms: {x['n'] / statistics.median(x['times']):,.0f}/s" for x in r["rows"])
+        )
+    if wl.name == "dask":
+        f = {k: statistics.median(v) for k, v in row["figures"].items() if v}
+        start = "".join(f", {k.split('_')[0]} start {f[k]:.2f} s" for k in ("cluster_start", "pool_start") if k in f)
+        return (
+            f"{head} tiny {us(f['tiny_us']):>6s} us/task ({fmt(f['tiny_rate'], 'tasks/s')} tasks/s, n={r['n']:,});"
+            f"  ~1 ms: {f['ms_rate']:6,.0f} tasks/s ({f['ms_ideal']:.2f} of ideal, +{f['ms_over_us']:,.0f} us/task){start}"
         )
     extra = ""
     if wl.name == "stream":
@@ -321,7 +489,12 @@ def report(summary: dict[str, list[dict[str, Any]]], quick: bool) -> str:
     ]
     for name, rows in summary.items():
         wl = BY_NAME[name]
-        lines.append(f"\n{name}: {wl.title.format(n=wl.quick_n if quick else wl.n)} [{wl.unit}]")
+        lines.append(
+            f"\n{name}: {wl.title.format(n=wl.quick_n if quick else wl.n, **wl.spec_extra(quick))} [{wl.unit}]"
+        )
+        if name == "dask":
+            lines.extend(dask_table(wl, rows))
+            continue
         if name in ("faults", "durations"):
             lines.extend("  " + describe(wl, row) for row in rows)
             continue
