@@ -60,14 +60,14 @@ class Core:
         self.cv = threading.Condition(self.lock)
         self.runner = Runner()
         self.books_error: BaseException | None = None  # validate mode: what the ledger caught
-        self.backend = make_backend(self)  # what can fail on bad input fails before anything starts
-        policy = Policy(
-            self.backend.seats, cfg.capacity, cfg.backoff, cfg.backoff_max, cfg.max_tasks_per_worker,
-            self.backend.sizing,
-        )  # fmt: skip
-        self.scheduler = Scheduler(policy, validate=os.environ.get("PROCQUEUE_VALIDATE") == "1")
-        self.sampler = Sampler(cfg.monitor, cfg.max_worker_memory)  # a bad log path, a busy port
+        self.sampler = Sampler(cfg.monitor, cfg.max_worker_memory)  # a bad log path, a busy port fail first
         try:
+            self.backend = make_backend(self)  # the initializer pickles; a cluster is reached
+            policy = Policy(
+                self.backend.seats, cfg.capacity, cfg.backoff, cfg.backoff_max, cfg.max_tasks_per_worker,
+                self.backend.sizing,
+            )  # fmt: skip
+            self.scheduler = Scheduler(policy, validate=os.environ.get("PROCQUEUE_VALIDATE") == "1")
             self.backend.start()
         except BaseException:
             self.sampler.stop()

@@ -300,6 +300,9 @@ class Pool(concurrent.futures.Executor):
             Monitor.of(monitor), _output_spec(output),
         )  # fmt: skip
         if backend == "dask":
+            from procqueue._dask.cluster import import_distributed
+
+            import_distributed()  # without it: an ImportError that names the install command
             from procqueue._dask.backend import DaskBackend
 
             make: Any = partial(DaskBackend, address=address, client=client, security=security, dashboard=dashboard)

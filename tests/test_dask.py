@@ -233,13 +233,6 @@ def test_owned_cluster_and_its_client_end_with_the_pool() -> None:
     assert _listening() <= listening
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Core.__init__ builds the backend first, and DaskBackend.__init__ starts its LocalCluster "
-    "(Cluster.__init__); when the Sampler then fails (a monitor log that cannot be opened, a busy "
-    "Prometheus port), nothing closes that cluster: its client and worker processes outlive the "
-    "failed Pool(backend='dask') (Sampler's docstring: 'built before the pool starts any process')",
-)
 def test_a_monitor_that_cannot_start_leaves_no_cluster(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError) as info:
         pq.Pool(backend="dask", workers=1, monitor=pq.Monitor(log=str(tmp_path / "missing" / "log.jsonl")))
@@ -290,13 +283,6 @@ def test_address_runs_on_an_existing_cluster_and_leaves_it_running(cluster: Any,
         assert sorted(plain.gather(plain.map(h.add, range(4), [10] * 4, pure=False))) == [10, 11, 12, 13]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Cluster._no_dask_retries sets the external scheduler's allowed_failures to 0 and "
-    "Cluster.close never restores it: after a Pool(address=...) ends, every other client of the "
-    "cluster has lost Dask's retries (KilledWorker at the first worker death), though close() "
-    "says 'a cluster that outlives the pool keeps nothing of it'",
-)
 def test_address_leaves_the_schedulers_allowed_failures_as_it_was(cluster: Any, client: Any) -> None:
     client.run_on_scheduler(set_allowed_failures, 5)  # what its owner chose (Dask's default is 3)
     try:
@@ -361,13 +347,6 @@ def _executing(c: Any) -> list[str]:
     return [k for keys in c.run(executing_keys).values() for k in keys if k.startswith("pq-")]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="terminate() on a cluster the pool does not own only cancels its futures (Loop.cancel_now: "
-    "client.cancel(force=True)); Dask cannot stop a running task, so the handler keeps running and "
-    "holds its worker thread (for ever, for a task that hangs), though terminate() says 'Kill the "
-    "workers now' and a timeout does kill a hung worker through its nanny",
-)
 def test_terminate_frees_the_worker_of_a_hung_task_on_a_cluster_it_does_not_own(client: Any) -> None:
     pool = pq.Pool(backend="dask", client=client)
     try:
@@ -460,13 +439,6 @@ def test_without_distributed_procqueue_imports_and_a_dask_pool_fails_cleanly() -
     _without_distributed()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Pool(backend='dask') imports procqueue._dask.backend -> loop -> plugin, and plugin.py imports "
-    "distributed.diagnostics.plugin at module level, so without distributed the ImportError is Python's "
-    "own ('No module named distributed...') before Cluster's import_distributed() can add "
-    "\"pip install 'procqueue[dask]'\"",
-)
 def test_without_distributed_the_dask_backend_says_how_to_install_it() -> None:
     lines = _without_distributed()
     assert INSTALL in lines[0], lines[0]

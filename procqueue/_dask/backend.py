@@ -40,9 +40,13 @@ class DaskBackend:
         self.thread = threading.Thread(target=self._main, name="procqueue-dask", daemon=True)
 
     def start(self) -> None:
-        self.cluster.install()
-        self.loop = Loop(self.cluster, self.core)
-        self.loop.refresh(time.monotonic())
+        self.cluster.install()  # closes what it owns if it fails
+        try:
+            self.loop = Loop(self.cluster, self.core)
+            self.loop.refresh(time.monotonic())
+        except BaseException:
+            self.cluster.close()
+            raise
         self.thread.start()
 
     def _main(self) -> None:

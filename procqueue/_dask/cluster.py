@@ -43,6 +43,7 @@ class Cluster:
         self.prefix = f"pq-{secrets.token_hex(8)}-"  # procqueue's own, unguessable keys
         self.cluster: Any = None
         self.owns_client = client is None
+        self.retries_off = False  # the scheduler's allowed-failures is ours to give back
         try:
             if client is None:
                 if address is None:
@@ -57,6 +58,10 @@ class Cluster:
             self.names = self._wait_for_workers()
         except BaseException as exc:
             self._close_owned()
+            if isinstance(exc, TypeError) and str(address).startswith("tls://") and security is None:
+                raise PoolStartError(
+                    f"{address} speaks TLS: pass security=distributed.security.Security(...) with its certificates"
+                ) from exc
             if isinstance(exc, OSError | TimeoutError):
                 raise PoolStartError(
                     f"the Dask cluster could not be reached or started ({exc}); check the address"
@@ -74,6 +79,7 @@ class Cluster:
 
         try:
             self.client.run_on_scheduler(no_dask_retries)
+            self.retries_off = True
         except Exception as exc:  # a scheduler that refuses run_on_scheduler
             log.warning(
                 "procqueue: could not turn off the Dask scheduler's retries (%s); set "
@@ -123,7 +129,12 @@ class Cluster:
         installed, close what it owns."""
         if self.writer is not None:
             self.writer.close()
-        if self.cluster is None:  # a cluster that outlives the pool keeps nothing of it
+        if self.cluster is None and self.retries_off:  # a cluster that outlives the pool keeps nothing of it
+            from procqueue._dask.plugin import dask_retries_back
+
+            with contextlib.suppress(Exception):
+                self.client.run_on_scheduler(dask_retries_back)
+        if self.cluster is None:
             names = [f"procqueue-start-{self.prefix}"] + ([f"procqueue-init-{self.prefix}"] if self.init else [])
             for name in names:
                 with contextlib.suppress(Exception):

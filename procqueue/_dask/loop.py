@@ -46,6 +46,7 @@ class Loop:
         self.client = cluster.client
         self.events: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
         self.futures: dict[int, Any] = {}  # batch id -> its Dask future
+        self.seat_of: dict[int, int] = {}  # batch id -> the seat it went to
         self.started: dict[str, float] = {}  # key -> when it began (our clock)
         self.kill_reason: dict[int, ins.KillReason] = {}  # seat -> why we killed its worker
         self.kills: list[ins.Kill] = []  # to carry out without the lock
@@ -72,9 +73,21 @@ class Loop:
         self.wake()
 
     def cancel_now(self) -> None:
+        """Cancel every future of the pool; a worker already running one of its batches
+        is killed through its nanny (Dask cannot stop a running task otherwise)."""
         self.cancel_due = False
+        prefix = self.b.prefix
+        running = [
+            seat
+            for batch_id, future in self.futures.items()
+            if not future.done() and f"{prefix}{batch_id}" in self.started
+            and (seat := self.seat_of.get(batch_id)) is not None
+        ]  # fmt: skip
         with contextlib.suppress(Exception):
             self.client.cancel(list(self.futures.values()), force=True)
+        for seat in running:
+            self.kills.append(ins.Kill(seat, ins.KillReason.SHUTDOWN))
+        self.carry_out_kills()
 
     # --- the loop -----------------------------------------------------------------------------
 
@@ -98,11 +111,11 @@ class Loop:
             run_all(later)
             self.submit(sends)
             self.carry_out_kills()
+            if self.cancel_due:
+                self.cancel_now()
             with core.lock:
                 if s.closed and (s.idle() or s.broken is not None):
                     return
-            if self.cancel_due:
-                self.cancel_now()
             try:
                 self.handle(self.events.get(timeout=self.timeout()))
             except queue.Empty:
@@ -225,6 +238,7 @@ class Loop:
                 allow_other_workers=False, priority=run.priority,
             )  # fmt: skip
             self.futures[batch.batch_id] = future
+            self.seat_of[batch.batch_id] = batch.seat
             future.add_done_callback(partial(self._on_done, batch))
             with core.cv:
                 self.execute(core.apply(s.sent(batch), later))
@@ -244,6 +258,7 @@ class Loop:
     def on_done(self, batch: Batch, future: Any) -> None:
         core, s = self.core, self.s
         self.futures.pop(batch.batch_id, None)
+        self.seat_of.pop(batch.batch_id, None)
         self.started.pop(self.key(batch), None)
         later: Later = []
         status = future.status

@@ -60,10 +60,23 @@ def kill_worker_process(dask_worker: Any) -> int:
 
 
 def no_dask_retries(dask_scheduler: Any) -> int:
-    """Run on the scheduler: a worker's death fails its tasks at once (procqueue retries)."""
-    old = int(dask_scheduler.allowed_failures)
+    """Run on the scheduler: a worker's death fails its tasks at once (procqueue
+    retries). Counted per pool, so the last pool to leave restores the setting."""
+    pools = getattr(dask_scheduler, "_procqueue_pools", 0)
+    if pools == 0:
+        dask_scheduler._procqueue_allowed_failures = int(dask_scheduler.allowed_failures)
+    dask_scheduler._procqueue_pools = pools + 1
     dask_scheduler.allowed_failures = 0
-    return old
+    return pools + 1
+
+
+def dask_retries_back(dask_scheduler: Any) -> int:
+    """Run on the scheduler when a pool leaves: the last one restores Dask's retries."""
+    pools = max(0, getattr(dask_scheduler, "_procqueue_pools", 1) - 1)
+    dask_scheduler._procqueue_pools = pools
+    if pools == 0:
+        dask_scheduler.allowed_failures = getattr(dask_scheduler, "_procqueue_allowed_failures", 3)
+    return pools
 
 
 def worker_pids(dask_scheduler: Any) -> dict[str, int]:
