@@ -10,8 +10,8 @@ Example: procqueue bench --quick --workload tiny --workload faults
 The dask workload (it needs distributed: pip install 'procqueue[dask]') runs
 procqueue's Dask backend on a LocalCluster against raw client.submit, client.map
 and the local backend, and checks the Dask backend's goals (issue 12); its cases
-run interleaved, one repeat each per round, each in a fresh process that starts
-its own cluster outside the timed maps.
+run interleaved (one repeat each per round, the order reversed every other round),
+each in a fresh process that starts its own cluster outside the timed maps.
 """
 
 from __future__ import annotations
@@ -64,7 +64,8 @@ class Workload:
     extra: dict[str, Any] = field(default_factory=dict)  # more of its spec
     quick_extra: dict[str, Any] = field(default_factory=dict)  # ... and what --quick changes of it
     peers: tuple[str, ...] | None = None  # the peers it runs, in this order (None: the general ones)
-    interleave: bool = False  # its repeats run as rounds: every case once per round, in turn
+    interleave: bool = False  # its repeats run as rounds: every case once per round, in turn, the
+    # order reversed every other round (so neighbours, as the two procqueue backends, stay neighbours)
 
     def spec_extra(self, quick: bool) -> dict[str, Any]:
         return {**self.extra, **(self.quick_extra if quick else {})}
@@ -92,7 +93,7 @@ WORKLOADS = [
              "then {ms_n:,} tasks of ~{ms:g} ms", "us/task, tasks/s", True, 200_000, 200_000, limit=180.0,
              quick_limit=90.0, needs="distributed", install="pip install 'procqueue[dask]'",
              extra={"ms": 1.0, "ms_n": 2000, "per_task_n": 5000}, quick_extra={"ms_n": 1000, "per_task_n": 2000},
-             peers=("procqueue (dask)", "dask client.submit", "dask client.map", "procqueue"), interleave=True),
+             peers=("dask client.submit", "dask client.map", "procqueue (dask)", "procqueue"), interleave=True),
 ]  # fmt: skip
 BY_NAME = {wl.name: wl for wl in WORKLOADS}
 
@@ -291,7 +292,8 @@ def main(argv: list[str] | None = None) -> int:
             }  # fmt: skip
             specs.append(spec)
         for r in range(rounds):
-            for k, (peer, setting) in enumerate(jobs):
+            for k in range(len(jobs)) if r % 2 == 0 else reversed(range(len(jobs))):
+                peer, setting = jobs[k]
                 if any(failed(res) for res in got[k]):
                     continue  # it failed in an earlier round: once is enough
                 got[k].append(run_case(specs[k], wl.quick_limit if quick else wl.limit))
