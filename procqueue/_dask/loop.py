@@ -34,6 +34,8 @@ if TYPE_CHECKING:
     from procqueue._dask.cluster import Cluster
 
 POLL = 0.5  # seconds between looks at the cluster's workers (their metrics refresh as often)
+RESULT_WAIT = 30.0  # seconds to fetch a finished batch's result from a live worker before taking it for lost
+FETCH_SLICE = 0.25  # ... looking this often whether that worker is still there
 
 
 class Loop:
@@ -47,6 +49,7 @@ class Loop:
         self.events: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
         self.futures: dict[int, Any] = {}  # batch id -> its Dask future
         self.seat_of: dict[int, int] = {}  # batch id -> the seat it went to
+        self.ran_on: dict[int, str | None] = {}  # batch id -> the worker it was pinned to
         self.started: dict[str, float] = {}  # key -> when it began (our clock)
         self.kill_reason: dict[int, ins.KillReason] = {}  # seat -> why we killed its worker
         self.kills: list[ins.Kill] = []  # to carry out without the lock
@@ -239,6 +242,7 @@ class Loop:
             )  # fmt: skip
             self.futures[batch.batch_id] = future
             self.seat_of[batch.batch_id] = batch.seat
+            self.ran_on[batch.batch_id] = addr
             future.add_done_callback(partial(self._on_done, batch))
             with core.cv:
                 self.execute(core.apply(s.sent(batch), later))
@@ -256,17 +260,23 @@ class Loop:
     # --- outcomes -------------------------------------------------------------------------------
 
     def on_done(self, batch: Batch, future: Any) -> None:
-        core, s = self.core, self.s
         self.futures.pop(batch.batch_id, None)
         self.seat_of.pop(batch.batch_id, None)
         self.started.pop(self.key(batch), None)
+        try:
+            self.outcome(batch, future)
+        finally:
+            self.ran_on.pop(batch.batch_id, None)
+
+    def outcome(self, batch: Batch, future: Any) -> None:
+        core, s = self.core, self.s
         later: Later = []
         status = future.status
         if status == "finished":
             try:
-                msg, body = future.result()
-            except BaseException as exc:  # its result did not come back whole: as if its worker died
-                self.died(batch, f"{type(exc).__name__}: {exc}")
+                msg, body = self.fetch(batch, future)
+            except BaseException as exc:  # its result is lost with its worker
+                self.died(batch, f"its result was lost with its worker ({type(exc).__name__}: {exc})", ran=True)
                 return
             finally:
                 future.release()  # a held result is recomputed if its worker dies
@@ -286,13 +296,47 @@ class Loop:
         future.release()
         self.died(batch, "" if error is None else f"{type(error).__name__}: {error}")
 
-    def died(self, batch: Batch, why: str) -> None:
-        """The worker running (or about to run) `batch` died."""
+    def fetch(self, batch: Batch, future: Any) -> tuple[Any, bytes]:
+        """A finished batch's result. It waits on the worker that ran it; if that worker
+        has died since, Dask would run the batch again (pinned to the dead worker: never),
+        so the wait ends as soon as the worker is seen gone."""
+        deadline = time.monotonic() + RESULT_WAIT
+        addr = self.ran_on.get(batch.batch_id)
+        while True:
+            try:
+                result: tuple[Any, bytes] = future.result(timeout=FETCH_SLICE)
+                return result
+            except TimeoutError:  # noqa: PERF203 - a slice of the wait, a few times at most
+                workers = self.client.scheduler_info(n_workers=-1)["workers"]
+                if time.monotonic() > deadline or addr not in workers:
+                    raise
+
+    def died(self, batch: Batch, why: str, ran: bool = False) -> None:
+        """The worker of `batch`'s seat died: it was running one of the batches it held
+        (not `batch`, if `ran`: that one had finished)."""
         with self.core.lock:
             if not self.s.holds(batch):
-                return  # settled already (the pool broke, or its worker was found gone)
+                return  # settled already (its other batch's failure came first, or the pool broke)
+            running = self.running_batch(batch.seat, None if not ran else batch)
+            pid = self.b.pid[batch.seat]
         # Dask cannot say which item of a batch ran: see __init__.py.
-        self.lost_worker(batch.seat, (batch.batch_id, layout.LOADING), why, pid=self.b.pid[batch.seat])
+        at = None if running is None else (running.batch_id, layout.LOADING)
+        self.lost_worker(batch.seat, at, why, pid=pid)
+
+    def running_batch(self, seat: int, ran: Batch | None) -> Batch | None:
+        """Which of a seat's batches its worker was running (lock held): the one it said it
+        started; without that word, the one it runs first (most urgent, then oldest).
+        One that finished (`ran`, or whose future did) was not."""
+        held = [b for b in self.s.seats[seat].batches.values() if b is not ran and not self._finished(b)]
+        for b in held:
+            if self.key(b) in self.started:
+                return b
+        return min(held, key=lambda b: (-b.head.priority, b.batch_id), default=None)
+
+    def _finished(self, batch: Batch) -> bool:
+        """It ran to its end (its result may be lost, but it was not what the worker died of)."""
+        future = self.futures.get(batch.batch_id)
+        return future is not None and future.status == "finished"
 
     def lost_worker(self, seat: int, running: tuple[int, int] | None, why: str, pid: int) -> None:
         """A seat's worker `pid` is gone: one attempt of what it ran, by the scheduler's rules."""

@@ -31,12 +31,13 @@ class Sizing:
     """A backend's batch sizes and prefetch: the local backend's round trip costs
     tens of microseconds, a cluster's milliseconds, so a cluster wants longer
     batches; a backend that cannot see which item of a batch runs (`marks_items`
-    False) gets timed tasks one per batch, so a timeout is a batch's, and no
-    prefetch, so a dead worker's running batch is never in doubt."""
+    False) gets timed tasks one per batch, so a timeout is a batch's; and a
+    worker holds no more batches than the backend can tell apart (`max_held`)."""
 
     target_ns: int = TARGET_BATCH_NS
     long_ns: int = LONG_BATCH_NS
     max_held: int = MAX_HELD
+    prefetch_ns: int = PREFETCH_NS
     marks_items: bool = True
 
     def per_batch(self, est_ns: float) -> int:
@@ -70,7 +71,7 @@ class Sizing:
 
     def may_hold_more(self, held: Iterable[Batch], est: float | None) -> bool:
         """The prefetch rule: a worker gets another batch (whose items cost `est`
-        each, None when unmeasured) only while what it holds is under PREFETCH_NS
+        each, None when unmeasured) only while what it holds is under `prefetch_ns`
         of estimated work, and never more than `max_held`."""
         held = list(held)
         if not held:
@@ -83,7 +84,7 @@ class Sizing:
             if e is None:
                 return False
             queued += (b.count - b.done) * e
-        return queued < PREFETCH_NS
+        return queued < self.prefetch_ns
 
 
 LOCAL = Sizing()
