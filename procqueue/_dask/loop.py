@@ -183,19 +183,13 @@ class Loop:
                 continue
             if not seat.open and self.b.addr[i] is None and addr is not None and not self.s.stopping:
                 if pids is None:
-                    pids = self._pids()
+                    pids = worker_pid_map(self.client)
                 with self.core.lock:
                     self.b.addr[i] = addr
                     self.b.pid[i] = pids.get(addr, -1 - i - 1000 * self.incarnation)
                     self.incarnation += 1
                     self.s.worker_started(i, self.b.pid[i])
                     self.wake()
-
-    def _pids(self) -> dict[str, int]:
-        try:
-            return dict(self.client.run_on_scheduler(worker_pids))
-        except Exception:
-            return {}
 
     # --- instructions ---------------------------------------------------------------------------
 
@@ -274,7 +268,7 @@ class Loop:
         status = future.status
         if status == "finished":
             try:
-                msg, body = self.fetch(batch, future)
+                msg, body = fetch(self.client, future, self.ran_on.get(batch.batch_id))
             except BaseException as exc:  # its result is lost with its worker
                 self.died(batch, f"its result was lost with its worker ({type(exc).__name__}: {exc})", ran=True)
                 return
@@ -296,47 +290,18 @@ class Loop:
         future.release()
         self.died(batch, "" if error is None else f"{type(error).__name__}: {error}")
 
-    def fetch(self, batch: Batch, future: Any) -> tuple[Any, bytes]:
-        """A finished batch's result. It waits on the worker that ran it; if that worker
-        has died since, Dask would run the batch again (pinned to the dead worker: never),
-        so the wait ends as soon as the worker is seen gone."""
-        deadline = time.monotonic() + RESULT_WAIT
-        addr = self.ran_on.get(batch.batch_id)
-        while True:
-            try:
-                result: tuple[Any, bytes] = future.result(timeout=FETCH_SLICE)
-                return result
-            except TimeoutError:  # noqa: PERF203 - a slice of the wait, a few times at most
-                workers = self.client.scheduler_info(n_workers=-1)["workers"]
-                if time.monotonic() > deadline or addr not in workers:
-                    raise
-
     def died(self, batch: Batch, why: str, ran: bool = False) -> None:
         """The worker of `batch`'s seat died: it was running one of the batches it held
         (not `batch`, if `ran`: that one had finished)."""
         with self.core.lock:
             if not self.s.holds(batch):
                 return  # settled already (its other batch's failure came first, or the pool broke)
-            running = self.running_batch(batch.seat, None if not ran else batch)
+            held = list(self.s.seats[batch.seat].batches.values())
+            running = running_batch(held, None if not ran else batch, self.started, self.futures, self.key)
             pid = self.b.pid[batch.seat]
         # Dask cannot say which item of a batch ran: see __init__.py.
         at = None if running is None else (running.batch_id, layout.LOADING)
         self.lost_worker(batch.seat, at, why, pid=pid)
-
-    def running_batch(self, seat: int, ran: Batch | None) -> Batch | None:
-        """Which of a seat's batches its worker was running (lock held): the one it said it
-        started; without that word, the one it runs first (most urgent, then oldest).
-        One that finished (`ran`, or whose future did) was not."""
-        held = [b for b in self.s.seats[seat].batches.values() if b is not ran and not self._finished(b)]
-        for b in held:
-            if self.key(b) in self.started:
-                return b
-        return min(held, key=lambda b: (-b.head.priority, b.batch_id), default=None)
-
-    def _finished(self, batch: Batch) -> bool:
-        """It ran to its end (its result may be lost, but it was not what the worker died of)."""
-        future = self.futures.get(batch.batch_id)
-        return future is not None and future.status == "finished"
 
     def lost_worker(self, seat: int, running: tuple[int, int] | None, why: str, pid: int) -> None:
         """A seat's worker `pid` is gone: one attempt of what it ran, by the scheduler's rules."""
@@ -368,3 +333,41 @@ class Loop:
             self.client.unsubscribe_topic(START_TOPIC)
         self.b.close()
         self.core.finished()
+
+
+def fetch(client: Any, future: Any, addr: str | None) -> tuple[Any, bytes]:
+    """A finished batch's result. It waits on the worker that ran it (`addr`); if that
+    worker has died since, Dask would run the batch again (pinned to the dead worker:
+    never), so the wait ends as soon as the worker is seen gone."""
+    deadline = time.monotonic() + RESULT_WAIT
+    while True:
+        try:
+            result: tuple[Any, bytes] = future.result(timeout=FETCH_SLICE)
+            return result
+        except TimeoutError:  # noqa: PERF203 - a slice of the wait, a few times at most
+            workers = client.scheduler_info(n_workers=-1)["workers"]
+            if time.monotonic() > deadline or addr not in workers:
+                raise
+
+
+def worker_pid_map(client: Any) -> dict[str, int]:
+    """Each worker's pid, by address (empty if the scheduler will not say)."""
+    try:
+        return dict(client.run_on_scheduler(worker_pids))
+    except Exception:
+        return {}
+
+
+def running_batch(
+    held: list[Batch], ran: Batch | None, started: dict[str, float], futures: dict[int, Any], key: Any
+) -> Batch | None:
+    """Which of a seat's `held` batches its worker was running when it died: the one it said
+    it started; without that word, the one it runs first (most urgent, then oldest). One that
+    finished (`ran`, or whose future did) was not."""
+    candidates = [
+        b for b in held if b is not ran and not (b.batch_id in futures and futures[b.batch_id].status == "finished")
+    ]
+    for b in candidates:
+        if key(b) in started:
+            return b
+    return min(candidates, key=lambda b: (-b.head.priority, b.batch_id), default=None)
