@@ -23,8 +23,8 @@ from concurrent.futures import CancelledError
 from typing import Any
 
 from procqueue._backend import Backend, WorkerRow
-from procqueue._callbacks import Runner, deferring
-from procqueue._errors import Dropped, PoolClosed, ProcQueueError, QueueFull
+from procqueue._callbacks import Runner, deferring, mark_internal
+from procqueue._errors import Dropped, PoolBroken, PoolClosed, ProcQueueError, QueueFull
 from procqueue._monitor.sampler import Sampler
 from procqueue._results import Later, Stream, run_all
 from procqueue._scheduler import instructions as ins
@@ -238,6 +238,19 @@ class Core:
             self.cv.notify_all()
         self.backend.kill_all()
         run_all(later)
+
+    def run_backend(self, serve: Callable[[], None], close: Callable[[], None], what: str) -> None:
+        """The body of a backend's thread: `serve` until the pool ends, then `close`. A
+        failure there is a bug in procqueue: the pool fails loudly and leaves nothing running."""
+        mark_internal()  # futures settled on this thread hand their callbacks to the runner
+        try:
+            serve()
+        except BaseException as exc:
+            self.books_error = exc
+            self.break_pool(PoolBroken(f"procqueue's {what} failed: {type(exc).__name__}: {exc}"))
+            raise
+        finally:
+            close()
 
     def finished(self) -> None:
         """The backend has ended every process: check the books, stop the monitor."""

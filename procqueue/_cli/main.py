@@ -5,12 +5,26 @@ from __future__ import annotations
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import click
 
 from procqueue._cli.demo import count_primes
 from procqueue._pool import Pool
+
+
+def _backend_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """--backend and --address, for the commands that start a pool."""
+    fn = click.option(
+        "--address",
+        metavar="URL",
+        help="With --backend dask: the scheduler, e.g. tcp://host:8786 (default: a local cluster).",
+    )(fn)
+    return click.option(
+        "--backend", type=click.Choice(["local", "dask"]), default="local", show_default=True,
+        help="What runs the tasks: processes here, or a Dask cluster (pip install 'procqueue[dask]').",
+    )(fn)  # fmt: skip
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -34,18 +48,7 @@ def main() -> None:
     show_default=True,
     help="How many blocks of 10,000 integers to search for primes.",
 )
-@click.option(
-    "--backend",
-    type=click.Choice(["local", "dask"]),
-    default="local",
-    show_default=True,
-    help="What runs the tasks: processes here, or a Dask cluster (pip install 'procqueue[dask]').",
-)
-@click.option(
-    "--address",
-    metavar="URL",
-    help="With --backend dask: the scheduler, e.g. tcp://host:8786 (default: a local cluster).",
-)
+@_backend_options
 @click.option("--workers", type=click.IntRange(min=1), default=None, help="Worker processes (default: usable CPUs).")
 def demo(blocks: int, workers: int | None, backend: str, address: str | None) -> None:
     """Count primes below BLOCKS*10,000 on all cores, with a live view.
@@ -147,18 +150,7 @@ Exit status: 0 every record ok, 1 some failed or the run stopped early (resume i
     "--id-field", metavar="NAME", default="id", show_default=True, help="Copy this field of a record into its output."
 )
 @click.option("--live/--no-live", default=None, help="Show the live view on stderr (default: when it is a terminal).")
-@click.option(
-    "--backend",
-    type=click.Choice(["local", "dask"]),
-    default="local",
-    show_default=True,
-    help="What runs the tasks: processes here, or a Dask cluster (pip install 'procqueue[dask]').",
-)
-@click.option(
-    "--address",
-    metavar="URL",
-    help="With --backend dask: the scheduler, e.g. tcp://host:8786 (default: a local cluster).",
-)
+@_backend_options
 def run(
     handler: str, input_: str | None, output: str | None, errors: str | None, fmt: str, workers: int | None,
     capacity: int, retries: int, timeout: float | None, priority_field: str | None, ordered: bool | None,

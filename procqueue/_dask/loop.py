@@ -18,10 +18,8 @@ import time
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
-from procqueue._callbacks import mark_internal
 from procqueue._dask.plugin import START_TOPIC, kill_worker_process, worker_pids
 from procqueue._dask.task import run_batch
-from procqueue._errors import PoolBroken
 from procqueue._protocol import layout
 from procqueue._protocol.arguments import encode_batch
 from procqueue._results import Later, Values, run_all
@@ -95,15 +93,7 @@ class Loop:
     # --- the loop -----------------------------------------------------------------------------
 
     def run(self) -> None:
-        mark_internal()  # futures settled here hand their callbacks to the runner
-        try:
-            self.serve()
-        except BaseException as exc:  # a bug in procqueue: fail loudly, leave nothing running
-            self.core.books_error = exc
-            self.core.break_pool(PoolBroken(f"procqueue's Dask loop failed: {type(exc).__name__}: {exc}"))
-            raise
-        finally:
-            self.close()
+        self.core.run_backend(self.serve, self.close, "Dask loop")
 
     def serve(self) -> None:
         core, s = self.core, self.s

@@ -18,7 +18,6 @@ import selectors
 import time
 import warnings
 
-from procqueue._errors import PoolBroken
 from procqueue._local.collector_watch import CollectorWatch
 from procqueue._local.supervisor import Slot
 from procqueue._local.wiring import Phase, Tag, Wiring
@@ -46,17 +45,7 @@ class Manager:
         self.stop_deadline = float("inf")
 
     def run(self) -> None:
-        from procqueue._callbacks import mark_internal
-
-        mark_internal()  # futures settled here hand their callbacks to the runner
-        try:
-            self.serve()
-        except BaseException as exc:  # a bug in procqueue: fail loudly, leave nothing running
-            self.core.books_error = exc
-            self.core.break_pool(PoolBroken(f"procqueue's manager thread failed: {type(exc).__name__}: {exc}"))
-            raise
-        finally:
-            self.close()
+        self.core.run_backend(self.serve, self.close, "manager thread")
 
     def serve(self) -> None:
         b, core, sel = self.b, self.core, self.b.sel
