@@ -239,6 +239,12 @@ class Core:
         self.backend.kill_all()
         run_all(later)
 
+    def may_wait_for(self, thread: threading.Thread) -> bool:
+        """Whether the calling thread may join a backend's `thread`: not that thread itself,
+        nor the monitor's (the backend ends by stopping the monitor), and only once started."""
+        me = threading.current_thread()
+        return me is not thread and me is not self.sampler.thread and thread.ident is not None
+
     def run_backend(self, serve: Callable[[], None], close: Callable[[], None], what: str) -> None:
         """The body of a backend's thread: `serve` until the pool ends, then `close`. A
         failure there is a bug in procqueue: the pool fails loudly and leaves nothing running."""

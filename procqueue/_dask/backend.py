@@ -58,8 +58,7 @@ class DaskBackend:
             self.loop.wake()
 
     def may_join(self) -> bool:
-        me = threading.current_thread()
-        return me is not self.thread and me is not self.core.sampler.thread and self.thread.ident is not None
+        return self.core.may_wait_for(self.thread)
 
     def join(self) -> None:
         self.thread.join()

@@ -47,8 +47,7 @@ class LocalBackend:
 
     def may_join(self) -> bool:
         """The manager ends by stopping the monitor: neither thread may wait for it."""
-        me = threading.current_thread()
-        return me is not self.thread and me is not self.core.sampler.thread and self.thread.ident is not None
+        return self.core.may_wait_for(self.thread)
 
     def join(self) -> None:
         self.thread.join()
