@@ -20,7 +20,6 @@ import time
 import weakref
 from collections.abc import Callable, Iterable
 from concurrent.futures import CancelledError
-from typing import Any
 
 from procqueue._backend import Backend, WorkerRow
 from procqueue._callbacks import Runner, deferring, mark_internal
@@ -203,17 +202,14 @@ class Core:
                 self.apply(s.cancel_pending(), later)
                 for f in feeds:  # the rest of their input is not read
                     f.exhausted, f.input_done = True, True
-                    _set_error(f, CancelledError("the pool was shut down with cancel_futures=True"))
+                    f.error = f.error or CancelledError("the pool was shut down with cancel_futures=True")
                 feeds.clear()
             for f in feeds:
                 if not f.managed and not f.input_done:  # what was read still runs; then this
                     f.input_done = True
-                    _set_error(
-                        f,
-                        PoolClosed(
-                            "the pool was shut down before this map's input was read to the end; "
-                            "iterate the results inside the `with` block, or pass a list"
-                        ),
+                    f.error = f.error or PoolClosed(
+                        "the pool was shut down before this map's input was read to the end; "
+                        "iterate the results inside the `with` block, or pass a list"
                     )
             self.cv.notify_all()
             self.wake()
@@ -300,7 +296,3 @@ class Core:
     def recycle(self, seat: int, pid: int) -> None:
         """The monitor saw worker `pid` past max_worker_memory: the backend retires it."""
         self.backend.recycle(seat, pid)
-
-
-def _set_error(feed: Any, error: BaseException) -> None:
-    feed.error = error

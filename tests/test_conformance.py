@@ -362,6 +362,22 @@ def test_shutdown_cancel_futures_cancels_the_rest_of_a_map(make_pool: MakePool) 
     assert balanced(s) and s.cancelled == 50
 
 
+@pytest.mark.parametrize("source", ["list", "generator"])
+def test_a_parked_map_of_a_terminated_pool_raises_instead_of_ending_short(make_pool: MakePool, source: str) -> None:
+    # Its window full of finished results, the map cuts nothing more until they are
+    # read; the pool ends meanwhile. The items never cut must not vanish in silence.
+    pool = make_pool(workers=1)
+    n = 100_000
+    results = pool.map(h.square, list(range(n)) if source == "list" else iter(range(n)), chunksize=10)
+    got = [next(results)]
+    time.sleep(0.5)
+    pool.terminate()
+    with pytest.raises(pq.PoolClosed, match="terminated"):
+        for y in results:
+            got.append(y)
+    assert got == [x * x for x in range(len(got))] and len(got) < n
+
+
 def test_stats_snapshot_and_json(pool: pq.Pool) -> None:
     list(pool.map(h.square, range(100)))
     s = pool.stats()

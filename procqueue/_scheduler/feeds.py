@@ -38,6 +38,7 @@ class Feed(Protocol):
     pos: int  # items before this were cut
     input_done: bool  # nothing more will be appended to `seq`
     exhausted: bool  # set here: the scheduler is done with it
+    error: BaseException | None  # raised to its reader after the results: why its input stopped
     managed: bool  # `seq` is the whole input (a list, tuple or range)
     size: int | None  # chunksize, or None for automatic
     limit: int  # the least window of unread results

@@ -144,7 +144,9 @@ class Scheduler:
             self.broken = error
         self.closed = True
         self.settlement.fail_all(self.broken)
-        for f in self.feeds.feeds:  # their readers get the error; nothing more is cut from them
+        for f in self.feeds.feeds:  # nothing more is cut from them; items never cut end their reader with the error
+            if f.error is None and not (f.input_done and f.pos >= len(f.seq)):
+                f.error = self.broken
             f.exhausted = True
         self.feeds.feeds.clear()
         return self._take()

@@ -104,6 +104,7 @@ class FakeFeed:
         self.pos = 0
         self.input_done = managed
         self.exhausted = False
+        self.error: BaseException | None = None
         self.managed = managed
         self.size = size
         self.limit = limit

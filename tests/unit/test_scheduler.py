@@ -1190,11 +1190,24 @@ def test_break_pool_lets_go_of_the_maps_being_fed() -> None:
     feed = FakeFeed(h, range(10))
     s.add_feed(feed)
     s.dispatch(0.0)
-    s.break_pool(PoolBroken("gone"))
+    broken = PoolBroken("gone")
+    s.break_pool(broken)
     s.dispatch(1.0)
     assert s.books.in_flight == 0 and s.queue.pending == 0
     assert s.idle()
     assert feed.exhausted and s.feeds.feeds == []
+    # Items never cut must not vanish: the reader ends with the pool's error.
+    assert 0 < feed.pos < 10 and feed.error is broken
+
+
+def test_break_pool_does_not_fail_a_map_whose_input_was_all_cut() -> None:
+    s = make_scheduler(1)
+    feed = FakeFeed(s.handlers.get(len), range(3), size=3)
+    s.add_feed(feed)
+    s.dispatch(0.0)
+    assert feed.pos == 3
+    s.break_pool(PoolBroken("gone"))
+    assert feed.exhausted and feed.error is None  # its tasks fail one by one instead
 
 
 @pytest.mark.parametrize("urgent", ["submit", "map"])
