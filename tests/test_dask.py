@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -484,6 +485,27 @@ def test_os_exit_costs_one_attempt_and_bystanders_nothing(tmp_path: Path) -> Non
     assert balanced(s) and s.crashed == 2
 
 
+def test_sigkill_of_a_worker_holding_two_batches_charges_the_one_that_ran() -> None:
+    """The seat's second batch waits on its first inside Dask: when the worker is killed
+    from outside, Dask names the running one, and the queued one runs again uncharged."""
+    with pq.Pool(backend="dask", workers=1, backoff=0.01) as pool:
+        list(pool.map(h.sleep_then, range(4), [0.01] * 4))  # measured: the next ones may be prefetched
+        list(pool.map(h.square, range(4)))
+        (pid,) = _stat_pids(pool)
+        running = pool.submit(h.sleep_then, 1, 3.0)
+        queued = pool.submit(h.square, 3)
+        time.sleep(1.0)
+        assert not running.done() and not queued.done()
+        os.kill(pid, signal.SIGKILL)
+        with pytest.raises(pq.WorkerCrashed) as info:
+            running.result(timeout=60)
+        assert info.value.attempts == 1 and info.value.pid == pid
+        assert queued.result(timeout=60) == 9 and queued.attempts == 1 and queued.worker_pid != pid
+        s = pool.stats()
+        assert (s.crashed, s.failed, s.retried) == (1, 1, 0)
+    assert balanced(pool.stats())
+
+
 def test_a_crash_inside_a_batch_charges_only_the_item_that_ran_it() -> None:
     """Dask cannot say which item of a batch killed the worker: the batch is bisected,
     uncharged, and only the item that kills its worker alone is charged."""
@@ -615,7 +637,8 @@ def test_an_urgent_task_overtakes_hundreds_waiting() -> None:
     assert t_low == sorted(t_low), "equal priority did not run in submission order"
     before = sum(t < t_high for t in t_low)
     after = len(t_low) - before
-    # Only what was dispatched when it came may run first: one batch in flight on the seat.
-    assert before - done_at_submit <= 300, (done_at_submit, before)
+    # Only what was dispatched when it came may run first: the seat's two batches of
+    # ~200 ms of work (~400 of these 1 ms tasks), plus slack for a noisy machine.
+    assert before - done_at_submit <= 500, (done_at_submit, before)
     assert after >= 800, f"the urgent task waited for {before} of 1500 lower ones"
     assert t_low[before:] == sorted(t_low[before:]) and min(t_low[before:]) > t_high

@@ -15,8 +15,11 @@ from __future__ import annotations
 import contextlib
 import queue
 import time
+from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any
+
+from distributed.scheduler import KilledWorker
 
 from procqueue._dask.plugin import START_TOPIC, kill_worker_process, worker_pids
 from procqueue._dask.task import run_batch
@@ -48,6 +51,8 @@ class Loop:
         self.futures: dict[int, Any] = {}  # batch id -> its Dask future
         self.seat_of: dict[int, int] = {}  # batch id -> the seat it went to
         self.ran_on: dict[int, str | None] = {}  # batch id -> the worker it was pinned to
+        self.last_sent: dict[int, Any] = {}  # seat -> the future of the batch it got last
+        self.finished: set[int] = set()  # batch ids Dask said finished (set from its thread)
         self.started: dict[str, float] = {}  # key -> when it began (our clock)
         self.kill_reason: dict[int, ins.KillReason] = {}  # seat -> why we killed its worker
         self.kills: list[ins.Kill] = []  # to carry out without the lock
@@ -66,7 +71,12 @@ class Loop:
         self.events.put(("start", event[1].get("key"), time.monotonic()))
 
     def _on_done(self, batch: Batch, future: Any) -> None:
-        self.events.put(("done", batch, future))
+        # A done callback that finds its future neither failed nor cancelled means it finished:
+        # if its worker died since, the result is lost ("pending" again), yet it ran.
+        status = future.status
+        if status not in ("error", "cancelled"):
+            self.finished.add(batch.batch_id)
+        self.events.put(("done", batch, future, status))
 
     def cancel_all(self) -> None:
         """The pool broke or was terminated: stop what runs (its outcomes no longer matter)."""
@@ -123,7 +133,7 @@ class Loop:
     def handle(self, event: tuple[Any, ...]) -> None:
         kind = event[0]
         if kind == "done":
-            self.on_done(event[1], event[2])
+            self.on_done(event[1], event[2], event[3])
         elif kind == "start":
             self.started[event[1]] = event[2]
 
@@ -219,11 +229,17 @@ class Loop:
                     core.apply(s.unsendable(batch, rejected), later)
                     continue
             body = b"".join(parts)
+            # A second batch for the seat waits on the first inside Dask (not on a round trip
+            # through this loop), so Dask never holds two of a seat's batches "processing":
+            # when the worker dies, the one Dask fails for itself is the one that ran.
+            before = self.last_sent.get(batch.seat)
+            after = () if before is None or before.done() else (before,)
             future = self.client.submit(
-                run_batch, batch.batch_id, batch.count, blob, body, int(run.call), run.attempt, run.packed,
+                run_batch, batch.batch_id, batch.count, blob, body, int(run.call), run.attempt, run.packed, *after,
                 key=self.key(batch), pure=False, retries=0, workers=[addr] if addr else None,
                 allow_other_workers=False, priority=run.priority,
             )  # fmt: skip
+            self.last_sent[batch.seat] = future
             self.futures[batch.batch_id] = future
             self.seat_of[batch.batch_id] = batch.seat
             self.ran_on[batch.batch_id] = addr
@@ -243,51 +259,49 @@ class Loop:
 
     # --- outcomes -------------------------------------------------------------------------------
 
-    def on_done(self, batch: Batch, future: Any) -> None:
+    def on_done(self, batch: Batch, future: Any, status: str) -> None:
         self.futures.pop(batch.batch_id, None)
         self.seat_of.pop(batch.batch_id, None)
         self.started.pop(self.key(batch), None)
         try:
-            self.outcome(batch, future)
+            self.outcome(batch, future, status)
         finally:
             self.ran_on.pop(batch.batch_id, None)
+            self.finished.discard(batch.batch_id)
 
-    def outcome(self, batch: Batch, future: Any) -> None:
+    def outcome(self, batch: Batch, future: Any, status: str) -> None:
         core, s = self.core, self.s
-        later: Later = []
-        status = future.status
-        if status == "finished":
-            try:
-                msg, body = fetch(self.client, future, self.ran_on.get(batch.batch_id))
-            except BaseException as exc:  # its result is lost with its worker
-                self.died(batch, f"its result was lost with its worker ({type(exc).__name__}: {exc})", ran=True)
-                return
-            finally:
-                future.release()  # a held result is recomputed if its worker dies
-            values: Values | None = Values(memoryview(body), self._unloadable)
-            if self.b.writer is not None:  # a FileOutput takes the values; none come back
-                self.b.writer.values(body)
-                values = None
-            with core.cv:
-                self.execute(core.apply(s.batch_done(msg, values, time.monotonic()), later))
-            run_all(later)
-            return
         if status == "cancelled" and s.broken is not None:
+            future.release()
             return  # the pool broke: everything was settled already
-        error: BaseException | None = None
-        with contextlib.suppress(BaseException):
-            error = future.exception(timeout=0)
-        future.release()
-        self.died(batch, "" if error is None else f"{type(error).__name__}: {error}")
+        got = take_result(self.client, future, status, self.ran_on.get(batch.batch_id))
+        if isinstance(got, Lost):
+            if got.alive:  # its worker holds the result yet will not give it: end that worker
+                self.kill_reason.setdefault(batch.seat, ins.KillReason.STALLED)
+                self.kills.append(ins.Kill(batch.seat, ins.KillReason.STALLED))
+                self.carry_out_kills()
+            self.died(batch, got.why, got.ran, got.named)
+            return
+        msg, body = got
+        values: Values | None = Values(memoryview(body), self._unloadable)
+        if self.b.writer is not None:  # a FileOutput takes the values; none come back
+            self.b.writer.values(body)
+            values = None
+        later: Later = []
+        with core.cv:
+            self.execute(core.apply(s.batch_done(msg, values, time.monotonic()), later))
+        run_all(later)
 
-    def died(self, batch: Batch, why: str, ran: bool = False) -> None:
+    def died(self, batch: Batch, why: str, ran: bool = False, named: Any = None) -> None:
         """The worker of `batch`'s seat died: it was running one of the batches it held
-        (not `batch`, if `ran`: that one had finished)."""
+        (not `batch`, if `ran`: that one had finished; the one keyed `named` if Dask said)."""
         with self.core.lock:
             if not self.s.holds(batch):
                 return  # settled already (its other batch's failure came first, or the pool broke)
             held = list(self.s.seats[batch.seat].batches.values())
-            running = running_batch(held, None if not ran else batch, self.started, self.futures, self.key)
+            running = next((b for b in held if named is not None and self.key(b) == named), None)
+            if running is None:
+                running = running_batch(held, None if not ran else batch, self.started, self.finished, self.key)
             pid = self.b.pid[batch.seat]
         # Dask cannot say which item of a batch ran: see __init__.py.
         at = None if running is None else (running.batch_id, layout.LOADING)
@@ -325,6 +339,38 @@ class Loop:
         self.core.finished()
 
 
+@dataclass
+class Lost:
+    """How a batch's worker's death took it."""
+
+    why: str
+    ran: bool = False  # it had finished: its result went with its worker
+    named: Any = None  # the key of the task Dask says that worker was running
+    alive: bool = False  # its worker is still there, but its result could not be fetched
+
+
+def take_result(client: Any, future: Any, status: str, addr: str | None) -> tuple[Any, bytes] | Lost:
+    """A done batch's result (`status`: its future's when its done callback ran), or how it was lost."""
+    try:
+        if status == "finished":
+            try:
+                return fetch(client, future, addr)
+            except BaseException as exc:
+                alive = isinstance(exc, TimeoutError) and addr in known_workers(client)
+                return Lost(f"its result could not be fetched ({type(exc).__name__}: {exc})", ran=True, alive=alive)
+        if status not in ("error", "cancelled"):  # it finished, then its worker died
+            return Lost("its result was lost with its worker", ran=True)
+        error: BaseException | None = None
+        with contextlib.suppress(BaseException):
+            error = future.exception(timeout=0)
+        # KilledWorker names the task Dask had running on the dead worker: this one, or
+        # the one it was chained after.
+        named = error.task if isinstance(error, KilledWorker) else None
+        return Lost("" if error is None else f"{type(error).__name__}: {error}", named=named)
+    finally:
+        future.release()  # a held result is recomputed if its worker dies
+
+
 def fetch(client: Any, future: Any, addr: str | None) -> tuple[Any, bytes]:
     """A finished batch's result. It waits on the worker that ran it (`addr`); if that
     worker has died since, Dask would run the batch again (pinned to the dead worker:
@@ -335,9 +381,17 @@ def fetch(client: Any, future: Any, addr: str | None) -> tuple[Any, bytes]:
             result: tuple[Any, bytes] = future.result(timeout=FETCH_SLICE)
             return result
         except TimeoutError:  # noqa: PERF203 - a slice of the wait, a few times at most
-            workers = client.scheduler_info(n_workers=-1)["workers"]
-            if time.monotonic() > deadline or addr not in workers:
+            if time.monotonic() > deadline or addr not in known_workers(client):
                 raise
+
+
+def known_workers(client: Any) -> dict[str, Any]:
+    """The cluster's workers by address (none if the scheduler cannot be asked)."""
+    try:
+        workers: dict[str, Any] = client.scheduler_info(n_workers=-1)["workers"]
+    except Exception:
+        return {}
+    return workers
 
 
 def worker_pid_map(client: Any) -> dict[str, int]:
@@ -349,15 +403,13 @@ def worker_pid_map(client: Any) -> dict[str, int]:
 
 
 def running_batch(
-    held: list[Batch], ran: Batch | None, started: dict[str, float], futures: dict[int, Any], key: Any
+    held: list[Batch], ran: Batch | None, started: dict[str, float], finished: set[int], key: Any
 ) -> Batch | None:
     """Which of a seat's `held` batches its worker was running when it died: the one it said
-    it started; without that word, the one it runs first (most urgent, then oldest). One that
-    finished (`ran`, or whose future did) was not."""
-    candidates = [
-        b for b in held if b is not ran and not (b.batch_id in futures and futures[b.batch_id].status == "finished")
-    ]
+    it started; without that word, the oldest (each waits on the one sent before it). One
+    that finished (`ran`, or one Dask said had) was not."""
+    candidates = [b for b in held if b is not ran and b.batch_id not in finished]
     for b in candidates:
         if key(b) in started:
             return b
-    return min(candidates, key=lambda b: (-b.head.priority, b.batch_id), default=None)
+    return min(candidates, key=lambda b: b.batch_id, default=None)

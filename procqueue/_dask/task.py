@@ -27,9 +27,11 @@ _handlers: OrderedDict[bytes, Callable[..., Any] | BaseException] = OrderedDict(
 
 
 def run_batch(
-    batch_id: int, count: int, handler: bytes, body: bytes, call: int, attempt: int, packed: bool
+    batch_id: int, count: int, handler: bytes, body: bytes, call: int, attempt: int, packed: bool, *after: Any
 ) -> tuple[m.BatchResult, bytes]:
-    """Run a batch's items; its outcomes, as a local worker would report them."""
+    """Run a batch's items; its outcomes, as a local worker would report them. `after`:
+    the result of the batch its worker ran before (a Dask dependency, not used: it only
+    orders the two, see `procqueue/_dask/__init__.py`)."""
     pid = os.getpid()
     try:
         fn = _handler(handler)

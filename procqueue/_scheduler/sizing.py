@@ -39,6 +39,7 @@ class Sizing:
     max_held: int = MAX_HELD
     prefetch_ns: int = PREFETCH_NS
     marks_items: bool = True
+    min_ns: int = MIN_DIRECT_NS  # a batch cut from a sequence holds at least this much work
 
     def per_batch(self, est_ns: float) -> int:
         """Items in a batch of a handler whose items take `est_ns` each."""
@@ -61,12 +62,12 @@ class Sizing:
         """A batch cut straight from a sequence of `total` items, `left` of them not
         cut yet: ~20 ms (5 ms) of work, but at least four batches per worker, and
         shrinking toward the end (half of what is left per worker), so the tail
-        stays even; not below MIN_DIRECT_NS of work."""
+        stays even; not below `min_ns` of work."""
         est = handler.est_ns
         if est is None or (timed and not self.marks_items):
             return 1
         spread = min(-(-total // (4 * workers)), -(-left // (2 * workers)))
-        spread = max(spread, int(MIN_DIRECT_NS / max(est, 1.0)))
+        spread = max(spread, int(self.min_ns / max(est, 1.0)))
         return max(1, min(self.per_batch(est), spread, MAX_DIRECT_BATCH))
 
     def may_hold_more(self, held: Iterable[Batch], est: float | None) -> bool:
