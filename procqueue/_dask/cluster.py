@@ -24,7 +24,7 @@ INSTALL = "pip install 'procqueue[dask]'"
 # after it ends): longer batches than on local processes, none under 25 ms of work, and
 # a second batch always waiting on each worker (chained after the first: loop.py).
 DASK_SIZING = Sizing(
-    target_ns=200_000_000, long_ns=200_000_000, max_held=2, prefetch_ns=400_000_000, marks_items=False,
+    target_ns=100_000_000, long_ns=200_000_000, max_held=2, prefetch_ns=400_000_000, marks_items=False,
     min_ns=25_000_000,
 )  # fmt: skip
 WORKERS_WAIT = 30.0  # seconds to wait for an existing cluster to have a worker at all

@@ -37,6 +37,9 @@ if TYPE_CHECKING:
 POLL = 0.5  # seconds between looks at the cluster's workers (their metrics refresh as often)
 RESULT_WAIT = 30.0  # seconds to fetch a finished batch's result from a live worker before taking it for lost
 FETCH_SLICE = 0.25  # ... looking this often whether that worker is still there
+NAME_WAIT = 1.0  # seconds to wait for Dask to say which batch a dead worker was running
+NAME_POLL = 0.02
+ERROR_WAIT = 5.0  # seconds to fetch a failed future's exception (timeout=0 always times out)
 
 
 class Loop:
@@ -52,7 +55,6 @@ class Loop:
         self.seat_of: dict[int, int] = {}  # batch id -> the seat it went to
         self.ran_on: dict[int, str | None] = {}  # batch id -> the worker it was pinned to
         self.last_sent: dict[int, Any] = {}  # seat -> the future of the batch it got last
-        self.finished: set[int] = set()  # batch ids Dask said finished (set from its thread)
         self.started: dict[str, float] = {}  # key -> when it began (our clock)
         self.kill_reason: dict[int, ins.KillReason] = {}  # seat -> why we killed its worker
         self.kills: list[ins.Kill] = []  # to carry out without the lock
@@ -71,12 +73,8 @@ class Loop:
         self.events.put(("start", event[1].get("key"), time.monotonic()))
 
     def _on_done(self, batch: Batch, future: Any) -> None:
-        # A done callback that finds its future neither failed nor cancelled means it finished:
-        # if its worker died since, the result is lost ("pending" again), yet it ran.
-        status = future.status
-        if status not in ("error", "cancelled"):
-            self.finished.add(batch.batch_id)
-        self.events.put(("done", batch, future, status))
+        # Its status now: "lost" (finished, then its worker died) is told apart here.
+        self.events.put(("done", batch, future, future.status))
 
     def cancel_all(self) -> None:
         """The pool broke or was terminated: stop what runs (its outcomes no longer matter)."""
@@ -119,16 +117,23 @@ class Loop:
             with core.lock:
                 if s.closed and (s.idle() or s.broken is not None):
                     return
+            # What came meanwhile first: a batch that finished must not be timed out.
+            if self.drain():
+                continue
             try:
                 self.handle(self.events.get(timeout=self.timeout()))
             except queue.Empty:
                 continue
-            while True:  # everything else that came meanwhile
-                try:
-                    event = self.events.get_nowait()
-                except queue.Empty:
-                    break
-                self.handle(event)
+            self.drain()
+
+    def drain(self) -> bool:
+        """Handle the events waiting; whether there were any."""
+        n = 0
+        with contextlib.suppress(queue.Empty):
+            while True:
+                self.handle(self.events.get_nowait())
+                n += 1
+        return n > 0
 
     def handle(self, event: tuple[Any, ...]) -> None:
         kind = event[0]
@@ -154,7 +159,7 @@ class Loop:
     def _reading(self, seat: int) -> tuple[int, int, float] | None:
         for batch in self.s.seats[seat].batches.values():
             began = self.started.get(self.key(batch))
-            if began is not None:
+            if began is not None and not ran(self.futures.get(batch.batch_id)):
                 return batch.batch_id, layout.LOADING, began
         return None
 
@@ -267,7 +272,6 @@ class Loop:
             self.outcome(batch, future, status)
         finally:
             self.ran_on.pop(batch.batch_id, None)
-            self.finished.discard(batch.batch_id)
 
     def outcome(self, batch: Batch, future: Any, status: str) -> None:
         core, s = self.core, self.s
@@ -299,10 +303,11 @@ class Loop:
             if not self.s.holds(batch):
                 return  # settled already (its other batch's failure came first, or the pool broke)
             held = list(self.s.seats[batch.seat].batches.values())
-            running = next((b for b in held if named is not None and self.key(b) == named), None)
-            if running is None:
-                running = running_batch(held, None if not ran else batch, self.started, self.finished, self.key)
             pid = self.b.pid[batch.seat]
+        running = next((b for b in held if named is not None and self.key(b) == named), None)
+        if running is None:
+            others = [b for b in held if not (ran and b is batch)]
+            running = which_ran(others, self.futures, self.started, self.key)
         # Dask cannot say which item of a batch ran: see __init__.py.
         at = None if running is None else (running.batch_id, layout.LOADING)
         self.lost_worker(batch.seat, at, why, pid=pid)
@@ -362,7 +367,7 @@ def take_result(client: Any, future: Any, status: str, addr: str | None) -> tupl
             return Lost("its result was lost with its worker", ran=True)
         error: BaseException | None = None
         with contextlib.suppress(BaseException):
-            error = future.exception(timeout=0)
+            error = future.exception(timeout=ERROR_WAIT)
         # KilledWorker names the task Dask had running on the dead worker: this one, or
         # the one it was chained after.
         named = error.task if isinstance(error, KilledWorker) else None
@@ -402,14 +407,32 @@ def worker_pid_map(client: Any) -> dict[str, int]:
         return {}
 
 
-def running_batch(
-    held: list[Batch], ran: Batch | None, started: dict[str, float], finished: set[int], key: Any
-) -> Batch | None:
-    """Which of a seat's `held` batches its worker was running when it died: the one it said
-    it started; without that word, the oldest (each waits on the one sent before it). One
-    that finished (`ran`, or one Dask said had) was not."""
-    candidates = [b for b in held if b is not ran and b.batch_id not in finished]
-    for b in candidates:
-        if key(b) in started:
-            return b
-    return min(candidates, key=lambda b: b.batch_id, default=None)
+def ran(future: Any) -> bool:
+    """Whether a batch's future says it ran to its end ("lost": and then its worker died)."""
+    return future is not None and future.status in ("finished", "lost")
+
+
+def which_ran(held: list[Batch], futures: dict[int, Any], started: dict[str, float], key: Any) -> Batch | None:
+    """Which of a seat's `held` batches its dead worker was running. Dask fails the one it had
+    running with a KilledWorker naming it (a batch chained after it, with the same); one
+    only waiting gets nothing. Those errors may trail the news of the death: wait a moment
+    for them. Without a name, only a batch whose start was seen is charged; no guessing."""
+    deadline = time.monotonic() + NAME_WAIT
+    while True:
+        waiting = False
+        for b in held:
+            future = futures.get(b.batch_id)
+            if future is None or ran(future):
+                continue
+            if future.status == "error":
+                error = None
+                with contextlib.suppress(BaseException):
+                    error = future.exception(timeout=ERROR_WAIT)
+                if isinstance(error, KilledWorker):
+                    return next((c for c in held if key(c) == error.task), None)
+            elif future.status == "pending":
+                waiting = True
+        if not waiting or time.monotonic() > deadline:
+            break
+        time.sleep(NAME_POLL)
+    return next((b for b in held if key(b) in started and not ran(futures.get(b.batch_id))), None)
