@@ -470,6 +470,10 @@ def describe(wl: Workload, row: dict[str, Any]) -> str:
         extra = f"  parent RSS +{statistics.median(r['rss_growth']) / 2**20:.0f} MB"
     if wl.name == "startup":
         extra = f"  shutdown {statistics.median(r['shutdown']):.3f} s"
+        if r.get("cold"):
+            extra += f", cold first pool {statistics.median(r['cold']):.3f} s"
+        if r.get("import"):
+            extra += f", import {statistics.median(r['import']) * 1000:.0f} ms"
     if wl.name == "priority":
         extra = f"  (overtook {statistics.median(r['overtaken']):.0f} of {r['n']:,} queued before it)"
     n_note = f"  [n={r['n']:,}]" if r.get("n") not in (None, wl.n, wl.quick_n) else ""

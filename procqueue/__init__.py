@@ -9,6 +9,8 @@
 See README.md; the wiring of the processes is drawn in `procqueue/_local/__init__.py`.
 """
 
+from typing import TYPE_CHECKING, Any
+
 from procqueue._errors import (
     Dropped,
     InitializerFailed,
@@ -22,13 +24,53 @@ from procqueue._errors import (
     TaskTimeout,
     WorkerCrashed,
 )
-from procqueue._monitor.sampler import Monitor
-from procqueue._monitor.view import LiveView
-from procqueue._output import FileOutput, OutputHandle, OutputStatus
-from procqueue._pool import Future, Options, Pool
-from procqueue._scheduler.states import TaskState
-from procqueue._stats import Stats, WorkerStats
-from procqueue._taskqueue import Result, Task, TaskQueue
+
+if TYPE_CHECKING:
+    from procqueue._monitor.sampler import Monitor
+    from procqueue._monitor.view import LiveView
+    from procqueue._output import FileOutput, OutputHandle, OutputStatus
+    from procqueue._pool import Future, Options, Pool
+    from procqueue._scheduler.states import TaskState
+    from procqueue._stats import Stats, WorkerStats
+    from procqueue._taskqueue import Result, Task, TaskQueue
+
+# Loaded on first use (PEP 562), so `import procqueue` stays cheap, and so does the
+# start of a worker or of the fork server, which import `procqueue._local.*`.
+_LAZY = {
+    "procqueue._monitor.sampler": ("Monitor",),
+    "procqueue._monitor.view": ("LiveView",),
+    "procqueue._output": ("FileOutput", "OutputHandle", "OutputStatus"),
+    "procqueue._pool": ("Future", "Options", "Pool"),
+    "procqueue._scheduler.states": ("TaskState",),
+    "procqueue._stats": ("Stats", "WorkerStats"),
+    "procqueue._taskqueue": ("Result", "Task", "TaskQueue"),
+}
+_HOME = {name for names in _LAZY.values() for name in names}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOME:
+        raise AttributeError(f"module 'procqueue' has no attribute {name!r}")
+    import importlib
+
+    # All at once (a Pool needs most of them anyway), so every public class is named
+    # `procqueue.X` from then on, whichever was asked for.
+    for module, names in _LAZY.items():
+        loaded = importlib.import_module(module)
+        for each in names:
+            _publish(each, getattr(loaded, each))
+    return globals()[name]
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | _HOME)
+
+
+def _publish(name: str, obj: Any) -> None:
+    if isinstance(obj, type):
+        obj.__module__ = "procqueue"  # as users spell it: pq.Pool, not procqueue._pool.Pool
+    globals()[name] = obj
+
 
 __version__ = "0.1.0"
 
@@ -62,7 +104,6 @@ __all__ = [
 ]
 
 for _name in __all__:
-    _obj = globals()[_name]
-    if isinstance(_obj, type):
-        _obj.__module__ = "procqueue"
-del _name, _obj
+    if _name in globals():  # the errors, loaded already
+        _publish(_name, globals()[_name])
+del _name

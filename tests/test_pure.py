@@ -7,6 +7,8 @@ import pickle
 import random
 import statistics
 import struct
+import subprocess
+import sys
 
 import pytest
 
@@ -29,6 +31,39 @@ def test_public_names_are_pinned() -> None:
         ]
     )  # fmt: skip
     assert pq.TaskFailed.__module__ == "procqueue"
+
+
+def test_public_names_resolve_and_all_are_named_procqueue() -> None:
+    for name in pq.__all__:
+        obj = getattr(pq, name)
+        if isinstance(obj, type):
+            assert obj.__module__ == "procqueue", name
+    assert set(pq.__all__) <= set(dir(pq))
+    with pytest.raises(AttributeError, match="no attribute 'Poool'"):
+        pq.Poool  # noqa: B018
+
+
+# What each entry point may not load: `import procqueue` is cheap (the pool's modules come
+# with the first use of a name), and a worker or the collector loads no parent-side code.
+_MUST_NOT_LOAD = {
+    "import procqueue": ["procqueue._pool", "procqueue._core", "procqueue._local.manager", "psutil", "rich", "click"],
+    "import procqueue._local.worker": [
+        "procqueue._pool", "procqueue._core", "procqueue._scheduler.scheduler", "procqueue._monitor.sampler",
+        "psutil", "rich", "click",
+    ],
+    "import procqueue._local.collector": ["procqueue._pool", "procqueue._core", "psutil", "rich", "click"],
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("statement", sorted(_MUST_NOT_LOAD))
+def test_entry_points_load_only_what_they_need(statement: str) -> None:
+    code = f"import sys; {statement}; print(' '.join(sorted(sys.modules)))"
+    loaded = set(
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    )
+    assert not loaded & set(_MUST_NOT_LOAD[statement]), (
+        f"{statement} loads {sorted(loaded & set(_MUST_NOT_LOAD[statement]))}"
+    )
 
 
 def test_errors_pickle_with_their_fields() -> None:

@@ -230,6 +230,11 @@ def load_callable(spec: str, what: str) -> Callable[..., Any]:
         if not path.is_file():
             raise UsageError(f"{what}: no file {module_name!r} (from {os.getcwd()})")
         directory, module_name = str(path.resolve().parent), path.stem
+        if module_name in sys.stdlib_module_names:  # first on sys.path, it would hide the real one
+            raise UsageError(
+                f"{what}: {str(path)!r} is hidden by another module of the same name, the standard "
+                f"library's {module_name!r}; rename the file"
+            )
     else:
         directory = os.getcwd()  # as `python -m` does: modules beside you import
     if directory not in sys.path:
