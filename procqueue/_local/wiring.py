@@ -216,6 +216,11 @@ class Wiring:
         )
 
 
+# What every child needs before it runs: its own module, and what unpickling its
+# arguments loads (the shared counters and markers are ctypes arrays).
+PRELOAD = ("procqueue._local.worker", "procqueue._local.collector", "multiprocessing.sharedctypes")
+
+
 def preload_in_forkserver() -> None:
     """Have the fork server import the worker and collector once, so each new
     process starts from a copy instead of importing procqueue afresh (takes
@@ -226,7 +231,7 @@ def preload_in_forkserver() -> None:
     # a script fed on stdin would fail in the server, an unguarded one start a pool there.
     now = getattr(forkserver._forkserver, "_preload_modules", None)
     have = [name for name in now or [] if name != "__main__"]
-    want = have + [name for name in ("procqueue._local.worker", "procqueue._local.collector") if name not in have]
+    want = have + [name for name in PRELOAD if name not in have]
     if want != now:
         forkserver.set_forkserver_preload(want)
 
