@@ -19,6 +19,7 @@ from procqueue._results import Chunk, Stream
 from procqueue._scheduler import states
 from procqueue._scheduler.queue import PendingQueue as Dispatcher
 from procqueue._scheduler.retry import backoff_delay, should_retry
+from procqueue._scheduler.sizing import Sizing
 from procqueue._scheduler.tasks import Handlers, Run
 
 
@@ -188,7 +189,7 @@ def test_heap_orders_by_priority_then_arrival() -> None:
 
 
 def test_take_merges_runs_and_splits_by_measured_cost() -> None:
-    d, h = Dispatcher(capacity=10_000), Handlers()
+    d, h = Dispatcher(capacity=10_000, sizing=Sizing(long_ns=5_000_000)), Handlers()
     runs = [_run(d, h, 10, 0) for _ in range(3)]
     assert d.pending == 30
     segs = d.take(None, lambda *a: None)

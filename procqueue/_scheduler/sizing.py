@@ -4,8 +4,9 @@ Why a worker holds at most two batches, the second only while it holds under
 ~40 ms of estimated work: a batch sent to a worker can no longer be reordered
 (nor taken by a worker that frees up sooner), so the prefetch is the only place
 where a newly submitted urgent task can be overtaken. Batch sizes aim at ~20 ms
-of work for tiny tasks and ~5 ms for tasks over 100 us (auto chunksize), so an
-urgent task waits about two batches at most.
+of work (auto chunksize), so an urgent task waits about two batches at most. Not
+smaller for longer tasks: a batch costs ~0.5 ms of CPU across parent, collector
+and worker, which on two cores took 8 % of 1 ms tasks' throughput at 5 ms.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from procqueue._scheduler.tasks import Batch, Handler, Run
 
 TARGET_BATCH_NS = 20_000_000  # auto chunksize aims at batches of about 20 ms of tiny tasks,
 LONG_TASK_NS = 100_000  # ... and for tasks longer than this (their batch overhead is already
-LONG_BATCH_NS = 5_000_000  # ... under 1 %) at 5 ms: fewer tasks stuck behind a slow one
+LONG_BATCH_NS = 20_000_000  # ... under 1 %) at 20 ms too (a backend may set it apart: Dask)
 MAX_BATCH = 4096
 MIN_DIRECT_NS = 1_000_000  # ... nor smaller than this much work, when it can be avoided
 MAX_DIRECT_BATCH = 65536  # cut from a sequence: not bounded by the heap's capacity (the marker allows 2**20)
@@ -55,12 +56,12 @@ class Sizing:
         est = run.handler.est_ns
         if est is None:
             return 1  # measure first: a long task must not be batched blindly
-        # Batches of ~20 ms (5 ms) bound the tail imbalance to about one batch.
+        # Batches of ~20 ms bound the tail imbalance to about one batch.
         return max(1, min(self.per_batch(est), MAX_BATCH))
 
     def direct_size(self, handler: Handler, total: int, left: int, workers: int, timed: bool = False) -> int:
         """A batch cut straight from a sequence of `total` items, `left` of them not
-        cut yet: ~20 ms (5 ms) of work, but at least four batches per worker, and
+        cut yet: ~20 ms of work, but at least four batches per worker, and
         shrinking toward the end (half of what is left per worker), so the tail
         stays even; not below `min_ns` of work."""
         est = handler.est_ns

@@ -17,6 +17,7 @@ from typing import Any
 from procqueue._protocol import messages as m
 from procqueue._scheduler import instructions as ins
 from procqueue._scheduler.scheduler import Scheduler
+from procqueue._scheduler.sizing import Sizing
 from procqueue._scheduler.tables import Policy
 from procqueue._scheduler.tasks import Batch, Handler, Run
 
@@ -128,6 +129,11 @@ class FakeFeed:
         )  # fmt: skip
         self.runs.append(run)
         return run
+
+
+# The sizing the unit tests were written with (batches of ~5 ms for tasks over 100 us):
+# they test how batch sizes follow the measured cost and the prefetch rule, not the constant.
+FIVE_MS = Sizing(long_ns=5_000_000)
 
 
 def make_scheduler(workers: int = 2, *, start: bool = True, seed: int = 0, **policy: Any) -> Scheduler:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 from sched_fakes import (
+    FIVE_MS,
     PID0,
     FakeFeed,
     Front,
@@ -139,7 +140,7 @@ def test_a_measured_handler_gets_batches_that_grow() -> None:
 
 
 def test_batch_size_tracks_the_measured_cost() -> None:
-    s = make_scheduler(1)
+    s = make_scheduler(1, sizing=FIVE_MS)
     h = s.handlers.get(len)
     submit_map(s, h, 100)
     first = one_send(s.dispatch(0.0))
@@ -528,7 +529,7 @@ def test_death_in_an_unmarked_batch_requeues_it_careful() -> None:
 
 
 def test_death_holding_two_batches_charges_the_running_one_only() -> None:
-    s = make_scheduler(1)
+    s = make_scheduler(1, sizing=FIVE_MS)
     h = s.handlers.get(len)
     measure(h, 1 * MS)
     a = submit_map(s, h, 5)
@@ -1021,7 +1022,7 @@ def test_idle_workers_have_no_limit() -> None:
 
 
 def test_break_pool_fails_everything_outstanding_exactly_once() -> None:
-    s = make_scheduler(2, backoff=1.0)
+    s = make_scheduler(2, backoff=1.0, sizing=FIVE_MS)
     front = Front(s)
     h = s.handlers.get(len)
     (retrying,) = submit(s, h, 1, retries=1)
@@ -1212,7 +1213,7 @@ def test_break_pool_does_not_fail_a_map_whose_input_was_all_cut() -> None:
 
 @pytest.mark.parametrize("urgent", ["submit", "map"])
 def test_an_urgent_run_that_may_not_be_prefetched_is_not_overtaken(urgent: str) -> None:
-    s = make_scheduler(1)
+    s = make_scheduler(1, sizing=FIVE_MS)
     low, fast = s.handlers.get(abs), s.handlers.get(len)
     measure(low, 1 * MS)
     submit(s, low, 20)
