@@ -48,18 +48,20 @@ _LAZY = {
 _HOME = {name for names in _LAZY.values() for name in names}
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _HOME:
-        raise AttributeError(f"module 'procqueue' has no attribute {name!r}")
-    import importlib
+if not TYPE_CHECKING:  # mypy sees the names above, and still catches a misspelt one
 
-    # All at once (a Pool needs most of them anyway), so every public class is named
-    # `procqueue.X` from then on, whichever was asked for.
-    for module, names in _LAZY.items():
-        loaded = importlib.import_module(module)
-        for each in names:
-            _publish(each, getattr(loaded, each))
-    return globals()[name]
+    def __getattr__(name: str) -> Any:
+        if name not in _HOME:
+            raise AttributeError(f"module 'procqueue' has no attribute {name!r}")
+        import importlib
+
+        # All at once (a Pool needs most of them anyway), so every public class is named
+        # `procqueue.X` from then on, whichever was asked for.
+        for module, names in _LAZY.items():
+            loaded = importlib.import_module(module)
+            for each in names:
+                _publish(each, getattr(loaded, each))
+        return globals()[name]
 
 
 def __dir__() -> list[str]:

@@ -439,7 +439,8 @@ def test_resume_repairs_a_torn_last_line(work: Path, tag: str) -> None:
         (["run", "h:double", "-i", "in.jsonl", "-o", "."], "is a directory"),
         (["run", "h:coroutine", "-i", "in.jsonl"], "is an async function"),
         (["run", "broken:f", "-i", "in.jsonl"], "importing 'broken' failed: No module named 'nosuchdependency'"),
-        (["run", "sub/queue.py:f", "-i", "in.jsonl"], "is hidden by another module of the same name"),
+        (["run", "sub/queue.py:f", "-i", "in.jsonl"], "has the name of the standard library's module 'queue'"),
+        (["run", "sub/code.py:f", "-i", "in.jsonl"], "has the name of the standard library's module 'code'"),
         (["run", "h:nosuchfunc", "-i", "in.jsonl", "-o", "full.jsonl", "--overwrite"], "has no attribute"),
         (
             [
@@ -469,6 +470,7 @@ def test_usage_errors_exit_2_and_say_what_to_fix(work: Path, tag: str, args: lis
     (work / "broken.py").write_text("import nosuchdependency\n")
     (work / "sub").mkdir()
     (work / "sub" / "queue.py").write_text("def f(r):\n    return r\n")
+    (work / "sub" / "code.py").write_text("def f(r):\n    return r\n")
     got = cli(args, work, tag)
     assert got.returncode == 2, (got.stdout, got.stderr)
     assert message in got.stderr, got.stderr

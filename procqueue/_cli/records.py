@@ -232,8 +232,8 @@ def load_callable(spec: str, what: str) -> Callable[..., Any]:
         directory, module_name = str(path.resolve().parent), path.stem
         if module_name in sys.stdlib_module_names:  # first on sys.path, it would hide the real one
             raise UsageError(
-                f"{what}: {str(path)!r} is hidden by another module of the same name, the standard "
-                f"library's {module_name!r}; rename the file"
+                f"{what}: {str(path)!r} has the name of the standard library's module {module_name!r}, "
+                "which it would hide in this process and its workers; rename the file"
             )
     else:
         directory = os.getcwd()  # as `python -m` does: modules beside you import
