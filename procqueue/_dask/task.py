@@ -18,7 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 from procqueue._protocol import messages as m
-from procqueue._protocol.failures import fault_of
+from procqueue._protocol.failures import call_item
 from procqueue._protocol.pickling import dumps_values, loads_body, loads_callable, pack_exception, unpack_arguments
 
 HANDLERS = 64  # handlers a worker process keeps unpickled, newest used
@@ -50,16 +50,7 @@ def run_batch(
     clock = time.perf_counter_ns
     t0 = clock()
     for i, item in enumerate(items):
-        try:
-            if how is m.Call.ONE:
-                value = fn(item)
-            elif how is m.Call.STAR:
-                value = fn(*item)
-            else:
-                value = fn(*item[0], **item[1])
-        except BaseException as exc:  # the item's outcome, whatever it raised
-            value = None
-            errors.append(m.ErrorInfo(i, fault_of(exc), *pack_exception(exc)))
+        value = call_item(fn, how, item, i, errors)
         t1 = clock()
         values.append(value)
         durations.append(t1 - t0)

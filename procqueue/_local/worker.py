@@ -31,7 +31,7 @@ from typing import Any
 
 from procqueue._protocol import framing, layout
 from procqueue._protocol import messages as m
-from procqueue._protocol.failures import fault_of
+from procqueue._protocol.failures import call_item, fault_of
 from procqueue._protocol.pickling import dumps_values, loads_body, loads_callable, pack_exception, unpack_arguments
 
 # A batch reports what it has so far at least this often, so a crash late in a
@@ -201,17 +201,7 @@ class _Worker:
                 marks[mark + 2] = t0
                 marks[mark + 1] = i
                 marks[mark] = tag  # again after each flush, which leaves it idle
-            try:
-                if call is m.Call.ONE:
-                    value = fn(item)
-                elif call is m.Call.STAR:
-                    value = fn(*item)
-                else:
-                    value = fn(*item[0], **item[1])
-            except BaseException as exc:
-                value = None
-                blob, name, text, tb = pack_exception(exc)
-                errors.append(m.ErrorInfo(i, fault_of(exc), blob, name, text, tb))
+            value = call_item(fn, call, item, i, errors)
             t1 = clock()
             values.append(value)
             durations.append(t1 - t0)

@@ -4,9 +4,12 @@ for it, since unpickling a handler's exception runs user code."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 from procqueue._errors import SerializationError, TaskFailed, TaskTimeout, WorkerCrashed, describe_exitcode
 from procqueue._protocol import messages as m
-from procqueue._protocol.pickling import loads
+from procqueue._protocol.pickling import loads, pack_exception
 
 
 def remote_error(info: m.ErrorInfo, task_id: int, attempts: int, pid: int, materialize: bool = True) -> BaseException:
@@ -85,3 +88,17 @@ def fault_of(exc: BaseException) -> m.Fault:
     except BaseException:  # a hostile __getattr__: an ordinary failure
         final = False
     return m.Fault.REJECTED if final else m.Fault.RAISED
+
+
+def call_item(fn: Callable[..., Any], call: m.Call, item: Any, i: int, errors: list[m.ErrorInfo]) -> Any:
+    """Item `i` of a batch, called as `call` says (on a worker, local or Dask). Whatever
+    it raises, even SystemExit, is its outcome: an `ErrorInfo` in `errors`, and None."""
+    try:
+        if call is m.Call.ONE:
+            return fn(item)
+        if call is m.Call.STAR:
+            return fn(*item)
+        return fn(*item[0], **item[1])
+    except BaseException as exc:
+        errors.append(m.ErrorInfo(i, fault_of(exc), *pack_exception(exc)))
+        return None
