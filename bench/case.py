@@ -8,6 +8,7 @@ hard time limit and records a case that overruns it as a hang.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import os
@@ -16,7 +17,7 @@ import tempfile
 import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import psutil
@@ -83,37 +84,56 @@ def skewed(peer: Peer, spec: Spec) -> dict[str, Any]:
     return out
 
 
-def payload(peer: Peer, spec: Spec) -> dict[str, Any]:
+def payload_in(peer: Peer, spec: Spec) -> dict[str, Any]:
+    """Each task is given an 8 MB array and reads all of it (its sum comes back)."""
     arrays = [w.make_array(spec["mb"], i) for i in range(spec["n"])]
-    out = timed_runs(peer, w.double, arrays, spec)
-    out["mb"] = spec["mb"]
-    return out
+    with peak_rss() as growth:
+        out = timed_runs(peer, w.total, arrays, spec)
+    return {**out, "mb": spec["mb"], "rss_growth": growth}
+
+
+def payload_out(peer: Peer, spec: Spec) -> dict[str, Any]:
+    """Each task returns a fresh 8 MB array; the parent keeps every result of a run."""
+    with peak_rss() as growth:
+        out = timed_runs(peer, w.fresh_array, [spec["mb"] * 1024 + i for i in range(spec["n"])], spec)
+    return {**out, "mb": spec["mb"], "rss_growth": growth}
+
+
+@contextlib.contextmanager
+def peak_rss() -> Iterator[list[int]]:
+    """The parent's peak RSS growth over the block (sampled every 10 ms), in bytes."""
+    me = psutil.Process()
+    base = me.memory_info().rss
+    peak = [base]
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.wait(0.01):
+            peak[0] = max(peak[0], me.memory_info().rss)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    growth: list[int] = []
+    try:
+        yield growth
+    finally:
+        done.set()
+        watcher.join()
+        growth.append(max(peak[0], me.memory_info().rss) - base)
 
 
 def stream(peer: Peer, spec: Spec) -> dict[str, Any]:
-    me = psutil.Process()
     cs = spec.get("chunksize")
     for _ in peer.imap(w.tiny, w.numbers(1000), cs):  # warm
         pass
     n = fitted(spec["n"], spec["budget"], lambda k: _time(lambda: sum(1 for _ in peer.imap(w.tiny, w.numbers(k), cs))))
     times, growth = [], []
     for _ in range(spec["repeats"]):
-        base = me.memory_info().rss
-        peak = [base]
-        done = threading.Event()
-
-        def watch(peak: list[int] = peak, done: threading.Event = done) -> None:
-            while not done.wait(0.01):
-                peak[0] = max(peak[0], me.memory_info().rss)
-
-        watcher = threading.Thread(target=watch, daemon=True)
-        watcher.start()
-        t = time.perf_counter()
-        count = sum(1 for _ in peer.imap(w.tiny, w.numbers(n), cs))
-        times.append(time.perf_counter() - t)
-        done.set()
-        watcher.join()
-        growth.append(max(peak[0], me.memory_info().rss) - base)
+        with peak_rss() as grew:
+            t = time.perf_counter()
+            count = sum(1 for _ in peer.imap(w.tiny, w.numbers(n), cs))
+            times.append(time.perf_counter() - t)
+        growth += grew
         assert count == n, f"{peer.name} yielded {count} of {n} results"
     return {"n": n, "times": times, "rss_growth": growth}
 
@@ -244,7 +264,7 @@ def dask(peer: Peer, spec: Spec) -> dict[str, Any]:
 
 
 WORKLOADS: dict[str, Callable[[Peer, Spec], dict[str, Any]]] = {
-    "tiny": tiny, "cpu": cpu, "skewed": skewed, "payload": payload, "stream": stream,
+    "tiny": tiny, "cpu": cpu, "skewed": skewed, "payload-in": payload_in, "payload-out": payload_out, "stream": stream,
     "startup": startup, "faults": faults, "priority": priority, "durations": durations, "dask": dask,
 }  # fmt: skip
 STARTS_ITS_OWN = {"startup", "dask"}

@@ -11,7 +11,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-THROUGHPUT = {"tiny": "tiny tasks/s", "cpu": "speedup over serial", "payload": "MB/s (8 MB arrays)", "stream": "items/s (generator)"}  # fmt: skip
+THROUGHPUT = {"tiny": "tiny tasks/s", "cpu": "speedup over serial", "payload-in": "MB/s in (8 MB arrays)", "payload-out": "MB/s out (8 MB arrays)", "stream": "items/s (generator)"}  # fmt: skip
 HIGHLIGHT = "#d62728"
 
 

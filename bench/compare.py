@@ -10,12 +10,12 @@ prints the procqueue.__file__ it imports, in the case process and in a pool work
 Both sides run the same bench code, a copy of this checkout's bench/ taken at the
 start (as the package `pqcompare_bench`): only procqueue differs between them.
 
-Per workload (by default tiny, stream, cpu, skewed, payload), the suite's own
+Per workload (by default tiny, stream, cpu, skewed, payload-in, payload-out), the suite's own
 procqueue case with its default settings (the suite's sizes, 2 workers, 3 timed
 repeats per case) runs before, after, before, after, ... for `--rounds` rounds, in
 this one invocation on this machine. The table gives per workload the suite's metric,
 the median of every timed repeat per side (min-max), the ratio of the medians after /
-before, which side of 1 is better for the metric (tiny, stream, cpu, payload: higher
+before, which side of 1 is better for the metric (tiny, stream, cpu, payload-in/out: higher
 is better, ratio > 1; skewed's makespan / ideal: lower is better, ratio < 1), the
 paired ratios (each round's before and after ran back to back: their median, then each),
 and a verdict: "after better" / "after worse" when the ratio of medians and the
@@ -55,7 +55,7 @@ from typing import Any
 from . import workloads as w
 from .suite import BY_NAME, Workload, figures, fmt, machine, run_case
 
-DEFAULT_WORKLOADS = ["tiny", "stream", "cpu", "skewed", "payload"]
+DEFAULT_WORKLOADS = ["tiny", "stream", "cpu", "skewed", "payload-in", "payload-out"]
 CHOICES = [*DEFAULT_WORKLOADS, "startup", "priority"]  # the workloads whose figures are one number per repeat
 HARNESS = "pqcompare_bench"  # the name the copy of bench/ runs under (the worktrees have a bench/ of their own)
 NOISE = 0.05  # a difference of medians below this is never called a change

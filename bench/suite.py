@@ -78,8 +78,10 @@ WORKLOADS = [
              (None, 10), (None, 10), limit_peer=True),
     Workload("skewed", "{n:,} tasks with heavy-tailed durations (mean ~2 ms)", "makespan / ideal", False, 1000, 300,
              (None, 1), (None,), limit_peer=True),
-    Workload("payload", "{n} tasks of 8 MB numpy arrays in and out", "MB/s moved", True, 32, 8, needs="numpy",
-             serial=True, extra={"mb": 8}),
+    Workload("payload-in", "{n} tasks, each given an 8 MB numpy array (it reads all of it)", "MB/s", True, 200, 32,
+             needs="numpy", serial=True, extra={"mb": 8}),
+    Workload("payload-out", "{n} tasks, each returning a fresh 8 MB numpy array (the parent keeps them)", "MB/s",
+             True, 200, 32, needs="numpy", serial=True, extra={"mb": 8}),
     Workload("stream", "lazy map over a generator of {n:,} items", "items/s", True, 2_000_000, 500_000,
              (None, 1000, 10_000), (None, 10_000), limit=60.0, quick_limit=15.0, serial=True),
     Workload("startup", "a cold pool to its first result", "seconds", False, 1, 1, limit=60.0, quick_limit=20.0),
@@ -221,8 +223,8 @@ def figures(wl: Workload, result: dict[str, Any], workers: int) -> list[float]:
             return [s / t for s, t in zip(serial, times, strict=True)]
         ideal = [max(s / workers, longest * spl) for s, spl in zip(serial, result["per_loop"], strict=True)]
         return [t / i for t, i in zip(times, ideal, strict=True)]
-    if wl.name == "payload":
-        return [n * result["mb"] * 2 / t for t in times]
+    if wl.name.startswith("payload"):
+        return [n * result["mb"] / t for t in times]
     return list(times)
 
 
@@ -472,7 +474,7 @@ def describe(wl: Workload, row: dict[str, Any]) -> str:
             f"  ~1 ms: {f['ms_rate']:6,.0f} tasks/s ({f['ms_ideal']:.2f} of ideal, +{f['ms_over_us']:,.0f} us/task){start}"
         )
     extra = ""
-    if wl.name == "stream":
+    if wl.name == "stream" or wl.name.startswith("payload"):
         extra = f"  parent RSS +{statistics.median(r['rss_growth']) / 2**20:.0f} MB"
     if wl.name == "startup":
         extra = f"  shutdown {statistics.median(r['shutdown']):.3f} s"

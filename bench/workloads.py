@@ -40,9 +40,16 @@ def skewed_loops(n: int, loops_per_ms: int, seed: int = 7) -> list[int]:
     return [max(1, int(m * loops_per_ms)) for m in ms]
 
 
-def double(a: Any) -> Any:
-    """Payload workload: an array in, an array of the same size out."""
-    return a * 2
+def total(a: Any) -> float:
+    """payload-in: an array in (read whole), a number out."""
+    return float(a.sum())
+
+
+def fresh_array(kb_and_seed: int) -> Any:
+    """payload-out: a number in, a fresh array of `kb_and_seed // 1024` MB out."""
+    import numpy as np
+
+    return np.full(kb_and_seed // 1024 * 1024 * 1024 // 8, float(kb_and_seed % 1024))
 
 
 def make_array(mb: int, seed: int) -> Any:

@@ -38,13 +38,23 @@ class Values:
     """A batch's pickled values, unpickled once by the first thread that asks:
     never the manager's."""
 
-    __slots__ = ("_body", "_error", "_lock", "_values", "recount")
+    __slots__ = ("_body", "_error", "_lock", "_shared", "_values", "recount")
 
-    def __init__(self, body: memoryview, recount: Callable[[int], None] | None = None) -> None:
+    def __init__(
+        self,
+        body: memoryview,
+        recount: Callable[[int], None] | None = None,
+        shared: list[Any] | BaseException = [],  # noqa: B006 (never changed)
+    ) -> None:
         self.recount = recount  # moves n tasks from completed to failed in the books
         self._body: memoryview | None = body
         self._values: list[Any] | None = None
         self._error: BaseException | None = None
+        self._shared: list[Any] = []  # mapped shared memory its large buffers are in (`procqueue/_local/shm.py`)
+        if isinstance(shared, BaseException):
+            self._error = shared
+        else:
+            self._shared = shared
         self._lock = threading.Lock()
 
     def get(self) -> list[Any]:
@@ -53,10 +63,11 @@ class Values:
             with self._lock:
                 if self._values is None and self._error is None:
                     try:
-                        self._values = loads_body(self._body)  # type: ignore[arg-type]
+                        self._values = loads_body(self._body, self._shared)  # type: ignore[arg-type]
                     except BaseException as exc:  # SystemExit from a __setstate__ too: this task's problem
                         self._error = exc
                     self._body = None
+                    self._shared = []
         if self._error is not None:
             raise Unloadable(self._error)
         assert self._values is not None

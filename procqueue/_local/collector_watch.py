@@ -18,11 +18,14 @@ import selectors
 import signal
 import time
 from collections.abc import Callable
+from typing import Any
 
 from procqueue._errors import InitializerFailed, PoolBroken, describe_exitcode
+from procqueue._local.shm import ShmLost
 from procqueue._local.wiring import Phase, Tag, Wiring
 from procqueue._protocol import framing, layout
 from procqueue._protocol import messages as m
+from procqueue._protocol.pickling import shm_refs
 from procqueue._results import Later, Values, run_all
 from procqueue._scheduler.deaths import UNGUARDED
 from procqueue._scheduler.instructions import Instruction, KillReason
@@ -64,11 +67,13 @@ class CollectorWatch:
                 case m.BatchResult():
                     self.deaths = 0
                     self.heard = time.monotonic()
-                    values = Values(body, self.unloadable) if len(body) else None  # empty: a FileOutput took them
+                    # empty: a FileOutput took them
+                    values = Values(body, self.unloadable, self.mapped_shm(msg.pid, body)) if len(body) else None
                     with core.cv:
                         self.forget_handler_if_unloaded(msg)
                         self.execute(core.apply(s.batch_done(msg, values, time.monotonic()), later))
                 case m.WorkerGone():
+                    self.sup.forget_side(msg.pid)  # all it sent is read
                     with core.cv:
                         core.apply(s.worker_gone(msg.pid, msg.reported, time.monotonic()), later)
                 case m.InitFailed():
@@ -91,6 +96,22 @@ class CollectorWatch:
             log.error("procqueue: the collector's stream is corrupt (%s); restarting it", b.collector.reader.error)
             with contextlib.suppress(OSError, ValueError):
                 b.collector.process.kill()
+
+    def mapped_shm(self, pid: int, body: memoryview) -> list[Any] | BaseException:
+        """The shared memory segments a result names, mapped (shared, writable: the
+        values are built on them), from its worker's side socket: the worker posted
+        them before it wrote the frame. Their loss fails the values, not the pool."""
+        refs = shm_refs(body)
+        if not refs:
+            return []
+        side = self.sup.sides.get(pid)
+        try:
+            if side is None:
+                raise ShmLost(f"worker pid {pid} has no side socket")
+            return [side.take(seq, size, private=False) for seq, size in refs]
+        except ShmLost as exc:
+            log.error("procqueue: a result from worker pid %d lost its shared memory: %s", pid, exc)
+            return exc
 
     def forget_handler_if_unloaded(self, msg: m.BatchResult) -> None:
         """A worker whose handler did not unpickle does not hold it: send its bytes again next time (lock held)."""
@@ -146,6 +167,7 @@ class CollectorWatch:
         later: Later = []
         with core.cv:
             for pid in s.lost_pids():  # workers whose WorkerGone it never answered
+                self.sup.forget_side(pid)
                 core.apply(s.worker_gone(pid, False, time.monotonic()), later)
             for slot in self.sup.slots:
                 if slot.alive:

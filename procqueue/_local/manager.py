@@ -125,7 +125,10 @@ class Manager:
         later: Later = []
         for batch in batches:
             run = batch.head
-            blob, payload, rejected = encode_batch(run.handler.wire, batch.segments)
+            side = self.sup.slots[batch.seat].side  # the manager's own thread is the only one that changes it
+            blob, payload, rejected = encode_batch(
+                run.handler.wire, batch.segments, None if side is None else side.post
+            )
             with core.cv:
                 if not s.holds(batch):
                     continue  # settled meanwhile (the pool broke, the worker died)
@@ -242,6 +245,7 @@ class Manager:
                 self.sup.kill(slot)
                 self.sup.reap(slot)
         b.collector.close(kill=False)
+        self.sup.close_sides()
         with self.core.lock:
             b.close_wake()
         b.sel.close()

@@ -32,6 +32,7 @@ from multiprocessing.process import BaseProcess
 from typing import Any
 
 from procqueue._local import worker as _worker
+from procqueue._local.shm import Side
 from procqueue._protocol import framing, layout
 from procqueue._protocol.pickling import main_is_importable
 from procqueue._scheduler.instructions import KillReason
@@ -59,6 +60,7 @@ class Slot:
     respawn_at: float | None = None  # a spawn failed: try again at this time
     spawn_failures: int = 0
     collector_generation: int = 0  # the collector its socket was handed to
+    side: Side | None = None  # our end of its side socket: shared memory segments both ways
 
     @property
     def alive(self) -> bool:
@@ -84,10 +86,17 @@ class Slot:
 class Supervisor:
     """Starts, feeds, watches and ends the worker processes."""
 
-    def __init__(self, ctx: BaseContext, workers: int, token: bytes, init: bytes | None) -> None:
+    def __init__(
+        self, ctx: BaseContext, workers: int, token: bytes, init: bytes | None, shm: bool, post_results: bool
+    ) -> None:
         self.ctx = ctx
         self.token = token
         self.init = init
+        self.shm = shm  # large buffers as shared memory (where memfds work)
+        self.post_results = post_results  # ... results too (not when the collector writes them to a file)
+        # Each worker's side socket, by pid: kept past its death until the collector has
+        # forwarded all it sent (`WorkerGone`), as its results name segments on it.
+        self.sides: dict[int, Side] = {}
         self._markers: Any = ctx.RawArray("q", layout.MARK_WORDS * workers)  # type: ignore[attr-defined]
         self.marks = memoryview(self._markers).cast("B").cast("q")
         self.slots = [Slot(i) for i in range(workers)]
@@ -100,18 +109,24 @@ class Supervisor:
             task_r, task_w = launch.pipe()
             fault_r, fault_w = launch.pipe()
             theirs, ours = launch.socketpair(socket.SOCK_STREAM)
+            side_theirs, side_ours = launch.socketpair(socket.SOCK_SEQPACKET) if self.shm else (None, None)
             self.marks[layout.MARK_WORDS * slot.index] = 0
             proc = launch.start(
                 _worker.main,
-                (slot.index, task_r, theirs, self.token, self._markers, fault_w, self.init, self.pdeathsig_safe()),
+                (slot.index, task_r, theirs, self.token, self._markers, fault_w, self.init, self.pdeathsig_safe(),
+                 side_theirs, self.post_results),
                 f"procqueue-worker-{slot.index}",
-            )
-        for obj in (task_r, fault_w, theirs):
-            obj.close()
+            )  # fmt: skip
+        for obj in (task_r, fault_w, theirs, side_theirs):
+            if obj is not None:
+                obj.close()
         os.set_blocking(task_w.fileno(), False)
         os.set_blocking(fault_r.fileno(), False)
         slot.process, slot.pid, slot.task_w, slot.fault_r = proc, proc.pid or -1, task_w, fault_r
         slot.pidfd = _pidfd(slot.pid)
+        slot.side = Side(side_ours) if side_ours is not None else None
+        if slot.side is not None:
+            self.sides[slot.pid] = slot.side
         slot.death_fd = slot.pidfd if slot.pidfd >= 0 else proc.sentinel
         slot.generation += 1
         slot.out = []
@@ -120,6 +135,17 @@ class Supervisor:
         slot.respawn_at = None
         slot.spawn_failures = 0
         return ours
+
+    def forget_side(self, pid: int) -> None:
+        """Everything worker `pid` sent has been read: close its side socket (segments
+        it posted for results nobody read are freed with it)."""
+        side = self.sides.pop(pid, None)
+        if side is not None:
+            side.close()
+
+    def close_sides(self) -> None:
+        for pid in list(self.sides):
+            self.forget_side(pid)
 
     def spawn_failed(self, slot: Slot) -> float:
         """A spawn failed: when to try again (exponential backoff)."""
@@ -211,7 +237,7 @@ class Supervisor:
             slot.task_w.close()
         if slot.pidfd >= 0:
             os.close(slot.pidfd)
-        slot.process, slot.task_w, slot.fault_r = None, None, None
+        slot.process, slot.task_w, slot.fault_r, slot.side = None, None, None, None
         slot.pid = slot.pidfd = slot.death_fd = -1
         return exitcode, text.decode("utf-8", "replace")
 

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from procqueue._backend import WorkerRow
 from procqueue._errors import PoolStartError, SerializationError
+from procqueue._local import shm
 from procqueue._local.collector_link import CollectorLink
 from procqueue._local.supervisor import Slot, Supervisor
 from procqueue._output import OutputStatus
@@ -82,7 +83,9 @@ class Wiring:
         self._counters: Any = self.ctx.RawArray("q", layout.COUNTERS)  # type: ignore[attr-defined]
         self.collector_counts = memoryview(self._counters).cast("B").cast("q")
         self.collector = CollectorLink(self.ctx, token, self._counters, frame_limit(), cfg.output)
-        self.supervisor = Supervisor(self.ctx, cfg.workers, token, self.init)
+        self.supervisor = Supervisor(
+            self.ctx, cfg.workers, token, self.init, shm.supported(), post_results=cfg.output is None
+        )
         self.collector.start(self.supervisor.pdeathsig_safe())
         self.wake_r, self.wake_w = os.pipe()
         os.set_blocking(self.wake_r, False)
@@ -100,6 +103,7 @@ class Wiring:
                 if slot.alive:
                     supervisor.kill(slot)
                     supervisor.reap(slot)
+            supervisor.close_sides()
         collector: CollectorLink | None = getattr(self, "collector", None)
         if collector is not None:
             collector.close(kill=True)

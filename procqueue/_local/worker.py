@@ -4,6 +4,9 @@ Wiring and channels are drawn in `procqueue/_local/__init__.py`. What a worker o
 - reads `RunBatch`/`Stop` from its own task pipe (nobody else reads it);
 - writes outcomes to its own socket to the collector (nobody else writes it),
   so a worker killed mid-write tears only its own stream;
+- large buffers (its arguments', its results') cross as shared memory
+  segments on its side socket to the parent (`procqueue/_local/shm.py`):
+  a result's bytes skip the collector, which forwards only the accounting;
 - before each item it writes `(batch, index, start time)` into its slot of a
   shared array, so the parent knows which item a crash or a timeout belongs to
   without any message (the acknowledgement costs a few stores). While it
@@ -29,10 +32,19 @@ from collections.abc import Callable
 from multiprocessing import connection, parent_process
 from typing import Any
 
+from procqueue._local.shm import Side
 from procqueue._protocol import framing, layout
 from procqueue._protocol import messages as m
 from procqueue._protocol.failures import call_item, fault_of
-from procqueue._protocol.pickling import dumps_values, loads_body, loads_callable, pack_exception, unpack_arguments
+from procqueue._protocol.pickling import (
+    Post,
+    dumps_values,
+    loads_body,
+    loads_callable,
+    pack_exception,
+    shm_refs,
+    unpack_arguments,
+)
 
 # A batch reports what it has so far at least this often, so a crash late in a
 # long batch re-runs little, and the collector's counters stay fresh.
@@ -96,8 +108,12 @@ class _Worker:
         task_conn: connection.Connection,
         out: connection.Connection,
         markers: Any,
+        side: Side | None = None,
+        post_results: bool = False,
     ) -> None:
         self.slot = slot
+        self.side = side
+        self.post: Post | None = side.post if side is not None and post_results else None
         self.pid = os.getpid()
         self.task_conn = task_conn
         self.out = out
@@ -155,7 +171,7 @@ class _Worker:
         errors = tuple(m.ErrorInfo(i, fault, blob, name, text, tb) for i in range(msg.count))
         durations = array("q", bytes(8 * msg.count)).tobytes()
         values = [None] * msg.count
-        body, _ = dumps_values(values)
+        body, _ = dumps_values(values)  # all None
         self.send(
             m.BatchDone(msg.batch_id, 0, msg.count, msg.attempt, msg.retries, errors, durations, msg.by_value), body
         )
@@ -172,7 +188,7 @@ class _Worker:
             self.fail_all(msg, m.Fault.HANDLER_UNPICKLE, exc)
             return
         try:
-            items = loads_body(body)
+            items = self.load_items(body)
             if msg.packed:
                 items = unpack_arguments(items)
         except BaseException as exc:
@@ -218,6 +234,16 @@ class _Worker:
         if values or start == 0:
             self.flush(msg, start, values, durations, errors)
 
+    def load_items(self, body: memoryview) -> Any:
+        """The batch's items; its large buffers mapped from their segments, private:
+        the handler's own copy (copy on write)."""
+        refs = shm_refs(body)
+        if not refs:
+            return loads_body(body)
+        if self.side is None:
+            raise RuntimeError("a batch names shared memory segments, but this worker has no side socket")
+        return loads_body(body, [self.side.take(seq, size, private=True) for seq, size in refs])
+
     def run_fast(self, msg: m.RunBatch, fn: Callable[..., Any], items: list[Any]) -> None:
         """Tiny tasks: a tight loop, one mark for the whole batch (index layout.UNMARKED)."""
         marks, mark, call = self.marks, self.mark, msg.call
@@ -258,7 +284,7 @@ class _Worker:
         marks[mark + 2] = time.perf_counter_ns() + FLUSH_GRACE_NS
         marks[mark + 1] = start
         marks[mark] = msg.batch_id + 1
-        body, bad = dumps_values(values)
+        body, bad = dumps_values(values, self.post)
         for i, text in bad:
             errors.append(m.ErrorInfo(start + i, m.Fault.RESULT_PICKLE, None, "SerializationError", text, ""))
         header = m.BatchDone(
@@ -277,6 +303,8 @@ def main(
     fault_conn: connection.Connection,
     init: bytes | None,
     pdeathsig: bool,
+    side_sock: socket.socket | None = None,
+    post_results: bool = False,
 ) -> None:
     """Entry point of a worker process (the `target` of its `Process`)."""
     if pdeathsig:
@@ -291,7 +319,8 @@ def main(
     out = connection.Connection(out_sock.detach())
     try:
         os.write(out.fileno(), token)  # raw, before any frame: the collector checks it first
-        _serve(_Worker(slot, task_conn, out, markers), init)
+        side = Side(side_sock) if side_sock is not None else None
+        _serve(_Worker(slot, task_conn, out, markers, side, post_results), init)
     except (BrokenPipeError, ConnectionResetError):  # the collector is gone: the pool is ending
         os._exit(layout.EXIT_ORPHANED)
     out.close()

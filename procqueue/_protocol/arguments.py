@@ -8,7 +8,7 @@ from typing import Any, Protocol
 
 from procqueue._errors import ProcQueueError, SerializationError
 from procqueue._protocol import messages as m
-from procqueue._protocol.pickling import _text, dumps, dumps_body, name_bad_argument
+from procqueue._protocol.pickling import Post, _text, dumps, dumps_body, name_bad_argument
 
 
 class Items(Protocol):
@@ -24,10 +24,11 @@ Segments = list[tuple[Any, int, int]]  # (run, first item, how many)
 
 
 def encode_items(
-    segments: Segments, reject: Callable[[Any, int, BaseException], None]
+    segments: Segments, reject: Callable[[Any, int, BaseException], None], post: Post | None = None
 ) -> tuple[list[bytes | memoryview], Segments]:
     """Pickle a batch's items in one go; on failure find each item that does not
-    pickle, fail it alone (naming the argument) and send the rest."""
+    pickle, fail it alone (naming the argument) and send the rest. Large buffers
+    go to `post` (shared memory) where it takes them."""
     if len(segments) == 1 and segments[0][1] == 0 and segments[0][2] == len(segments[0][0].items):
         items = segments[0][0].items  # a whole run: no copy
     else:
@@ -35,7 +36,7 @@ def encode_items(
         for run, start, count in segments:
             items.extend(run.items[start : start + count])
     try:
-        return dumps_body(items, segments[0][0].by_value), segments
+        return dumps_body(items, segments[0][0].by_value, post), segments
     except BaseException:  # a __reduce__ may raise anything: find the items that do not pickle
         pass
     kept: Segments = []
@@ -57,7 +58,7 @@ def encode_items(
                 run_start = j
         if run_start is not None:
             kept.append((run, run_start, start + count - run_start))
-    return (dumps_body(good) if good else []), kept
+    return (dumps_body(good, post=post) if good else []), kept
 
 
 def argument_error(task_id: int, call: m.Call, item: Any) -> SerializationError:
@@ -85,7 +86,7 @@ def _call_args(call: m.Call, item: Any) -> tuple[tuple[Any, ...], dict[str, Any]
 
 
 def encode_batch(
-    wire: Callable[[], bytes], segments: Segments
+    wire: Callable[[], bytes], segments: Segments, post: Post | None = None
 ) -> tuple[bytes, list[bytes | memoryview], list[tuple[Any, int, BaseException]]]:
     """A batch as bytes: the handler's (`wire()`), the items' frames, and the items
     that would not pickle, each with its error (all of them when the handler would
@@ -93,7 +94,7 @@ def encode_batch(
     rejected: list[tuple[Any, int, BaseException]] = []
     try:
         blob = wire()
-        parts, _ = encode_items(segments, lambda run, j, exc: rejected.append((run, j, exc)))
+        parts, _ = encode_items(segments, lambda run, j, exc: rejected.append((run, j, exc)), post)
     except BaseException as exc:  # a handler that will not pickle (or a bug): its tasks fail, not the pool
         err = exc if isinstance(exc, ProcQueueError) else _batch_failure(exc)
         return b"", [], [(run, j, err) for run, start, n in segments for j in range(start, start + n)]

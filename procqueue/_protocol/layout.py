@@ -23,3 +23,7 @@ FORWARDED, WRITTEN = range(2)  # attempts forwarded; records a FileOutput wrote
 COUNTERS = 2
 
 LINK = struct.Struct("!qq")  # a links datagram to the collector: slot, pid; the descriptor rides along
+
+# Large buffers (`procqueue/_local/shm.py`): shared memory instead of the pipes.
+SHM_MIN = 1 << 20  # bytes: smaller buffers cost less through a pipe than a memfd's set-up
+IN_SHM = 1 << 63  # in a frame's buffer table: this buffer is a segment, not in the body

@@ -13,6 +13,8 @@ from typing import Any, cast
 
 import cloudpickle
 
+from procqueue._protocol.layout import IN_SHM, SHM_MIN
+
 _MAIN = b"__main__"
 
 
@@ -65,9 +67,14 @@ OUT_OF_BAND = 1 << 16  # buffers this big (numpy arrays, PickleBuffers) travel b
 _COUNT = struct.Struct("<Q")
 
 
-def dumps_body(obj: Any, by_value_: bool = False) -> list[bytes | memoryview]:
+Post = Callable[[memoryview], "int | None"]  # a buffer to shared memory: its segment number, or None
+
+
+def dumps_body(obj: Any, by_value_: bool = False, post: Post | None = None) -> list[bytes | memoryview]:
     """A batch's items or values as the buffers of a frame body: a table of the
-    out-of-band buffers' sizes, the pickle, then those buffers themselves."""
+    out-of-band buffers' sizes (and the numbers of those `post` sent as shared
+    memory segments, `procqueue/_local/shm.py`), the pickle, then the
+    other buffers themselves."""
     bufs: list[memoryview] = []
 
     def keep(pb: pickle.PickleBuffer) -> bool:
@@ -85,8 +92,37 @@ def dumps_body(obj: Any, by_value_: bool = False) -> list[bytes | memoryview]:
     except BaseException:
         bufs.clear()
         raise
-    table = struct.pack(f"<Q{len(bufs)}Q", len(bufs), *(b.nbytes for b in bufs))
-    return [table, stream, *bufs]
+    if not bufs:
+        return [_NONE, stream]
+    sizes: list[int] = []
+    seqs: list[int] = []
+    inline: list[bytes | memoryview] = []
+    for b in bufs:
+        seq = post(b) if post is not None and b.nbytes >= SHM_MIN else None
+        if seq is None:
+            sizes.append(b.nbytes)
+            inline.append(b)
+        else:
+            sizes.append(b.nbytes | IN_SHM)
+            seqs.append(seq)
+    table = struct.pack(f"<Q{len(sizes)}Q{len(seqs)}Q", len(sizes), *sizes, *seqs)
+    return [table, stream, *inline]
+
+
+_NONE = _COUNT.pack(0)
+
+
+def shm_refs(body: memoryview | bytes | bytearray) -> list[tuple[int, int]]:
+    """`(number, size)` of each shared memory segment a frame body refers to."""
+    (k,) = _COUNT.unpack_from(body)
+    if not k:
+        return []
+    sizes = struct.unpack_from(f"<{k}Q", body, _COUNT.size)
+    big = [s & ~IN_SHM for s in sizes if s & IN_SHM]
+    if not big:
+        return []
+    seqs = struct.unpack_from(f"<{len(big)}Q", body, _COUNT.size * (k + 1))
+    return list(zip(seqs, big, strict=True))
 
 
 class Pickled:
@@ -139,22 +175,30 @@ def load_pickled(blob: bytes, buffers: list[Any], spare: bytes | None) -> Any:
         return pickle.loads(spare)
 
 
-def loads_body(body: memoryview | bytes | bytearray) -> Any:
-    """The inverse of `dumps_body`. Buffers come back writable (numpy arrays built
-    on them can be written to), copied only when the frame itself was read-only."""
+def loads_body(body: memoryview | bytes | bytearray, shared: Sequence[Any] = ()) -> Any:
+    """The inverse of `dumps_body`, given the mapped shared memory segments (`shared`) its table names
+    (in order). Buffers come back writable (numpy arrays built on them can be
+    written to), copied only when the frame itself was read-only."""
     view = memoryview(body)
     (k,) = _COUNT.unpack_from(view)
     if not k:
         return pickle.loads(view[_COUNT.size :])
     sizes = struct.unpack_from(f"<{k}Q", view, _COUNT.size)
-    end = len(view) - sum(sizes)
-    buffers = []
+    n_shared = sum(1 for s in sizes if s & IN_SHM)
+    if n_shared != len(shared):
+        raise ValueError(f"a frame names {n_shared} shared memory segments, {len(shared)} were mapped")
+    end = len(view) - sum(s for s in sizes if not s & IN_SHM)
+    buffers: list[Any] = []
     at = end
+    mapped = iter(shared)
     for size in sizes:
+        if size & IN_SHM:
+            buffers.append(next(mapped))
+            continue
         piece = view[at : at + size]
         buffers.append(bytearray(piece) if piece.readonly else piece)
         at += size
-    return pickle.loads(view[_COUNT.size * (k + 1) : end], buffers=buffers)
+    return pickle.loads(view[_COUNT.size * (k + 1 + n_shared) : end], buffers=buffers)
 
 
 def body_size(parts: list[bytes | memoryview]) -> int:
@@ -238,11 +282,11 @@ def name_bad_argument(args: Sequence[Any], kwargs: dict[str, Any]) -> tuple[str,
     return "the arguments", None
 
 
-def dumps_values(values: list[Any]) -> tuple[list[bytes | memoryview], list[tuple[int, str]]]:
+def dumps_values(values: list[Any], post: Post | None = None) -> tuple[list[bytes | memoryview], list[tuple[int, str]]]:
     """Pickle a batch of results (see `dumps_body`); a value that will not pickle
     is replaced by None and reported as `(index, message)`, so the others still travel."""
     try:
-        return dumps_body(values), []
+        return dumps_body(values, post=post), []
     except BaseException:
         pass
     bad: list[tuple[int, str]] = []
@@ -250,7 +294,7 @@ def dumps_values(values: list[Any]) -> tuple[list[bytes | memoryview], list[tupl
         if (exc := _fails(value)) is not None:
             bad.append((i, f"the result ({describe(value)}) could not be pickled: {type(exc).__name__}: {_text(exc)}"))
             values[i] = None
-    return dumps_body(values), bad
+    return dumps_body(values, post=post), bad
 
 
 def pack_exception(exc: BaseException) -> tuple[bytes | None, str, str, str]:

@@ -1,0 +1,313 @@
+"""Large buffers through shared memory (issue 13, items 2 and 3): arrays of 1 MB
+and up cross as memfd segments on each worker's side socket, both ways; a result's
+bytes skip the collector.
+
+Black box where it can be: the public API, real arrays, real SIGKILLs by pid.
+That a buffer really went through shared memory is read from `/proc/<pid>/maps`
+(a mapped segment shows as `memfd:procqueue`), so a silent fallback to the pipes
+fails these tests instead of passing them slowly."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+
+import procqueue as pq
+from procqueue._local import shm
+
+from conftest import balanced, leftover_children
+
+MB = 1 << 20
+
+
+def _array(mb: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).random(mb * MB // 8)
+
+
+def double(a: np.ndarray) -> np.ndarray:
+    return a * 2
+
+
+def fresh(mb: int, seed: int) -> np.ndarray:
+    return _array(mb, seed)
+
+
+def maps_segments(_: object = None) -> int:
+    """How many shared memory segments this process has mapped."""
+    with open("/proc/self/maps") as f:
+        return sum("memfd:procqueue" in line for line in f)
+
+
+def arg_is_mapped(a: np.ndarray) -> tuple[int, float]:
+    """The argument is a mapped segment here; write to it, which must stay ours."""
+    mapped = maps_segments()
+    a[:] = -1.0
+    return mapped, float(a.sum())
+
+
+def hold(a: np.ndarray, path: str) -> None:
+    Path(path).write_text(str(os.getpid()))
+    time.sleep(60)
+
+
+def _dev_shm() -> set[str]:
+    return set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
+
+
+def _wait_for(path: Path, timeout: float = 30.0) -> int:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists() and path.read_text():
+            return int(path.read_text())
+        time.sleep(0.02)
+    raise AssertionError(f"{path} was not written in {timeout} s")
+
+
+# --- round trips --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mb", [8, 64])
+def test_arrays_round_trip_exactly_both_ways_on_every_start_method(start_method: str, mb: int) -> None:
+    arrays = [_array(mb, i) for i in range(3)]
+    with pq.Pool(workers=2, start_method=start_method) as pool:
+        doubled = list(pool.map(double, arrays))
+        made = list(pool.map(fresh, [mb] * 3, range(3)))
+        in_workers = pool.submit(arg_is_mapped, arrays[0]).result(timeout=60)
+        stats = pool.stats()
+    for a, d in zip(arrays, doubled):
+        assert d.dtype == a.dtype and d.shape == a.shape
+        assert np.array_equal(d, a * 2)
+    for i, m in enumerate(made):
+        assert np.array_equal(m, _array(mb, i))
+    assert in_workers[0] >= 1, "the argument did not arrive as a shared memory segment"
+    assert maps_segments() >= 6, "the results are not mapped shared memory segments"
+    assert stats.completed == 7 and balanced(stats)
+
+
+def test_a_result_is_an_ordinary_writable_array_that_outlives_the_pool() -> None:
+    with pq.Pool(workers=2) as pool:
+        out = pool.submit(fresh, 8, 1).result(timeout=60)
+    assert out.flags.writeable
+    out[:10] = 5.0
+    assert out[:10].sum() == 50.0
+    assert np.array_equal(out[10:], _array(8, 1)[10:])
+    assert maps_segments() >= 1
+    del out
+
+
+def test_a_handler_that_writes_to_its_argument_does_not_change_the_callers_array() -> None:
+    a = _array(8, 3)
+    before = a.copy()
+    with pq.Pool(workers=1) as pool:
+        mapped, total = pool.submit(arg_is_mapped, a).result(timeout=60)
+    assert mapped >= 1
+    assert total == -float(a.size)
+    assert np.array_equal(a, before)
+
+
+def test_buffers_under_a_megabyte_stay_in_the_frame() -> None:
+    with pq.Pool(workers=1) as pool:
+        before = maps_segments()
+        small = pool.submit(fresh, 0, 0).result(timeout=60)  # 0 MB: an empty array
+        mid = pool.submit(np.ones, MB // 8 - 1).result(timeout=60)  # just under 1 MB
+        assert maps_segments() == before
+    assert small.size == 0 and mid.sum() == MB // 8 - 1
+
+
+def test_a_result_mapping_is_released_with_the_array() -> None:
+    with pq.Pool(workers=1) as pool:
+        before = maps_segments()
+        out = pool.submit(fresh, 8, 2).result(timeout=60)
+        assert maps_segments() == before + 1
+        del out
+        assert maps_segments() == before
+
+
+# --- faults -------------------------------------------------------------------------------
+
+
+def test_sigkill_of_a_worker_holding_a_large_array_leaves_nothing_behind(tmp_path: Path) -> None:
+    shm = _dev_shm()
+    fds = len(os.listdir("/proc/self/fd"))
+    marker = tmp_path / "pid"
+    a = _array(64, 4)
+    with pq.Pool(workers=2) as pool:
+        fut = pool.submit(hold, a, str(marker))
+        pid = _wait_for(marker)
+        assert "memfd:procqueue" in Path(f"/proc/{pid}/maps").read_text()
+        os.kill(pid, signal.SIGKILL)
+        with pytest.raises(pq.WorkerCrashed):
+            fut.result(timeout=60)
+        assert np.array_equal(pool.submit(double, a).result(timeout=60), a * 2)  # the pool goes on
+        stats = pool.stats()
+    assert stats.failed == 1 and stats.completed == 1 and balanced(stats)
+    assert _dev_shm() == shm
+    assert len(os.listdir("/proc/self/fd")) <= fds
+
+
+def test_sigkill_of_the_collector_while_large_results_flow() -> None:
+    shm = _dev_shm()
+    with pq.Pool(workers=2, max_retries=3) as pool:
+        results = pool.map(fresh, [8] * 60, range(60))
+        first = next(results)
+        os.kill(pool._core.backend.collector.pid, signal.SIGKILL)  # type: ignore[attr-defined]
+        rest = list(results)
+        stats = pool.stats()
+    assert np.array_equal(first, _array(8, 0))
+    for i, m in enumerate(rest, 1):
+        assert np.array_equal(m, _array(8, i))
+    assert stats.completed == 60 and stats.failed == 0 and balanced(stats)
+    assert _dev_shm() == shm
+
+
+PARENT = """
+import os, sys, time
+import numpy as np
+import procqueue as pq
+sys.path.insert(0, {tests!r})
+from test_shared_memory import fresh
+
+if __name__ == "__main__":
+    with pq.Pool(workers=2) as pool:
+        pids = [w.pid for w in pool.stats().workers] + [pool._core.backend.collector.pid]
+        print(" ".join(str(p) for p in pids), flush=True)
+        for _ in pool.map(fresh, [16] * 10_000, range(10_000)):
+            pass
+"""
+
+
+def test_sigkill_of_the_parent_mid_transfer_leaves_no_process_and_no_segment(tmp_path: Path) -> None:
+    shm = _dev_shm()
+    script = tmp_path / "parent.py"
+    script.write_text(textwrap.dedent(PARENT.format(tests=os.path.dirname(__file__))))
+    with subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True) as proc:
+        try:
+            assert proc.stdout is not None
+            pids = [int(p) for p in proc.stdout.readline().split()]
+            assert pids, "the parent did not start its pool"
+            time.sleep(1.0)  # results are flowing
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(30)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and any(psutil.pid_exists(p) for p in pids):
+        time.sleep(0.05)
+    alive = [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+    assert not alive, f"pool processes outlived their parent: {alive}"
+    assert _dev_shm() == shm
+    assert not leftover_children()
+
+
+_HOARD: list[int] = []
+
+
+def low_descriptors() -> None:
+    """Initializer: take every descriptor the worker may open, so no memfd can be made."""
+    import resource
+
+    _array(0, 0)  # what the handler imports, imported while it still can be
+    resource.setrlimit(resource.RLIMIT_NOFILE, (256, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+    try:
+        while True:
+            _HOARD.append(os.open(os.devnull, os.O_RDONLY))
+    except OSError:
+        pass
+
+
+def test_a_worker_that_cannot_make_segments_sends_its_results_through_the_pipes() -> None:
+    with pq.Pool(workers=1, initializer=low_descriptors) as pool:
+        before = maps_segments()
+        out = list(pool.map(fresh, [8] * 3, range(3)))
+        assert maps_segments() == before  # no segment: the bytes came through the collector
+    for i, m in enumerate(out):
+        assert np.array_equal(m, _array(8, i))
+
+
+SMALL_SHM = """
+import sys
+import numpy as np
+import procqueue as pq
+sys.path.insert(0, {tests!r})
+from test_shared_memory import double
+
+if __name__ == "__main__":
+    a = np.arange(2_000_000, dtype=np.float64)
+    with pq.Pool(workers=2) as pool:
+        out = list(pool.map(double, [a] * 4))
+    assert all(np.array_equal(o, a * 2) for o in out)
+    print("ok", flush=True)
+"""
+
+
+def test_a_tiny_dev_shm_is_no_error(tmp_path: Path) -> None:
+    """As in a container with a 64 MB /dev/shm, only smaller (4 kB): the pool still works, and
+    its segments are memfds, which /dev/shm's size does not limit."""
+    probe = subprocess.run(["unshare", "-rm", "true"], capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip(f"no user namespaces here to mount a private /dev/shm: {probe.stderr!r}")
+    script = tmp_path / "small.py"
+    script.write_text(textwrap.dedent(SMALL_SHM.format(tests=os.path.dirname(__file__))))
+    run = subprocess.run(
+        ["unshare", "-rm", "sh", "-c", 'mount -t tmpfs -o size=4k tmpfs /dev/shm && exec "$0" "$1"',
+         sys.executable, str(script)],
+        capture_output=True, text=True, timeout=90,
+    )  # fmt: skip
+    assert run.returncode == 0 and run.stdout.split() == ["ok"], run.stderr[-3000:]
+
+
+# --- the side socket, as a hostile or broken peer would use it ----------------------------------
+
+
+def test_side_socket_checks_what_arrives() -> None:
+    a_sock, b_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    sender, receiver = shm.Side(a_sock), shm.Side(b_sock)
+    try:
+        data = memoryview(bytes(range(256)) * 4096)
+        first = sender.post(data)
+        second = sender.post(data)
+        assert (first, second) == (0, 1)
+        # Frames are taken in order; one nobody asked for (a dropped frame) is skipped.
+        got = receiver.take(1, data.nbytes, private=True)
+        assert bytes(got[:256]) == bytes(range(256))
+        got[0] = 99  # private: the sender's copy is not changed
+        with pytest.raises(shm.ShmLost):
+            receiver.take(2, data.nbytes, private=False)  # never posted
+        # An unsealed memfd (which its sender could shrink under our mapping: SIGBUS) is refused.
+        fd = os.memfd_create("procqueue", os.MFD_CLOEXEC)
+        os.write(fd, b"x" * 4096)
+        socket.send_fds(a_sock, [(3).to_bytes(8, "little")], [fd])
+        os.close(fd)
+        with pytest.raises(shm.ShmLost, match="unsealed"):
+            receiver.take(3, 4096, private=False)
+        # A sealed one of another size than the frame says is refused.
+        fd = shm.to_shm(memoryview(b"y" * 100))
+        socket.send_fds(a_sock, [(4).to_bytes(8, "little")], [fd])
+        os.close(fd)
+        with pytest.raises(shm.ShmLost, match="arrived as 100 bytes"):
+            receiver.take(4, 4096, private=False)
+        # Garbage (no descriptor, a short message) is skipped, not trusted.
+        a_sock.send(b"junk")
+        fd = shm.to_shm(memoryview(b"z" * 8))
+        socket.send_fds(a_sock, [(5).to_bytes(8, "little")], [fd])
+        os.close(fd)
+        assert bytes(receiver.take(5, 8, private=False)) == b"z" * 8
+        fd = shm.to_shm(memoryview(b"s"))
+        assert fcntl.fcntl(fd, fcntl.F_GET_SEALS) & fcntl.F_SEAL_SHRINK
+        os.close(fd)
+    finally:
+        sender.close()
+        receiver.close()
