@@ -93,10 +93,19 @@ def payload_in(peer: Peer, spec: Spec) -> dict[str, Any]:
 
 
 def payload_out(peer: Peer, spec: Spec) -> dict[str, Any]:
-    """Each task returns a fresh 8 MB array; the parent keeps every result of a run."""
+    """Each task returns a fresh 8 MB array, which the parent reads whole and lets go, as
+    a stream of results is used: the parent's RSS should grow by about one array."""
+    items = [spec["mb"] * 1024 + i for i in range(spec["n"])]
+    cs = spec.get("chunksize")
+    peer.map(w.fresh_array, items[:4], cs)  # warm: workers up, handler known
+    times = []
     with peak_rss() as growth:
-        out = timed_runs(peer, w.fresh_array, [spec["mb"] * 1024 + i for i in range(spec["n"])], spec)
-    return {**out, "mb": spec["mb"], "rss_growth": growth}
+        for _ in range(spec["repeats"]):
+            t = time.perf_counter()
+            got = sum(1 for a in peer.imap(w.fresh_array, items, cs) if a.sum() >= 0)
+            times.append(time.perf_counter() - t)
+            assert got == len(items), f"{peer.name} yielded {got} of {len(items)} results"
+    return {"n": len(items), "times": times, "mb": spec["mb"], "rss_growth": growth}
 
 
 @contextlib.contextmanager

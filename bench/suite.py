@@ -80,7 +80,7 @@ WORKLOADS = [
              (None, 1), (None,), limit_peer=True),
     Workload("payload-in", "{n} tasks, each given an 8 MB numpy array (it reads all of it)", "MB/s", True, 200, 32,
              needs="numpy", serial=True, extra={"mb": 8}),
-    Workload("payload-out", "{n} tasks, each returning a fresh 8 MB numpy array (the parent keeps them)", "MB/s",
+    Workload("payload-out", "{n} tasks, each returning a fresh 8 MB numpy array (read whole, then dropped)", "MB/s",
              True, 200, 32, needs="numpy", serial=True, extra={"mb": 8}),
     Workload("stream", "lazy map over a generator of {n:,} items", "items/s", True, 2_000_000, 500_000,
              (None, 1000, 10_000), (None, 10_000), limit=60.0, quick_limit=15.0, serial=True),

@@ -134,6 +134,32 @@ def test_a_result_mapping_is_released_with_the_array() -> None:
         assert maps_segments() == before
 
 
+def test_kept_results_hold_no_descriptor() -> None:
+    """A mapping of Python's `mmap` keeps a duplicate descriptor open (before 3.13): one per
+    kept result would take a process to its descriptor limit."""
+    with pq.Pool(workers=2) as pool:
+        pool.submit(fresh, 1, 0).result(timeout=60)
+        fds = len(os.listdir("/proc/self/fd"))
+        kept = list(pool.map(fresh, [1] * 100, range(100)))
+        assert len(os.listdir("/proc/self/fd")) <= fds + 2
+    assert maps_segments() >= 100
+    assert all(k[0] == _array(1, i)[0] for i, k in enumerate(kept))
+
+
+def test_no_child_keeps_the_parents_end_of_a_side_socket() -> None:
+    """Under "fork" a worker inherits every descriptor of the parent; the parent's side
+    sockets must not stay open in it, or what is queued on them would outlive the pool's
+    use of them."""
+    with pq.Pool(workers=2, start_method="fork") as pool:
+        pool.submit(fresh, 1, 0).result(timeout=60)
+        sides = pool._core.backend.wiring.supervisor.sides  # type: ignore[attr-defined]
+        ours = {f"socket:[{os.fstat(side.sock.fileno()).st_ino}]" for side in sides.values()}
+        assert len(ours) == 2
+        for pid in [w.pid for w in pool.stats().workers] + [pool._core.backend.collector.pid]:  # type: ignore[attr-defined]
+            held = {os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")}
+            assert not held & ours, f"process {pid} holds the parent's end of a side socket"
+
+
 # --- faults -------------------------------------------------------------------------------
 
 
@@ -167,7 +193,9 @@ def test_sigkill_of_the_collector_while_large_results_flow() -> None:
     assert np.array_equal(first, _array(8, 0))
     for i, m in enumerate(rest, 1):
         assert np.array_equal(m, _array(8, i))
+        sides = len(pool._core.backend.wiring.supervisor.sides)  # type: ignore[attr-defined]
     assert stats.completed == 60 and stats.failed == 0 and balanced(stats)
+    assert sides <= 2, f"{sides} side sockets are open for 2 workers: the old workers' leaked"
     assert _dev_shm() == shm
 
 

@@ -166,6 +166,8 @@ class Manager:
             charged_at = s.lost_running(pid)
             if not ours:  # its collector is gone, and with it whatever the worker had sent: settle it here
                 core.apply(s.worker_gone(pid, False, time.monotonic()), later)
+        if not ours:
+            self.sup.forget_side(pid)  # no result of it will come: what it posted is freed
         run_all(later)
         if ours:
             timed_out = reason is ins.KillReason.TIMEOUT

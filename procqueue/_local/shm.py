@@ -19,14 +19,18 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import logging
 import mmap
 import os
 import socket
 import stat
 import struct
+import weakref
+from typing import Any
 
 _SEQ = struct.Struct("<Q")
+_CLOEXEC = getattr(socket, "MSG_CMSG_CLOEXEC", 0)
 _SEALS = getattr(fcntl, "F_SEAL_SHRINK", 0) | getattr(fcntl, "F_SEAL_GROW", 0)
 
 log = logging.getLogger("procqueue")
@@ -71,7 +75,7 @@ def to_shm(raw: memoryview) -> int:
     return fd
 
 
-def map_shm(fd: int, size: int, private: bool) -> mmap.mmap:
+def map_shm(fd: int, size: int, private: bool) -> memoryview:
     """Map a segment received from the other side, after checking it is one: a
     regular file of the announced size, sealed so that nobody can shrink it
     under the mapping (which would turn a read into SIGBUS)."""
@@ -80,7 +84,58 @@ def map_shm(fd: int, size: int, private: bool) -> mmap.mmap:
         raise ShmLost(f"a segment of {size} bytes arrived as {st.st_size} bytes (or not a file)")
     if fcntl.fcntl(fd, fcntl.F_GET_SEALS) & _SEALS != _SEALS:
         raise ShmLost("a segment arrived unsealed")
-    return mmap.mmap(fd, size, access=mmap.ACCESS_COPY if private else mmap.ACCESS_WRITE)
+    return _mapping(fd, size, private)
+
+
+def _mapping(fd: int, size: int, private: bool) -> memoryview:
+    """`size` bytes of `fd`, mapped, as a writable byte view that unmaps itself when
+    the last object built on it goes. Not `mmap.mmap`: before Python 3.13 it keeps a
+    duplicate of the descriptor open for the mapping's life, one per result array."""
+    import ctypes
+    import weakref
+
+    libc = _libc()
+    flags = mmap.MAP_PRIVATE if private else mmap.MAP_SHARED
+    addr = libc.mmap(None, size, mmap.PROT_READ | mmap.PROT_WRITE, flags, fd, 0)
+    if addr is None or addr == _MAP_FAILED:
+        err = ctypes.get_errno()
+        raise OSError(err, f"mmap of {size} bytes: {os.strerror(err)}")
+    block = (ctypes.c_char * size).from_address(addr)
+    # Not at exit: an atexit handler of the user's may still read the array.
+    weakref.finalize(block, libc.munmap, addr, size).atexit = False
+    return memoryview(block).cast("B")
+
+
+_MAP_FAILED = (1 << 64) - 1  # (void *) -1 as ctypes returns it
+
+
+@functools.cache
+def _libc() -> Any:
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    libc.munmap.restype = ctypes.c_int
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    return libc
+
+
+_live: weakref.WeakSet[Side] = weakref.WeakSet()  # the parent's ends, closed in any child it forks
+
+
+def _close_inherited() -> None:
+    """In a child forked from the parent (a worker under "fork", a user's fork): let go
+    of the parent's ends of the side sockets, or segments queued on them would stay
+    alive as long as that child."""
+    for side in list(_live):
+        with contextlib.suppress(OSError):
+            side.sock.close()
+    _live.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_inherited)
 
 
 class Side:
@@ -89,11 +144,13 @@ class Side:
     post that would wait falls back to the frame, and a take finds its segment
     already there, as the sender posts before it writes the frame naming it."""
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, parents: bool = False) -> None:
         sock.setblocking(False)
         self.sock = sock
         self.next_seq = 0
         self.ahead: dict[int, int] = {}  # received past the one asked for: a later frame's
+        if parents:  # the parent's end: no child of the parent may keep it
+            _live.add(self)
 
     def post(self, raw: memoryview) -> int | None:
         """Send `raw` as a segment: its sequence number, or None to keep it in the frame."""
@@ -113,7 +170,7 @@ class Side:
         self.next_seq += 1
         return self.next_seq - 1
 
-    def take(self, seq: int, size: int, private: bool) -> mmap.mmap:
+    def take(self, seq: int, size: int, private: bool) -> memoryview:
         """The segment numbered `seq`, mapped; raises `ShmLost`."""
         fd = self._receive(seq)
         try:
@@ -131,11 +188,18 @@ class Side:
             os.close(fd)
         while True:
             try:
-                data, fds, _, _ = socket.recv_fds(self.sock, _SEQ.size + 1, 2)
+                data, fds, flags, _ = socket.recv_fds(self.sock, _SEQ.size + 1, 2, _CLOEXEC)
             except (BlockingIOError, InterruptedError) as exc:
                 raise ShmLost(f"segment {seq} is not on the side socket") from exc
             except OSError as exc:
                 raise ShmLost(f"the side socket failed: {exc}") from exc
+            if flags & socket.MSG_CTRUNC:  # the kernel dropped the descriptor: none was free here
+                for fd in fds:
+                    os.close(fd)
+                raise ShmLost(
+                    f"segment {seq} arrived without its descriptor: process {os.getpid()} is out of file "
+                    "descriptors (close some, or raise `ulimit -n`)"
+                )
             if len(data) != _SEQ.size or len(fds) != 1:  # not what a pool process sends
                 for fd in fds:
                     os.close(fd)

@@ -110,6 +110,8 @@ class Supervisor:
             fault_r, fault_w = launch.pipe()
             theirs, ours = launch.socketpair(socket.SOCK_STREAM)
             side_theirs, side_ours = launch.socketpair(socket.SOCK_SEQPACKET) if self.shm else (None, None)
+            # Wrapped before the start: a worker forked ("fork") closes the parent's ends it inherits.
+            side = Side(side_ours, parents=True) if side_ours is not None else None
             self.marks[layout.MARK_WORDS * slot.index] = 0
             proc = launch.start(
                 _worker.main,
@@ -124,7 +126,7 @@ class Supervisor:
         os.set_blocking(fault_r.fileno(), False)
         slot.process, slot.pid, slot.task_w, slot.fault_r = proc, proc.pid or -1, task_w, fault_r
         slot.pidfd = _pidfd(slot.pid)
-        slot.side = Side(side_ours) if side_ours is not None else None
+        slot.side = side
         if slot.side is not None:
             self.sides[slot.pid] = slot.side
         slot.death_fd = slot.pidfd if slot.pidfd >= 0 else proc.sentinel
