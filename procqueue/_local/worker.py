@@ -257,13 +257,11 @@ class _Worker:
         n = len(items)
         while len(values) < n:
             rest = itertools.islice(items, len(values), None)
-            try:
+            try:  # extend() keeps what it appended before a call raised: the loop runs at C speed
                 if call is m.Call.ONE:
-                    for item in rest:
-                        append(fn(item))
+                    values.extend(map(fn, rest))
                 elif call is m.Call.STAR:
-                    for item in rest:
-                        append(fn(*item))
+                    values.extend(itertools.starmap(fn, rest))
                 else:
                     for item in rest:
                         append(fn(*item[0], **item[1]))
