@@ -61,8 +61,14 @@ def hold(a: np.ndarray, path: str) -> None:
     time.sleep(60)
 
 
+OURS = ("pym-", "psm_", "procqueue")  # multiprocessing's heap arenas, its SharedMemory, ours
+
+
 def _dev_shm() -> set[str]:
-    return set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
+    """Entries in /dev/shm that a pool could have made (the machine's other processes
+    make theirs meanwhile: semaphores, joblib's folders)."""
+    names = os.listdir("/dev/shm") if os.path.isdir("/dev/shm") else []
+    return {n for n in names if n.startswith(OURS)}
 
 
 def _wait_for(path: Path, timeout: float = 30.0) -> int:
@@ -339,3 +345,36 @@ def test_side_socket_checks_what_arrives() -> None:
     finally:
         sender.close()
         receiver.close()
+
+
+def test_large_bytes_and_bytearrays_go_out_of_band_too() -> None:
+    """Pickle keeps bytes and bytearrays in band; a batch takes those of 1 MB and up out
+    (values and items, and arguments in a tuple)."""
+    from procqueue._protocol.layout import SHM_MIN
+    from procqueue._protocol.pickling import dumps_body, loads_body, shm_refs
+
+    posted: list[bytes] = []
+
+    def post(raw: memoryview) -> int:
+        posted.append(bytes(raw))
+        return len(posted) - 1
+
+    value = [b"a" * SHM_MIN, bytearray(b"b" * SHM_MIN), b"s" * 100, 1, (2, b"c" * SHM_MIN)]
+    body = b"".join(bytes(p) for p in dumps_body(value, post=post))
+    assert [size for _, size in shm_refs(body)] == [SHM_MIN, SHM_MIN, SHM_MIN]
+    assert len(body) < 1000  # the big ones are not in the frame
+    back = loads_body(body, [memoryview(p) for p in posted])
+    assert back == value and type(back[0]) is bytes and type(back[1]) is bytearray
+    assert [size for _, size in shm_refs(b"".join(bytes(p) for p in dumps_body(value)))] == []  # no post: in band
+
+
+def random_bytes(n: int) -> bytes:
+    return np.random.default_rng(n).bytes(n)
+
+
+def test_bytes_results_and_arguments_round_trip() -> None:
+    with pq.Pool(workers=2) as pool:
+        out = list(pool.map(random_bytes, [MB, 3 * MB, MB - 1]))
+        lengths = list(pool.map(len, out))
+    assert out == [random_bytes(n) for n in (MB, 3 * MB, MB - 1)]
+    assert lengths == [MB, 3 * MB, MB - 1]

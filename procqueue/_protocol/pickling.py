@@ -92,6 +92,16 @@ def dumps_body(obj: Any, by_value_: bool = False, post: Post | None = None) -> l
     except BaseException:
         bufs.clear()
         raise
+    if post is not None and not by_value_ and len(stream) >= SHM_MIN:
+        # Big in-band data: large bytes and bytearrays, which pickle never puts out of
+        # band. Pickled again with them out of band, they can take shared memory too.
+        first = bufs[:]
+        bufs.clear()
+        again = _big_bytes_out_of_band(obj, keep)
+        if again is None:
+            bufs[:] = first
+        else:
+            stream = again
     if not bufs:
         return [_NONE, stream]
     sizes: list[int] = []
@@ -110,6 +120,47 @@ def dumps_body(obj: Any, by_value_: bool = False, post: Post | None = None) -> l
 
 
 _NONE = _COUNT.pack(0)
+
+
+class _Lifted:
+    """A large `bytes` or `bytearray` that pickles out of band (pickle keeps them in
+    band), rebuilt on the other side by one copy from the buffer."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes | bytearray) -> None:
+        self.data = data
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return type(self.data), (pickle.PickleBuffer(self.data),)
+
+
+def _big_bytes_out_of_band(obj: Any, keep: Callable[[pickle.PickleBuffer], bool]) -> bytes | None:
+    """A batch (a list) pickled again with its large bytes and bytearrays out of band:
+    the values and items themselves, and those in a tuple of arguments. None when
+    there is none, or the batch does not pickle so as it did before."""
+    if type(obj) is not list:
+        return None
+    lifted, found = [], False
+    for x in obj:
+        if type(x) is tuple:
+            y = tuple(_lift(a) for a in x)
+            if any(type(a) is _Lifted for a in y):
+                x, found = y, True
+        else:
+            x = _lift(x)
+            found = found or type(x) is _Lifted
+        lifted.append(x)
+    if not found:
+        return None
+    try:
+        return dumps(lifted, keep)
+    except Exception:
+        return None
+
+
+def _lift(x: Any) -> Any:
+    return _Lifted(x) if (type(x) is bytes or type(x) is bytearray) and len(x) >= SHM_MIN else x
 
 
 def shm_refs(body: memoryview | bytes | bytearray) -> list[tuple[int, int]]:
