@@ -139,7 +139,7 @@ def _big_bytes_out_of_band(obj: Any, keep: Callable[[pickle.PickleBuffer], bool]
     """A batch (a list) pickled again with its large bytes and bytearrays out of band:
     the values and items themselves, and those in a tuple of arguments. None when
     there is none, or the batch does not pickle so as it did before."""
-    if type(obj) is not list:
+    if type(obj) is not list or len(obj) > 1024:  # a batch of many small items: not worth a look at each
         return None
     lifted, found = [], False
     for x in obj:
