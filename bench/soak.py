@@ -482,10 +482,15 @@ class Soak:
     # --- chaos, watchdog, processes ---------------------------------------------------------
 
     def _is_helper(self, p: psutil.Process) -> bool:
-        """multiprocessing's fork server or resource tracker: ours, but not the pool's."""
+        """multiprocessing's fork server or resource tracker: ours, but not the pool's (forked from
+        this process, with its command line, or exec'd)."""
+        from multiprocessing import forkserver, resource_tracker
+
         try:
             if p.ppid() != self.me.pid:
                 return False
+            if p.pid in (forkserver._forkserver._forkserver_pid, resource_tracker._resource_tracker._pid):  # type: ignore[attr-defined]
+                return True
             cmd = " ".join(p.cmdline())
         except psutil.Error:
             return False

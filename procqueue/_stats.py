@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -112,4 +111,6 @@ class Stats:
 
     def to_json(self) -> str:
         """One JSON line (no newline)."""
+        import json  # here: `import procqueue` and a pool's start do without it
+
         return json.dumps(self.as_dict(), separators=(",", ":"))

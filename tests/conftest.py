@@ -24,8 +24,14 @@ BACKENDS = ["local"] + (["dask"] if importlib.util.find_spec("distributed") is n
 def helper_pids(root: psutil.Process | None = None) -> set[int]:
     """multiprocessing's own long-lived helpers (forkserver, resource tracker) are not ours to end.
     Only a direct child of `root` (default: us) can be one: the workers and collectors the fork
-    server forks share its command line, and those must be counted."""
+    server forks share its command line, and those must be counted. Ours are known by pid too:
+    forked from this process (`procqueue/_local/fork_server.py`), they have its command line."""
+    from multiprocessing import forkserver, resource_tracker
+
     keep = set()
+    if root is None or root.pid == os.getpid():
+        mine = (forkserver._forkserver._forkserver_pid, resource_tracker._resource_tracker._pid)  # type: ignore[attr-defined]
+        keep.update(pid for pid in mine if pid is not None)
     for child in (root or psutil.Process()).children(recursive=False):
         try:
             cmd = " ".join(child.cmdline())

@@ -494,8 +494,11 @@ def fds():
 
 
 def strays():
+    from multiprocessing import forkserver, resource_tracker
+
     me = psutil.Process()
-    helpers = set()
+    # multiprocessing's helpers: forked from this process (same command line) or exec'd.
+    helpers = set([forkserver._forkserver._forkserver_pid, resource_tracker._resource_tracker._pid])
     for child in me.children():
         try:
             cmd = " ".join(child.cmdline())
@@ -652,9 +655,12 @@ _STDLIB_BOOTSTRAP = re.compile(
 )
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.timeout(90)
 def test_item19_scripts_fed_on_stdin_work_and_a_missing_main_guard_is_named(tmp_path: Path) -> None:
-    """Item 19: a script fed on stdin runs; one without `if __name__ == "__main__":` fails with a message that says so."""
+    """Item 19: a script fed on stdin runs. One without `if __name__ == "__main__":` runs while its
+    process is single-threaded as the first pool starts (the fork server is forked from it, so the
+    workers do not run the script again, as under fork); started from a threaded process (the fork
+    server exec'd) it fails with a message that names the guard."""
     job = _script(
         tmp_path,
         "job.py",
@@ -680,7 +686,12 @@ def test_item19_scripts_fed_on_stdin_work_and_a_missing_main_guard_is_named(tmp_
         tmp_path,
         "unguarded.py",
         """
+        import sys
+        import threading
         import procqueue as pq
+
+        if sys.argv[1:] == ["threaded"]:
+            threading.Thread(target=threading.Event().wait, daemon=True).start()
 
 
         def square(x):
@@ -691,8 +702,12 @@ def test_item19_scripts_fed_on_stdin_work_and_a_missing_main_guard_is_named(tmp_
             print(sum(pool.map(square, range(100))), flush=True)
         """,
     )
-    run = _run([str(unguarded)], timeout=45)
-    assert run.returncode != 0, "a script without the __main__ guard succeeded?"
+    run = _run([str(unguarded), "single"], timeout=45)
+    assert run.returncode == 0, f"an unguarded script failed with its fork server forked:\n{run.stderr[-3000:]}"
+    assert run.stdout.split() == [str(sum(i * i for i in range(100)))], run.stdout
+
+    run = _run([str(unguarded), "threaded"], timeout=45)
+    assert run.returncode != 0, "a script without the __main__ guard succeeded with an exec'd fork server?"
     ours = _STDLIB_BOOTSTRAP.sub("", run.stderr)
     assert _GUARD.search(ours), f"procqueue's error does not name the missing guard:\n{ours[-3000:]}"
 

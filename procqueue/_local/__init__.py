@@ -48,6 +48,10 @@ Who does what:
   failure mode of `multiprocessing.Queue`, pebble issue 163).
 - collector (`collector.py`): forwards; decides nothing, so killing it loses
   no decision and no count.
+- fork server and resource tracker (multiprocessing's own, under the default
+  forkserver start method): every worker and collector is forked from the
+  server. `fork_server.py` forks both from the parent while it has a single
+  thread, instead of exec'ing fresh interpreters (most of a cold start).
 
 No process listens: every channel is a pipe or a socket pair made here and
 handed down; a worker's socket reaches the collector as a descriptor over the

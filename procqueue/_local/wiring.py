@@ -9,14 +9,13 @@ import contextlib
 import enum
 import multiprocessing
 import os
-import secrets
 import selectors
 import sys
 from typing import TYPE_CHECKING, Any
 
 from procqueue._backend import WorkerRow
 from procqueue._errors import PoolStartError, SerializationError
-from procqueue._local import shm
+from procqueue._local import fork_server, shm
 from procqueue._local.collector_link import CollectorLink
 from procqueue._local.supervisor import Slot, Supervisor
 from procqueue._output import OutputStatus
@@ -78,8 +77,8 @@ class Wiring:
     def _start(self) -> None:
         cfg = self.cfg
         if cfg.start_method == "forkserver":
-            preload_in_forkserver()
-        token = secrets.token_bytes(framing.TOKEN_SIZE)
+            start_forkserver(cfg.max_worker_memory)
+        token = os.urandom(framing.TOKEN_SIZE)  # what secrets.token_bytes returns, without loading hmac and OpenSSL
         self._counters: Any = self.ctx.RawArray("q", layout.COUNTERS)  # type: ignore[attr-defined]
         self.collector_counts = memoryview(self._counters).cast("B").cast("q")
         self.collector = CollectorLink(self.ctx, token, self._counters, frame_limit(), cfg.output)
@@ -224,6 +223,25 @@ class Wiring:
 # unpickling their arguments loads (ctypes arrays), and the rest of the package, which
 # `import procqueue` no longer brings (without it each pool's start took ~10 ms more).
 PRELOAD = ("procqueue._local.worker", "procqueue._local.collector", "multiprocessing.sharedctypes", "procqueue._pool")
+# An exec'd server loads cloudpickle too, for the handlers that travel by value (a forked
+# server has it when the parent had pickled one by value before its first pool).
+SERVER_PRELOAD = (*PRELOAD, "cloudpickle")
+
+
+def start_forkserver(max_worker_memory: int | None) -> fork_server.Outcome:
+    """Fork the fork server from this process where that is safe (`fork_server.py`);
+    else have multiprocessing's exec'd server preload the package."""
+    limit = fork_server.FORK_MAX_RSS
+    if max_worker_memory is not None:  # the snapshot counts in each worker's RSS
+        limit = min(limit, max_worker_memory // 2)
+    outcome = fork_server.start(PRELOAD, limit)
+    if outcome is not fork_server.Outcome.FORKED:
+        preload_in_forkserver()
+        if outcome is not fork_server.Outcome.RUNNING:
+            import logging
+
+            logging.getLogger("procqueue").debug("procqueue: the fork server is exec'd (%s)", outcome.value)
+    return outcome
 
 
 def preload_in_forkserver() -> None:
@@ -236,7 +254,7 @@ def preload_in_forkserver() -> None:
     # a script fed on stdin would fail in the server, an unguarded one start a pool there.
     now = getattr(forkserver._forkserver, "_preload_modules", None)
     have = [name for name in now or [] if name != "__main__"]
-    want = have + [name for name in PRELOAD if name not in have]
+    want = have + [name for name in SERVER_PRELOAD if name not in have]
     if want != now:
         forkserver.set_forkserver_preload(want)
 
@@ -270,11 +288,9 @@ def refuse_in_bootstrapping_child(method: str) -> None:
 
 def frame_limit() -> int:
     """No frame between the pool's processes can be larger than the machine's memory."""
-    import psutil
-
     try:
-        return int(psutil.virtual_memory().total)
-    except (OSError, RuntimeError):
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, AttributeError):
         return 1 << 40
 
 

@@ -20,12 +20,13 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import IO, Any, Protocol
-
-import psutil
+from typing import IO, TYPE_CHECKING, Any, Protocol
 
 from procqueue._backend import WorkerRow
 from procqueue._stats import Counts, Stats, WorkerStats
+
+if TYPE_CHECKING:
+    import psutil
 
 
 class Source(Protocol):
@@ -104,6 +105,7 @@ class Monitor:
 
 
 MIN_INTERVAL = 0.01
+BASE_DELAY = 0.1  # seconds after the start when the sampler takes its first readings (at most interval / 2)
 ON_DEMAND_SPAN = 0.5  # with no sampler, cpu_percent is measured over at least this many seconds
 
 
@@ -120,6 +122,13 @@ class Readings:
     def read(self, pids: list[int], forget_others: bool = True) -> dict[int, tuple[float, int]]:
         """`{pid: (cpu_percent, rss)}`; zeros for a process that is gone."""
         out: dict[int, tuple[float, int]] = {}
+        if not pids:  # a pool that is gone: nothing to read, and no psutil to load for it
+            if forget_others:
+                with self._lock:
+                    self._procs.clear()
+            return out
+        import psutil  # here, on the sampler's thread: ~12 ms that a pool's start does without
+
         with self._lock:
             procs = self._procs
             for pid in pids:
@@ -219,6 +228,7 @@ class Sampler:
         self.interval = monitor.interval if monitor is not None else 1.0
         self.readings = Readings(0.0 if self.active else ON_DEMAND_SPAN)
         self.latest: dict[int, tuple[float, int]] = {}
+        self._based = threading.Event()  # the sampler thread has taken its first readings
         self.rates: tuple[float, float] | None = None  # None until the first sample after a submit
         self.thread: threading.Thread | None = None
         self.sink_thread: threading.Thread | None = None
@@ -258,7 +268,6 @@ class Sampler:
         self._source = source
         if not self.active:
             return
-        self.latest = self.readings.read(source.pids())  # the base of the first sample's CPU figures
         self.thread = threading.Thread(target=self._run, name="procqueue-monitor", daemon=True)
         self.thread.start()
         if self.monitor is not None and self.monitor.on_sample is not None:
@@ -270,6 +279,8 @@ class Sampler:
         assert self._source is not None
         if self.thread is None:
             return snapshot(self._source, self.readings, None, None)
+        if not self._based.is_set():  # the sampler has no readings yet: what it would read, now
+            return snapshot(self._source, self.readings, self.readings.read(self._source.pids(), False), self.rates)
         return snapshot(self._source, self.readings, self.latest, self.rates)
 
     def stop(self) -> None:
@@ -294,6 +305,16 @@ class Sampler:
             self._server = None
 
     def _run(self) -> None:
+        source = self._source
+        assert source is not None
+        # The base of the first sample's CPU figures, taken a moment after the start: loading
+        # psutil (~12 ms) while a cold pool reaches its first result would only delay it.
+        if not self._stop.wait(min(BASE_DELAY, self.interval / 2)):
+            try:
+                self.latest = self.readings.read(source.pids())
+            except Exception:
+                log.exception("procqueue: the monitor failed to take its first readings; it will try again")
+        self._based.set()
         while not self._stop.wait(self.interval):
             self._sample()
         self._sample()

@@ -11,8 +11,6 @@ import traceback
 from collections.abc import Callable, Sequence
 from typing import Any, cast
 
-import cloudpickle
-
 from procqueue._protocol.layout import IN_SHM, SHM_MIN
 
 _MAIN = b"__main__"
@@ -60,6 +58,8 @@ def dumps(obj: Any, buffer_callback: Callable[[pickle.PickleBuffer], Any] | None
 
 def by_value(obj: Any, buffer_callback: Callable[[pickle.PickleBuffer], Any] | None = None) -> bytes:
     """cloudpickle: functions and classes travel as code, not as names."""
+    import cloudpickle  # here: loading it costs ~3 ms, which a pool of importable handlers does without
+
     return cast(bytes, cloudpickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL, buffer_callback=buffer_callback))
 
 

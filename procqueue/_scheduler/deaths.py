@@ -21,8 +21,9 @@ SIGKILL = 9  # a death by SIGKILL is someone else's doing (a user, the OOM kille
 NOT_ITS_FAULT = (KillReason.STALLED, KillReason.COLLECTOR, KillReason.SHUTDOWN)
 
 UNGUARDED = (
-    "with the spawn and forkserver start methods every process of the pool imports the main script again "
-    "(as __mp_main__), so its module-level code runs in each of them. Put the code that creates and uses "
+    "with the spawn start method, and with forkserver when its server is a fresh interpreter (the process had "
+    "threads, or was large, when its first pool started), every process of the pool imports the main script "
+    "again (as __mp_main__), so its module-level code runs in each of them. Put the code that creates and uses "
     'the Pool under `if __name__ == "__main__":` (or in a function called from there)'
 )
 
