@@ -359,7 +359,8 @@ def row_of(wl: Workload, peer: str, setting: str, results: list[dict[str, Any]],
     result = merged(results)
     row: dict[str, Any] = {"peer": peer, "setting": setting, "result": result}
     if "times" in result and wl.name not in CUSTOM:
-        vals = figures(wl, result, workers)
+        # Per round, then joined: a round's figures need its own n and serial speed.
+        vals = [v for res in results if not failed(res) for v in figures(wl, res, workers)]
         row.update(median=statistics.median(vals), low=min(vals), high=max(vals))
     if "times" in result and wl.name == "dask":
         row["figures"] = dask_figures(result, workers)

@@ -14,6 +14,7 @@ done-callbacks go to the callback runner (`_callbacks.py`).
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import threading
 import time
@@ -38,6 +39,16 @@ from procqueue._stats import Counts, Stats
 _live: weakref.WeakSet[Core] = weakref.WeakSet()
 
 
+def _quietly(fn: Callable[[], None]) -> Callable[[], None]:
+    """`fn`, whose failure (its event loop closed meanwhile) is nobody's business here."""
+
+    def call() -> None:
+        with contextlib.suppress(Exception):
+            fn()
+
+    return call
+
+
 @atexit.register
 def _shutdown_at_exit() -> None:
     # Runs before multiprocessing's own exit hook (atexit is last-in first-out),
@@ -57,6 +68,7 @@ class Core:
         self.cfg = cfg
         self.lock = threading.Lock()
         self.cv = threading.Condition(self.lock)
+        self.room_waiters: set[Callable[[], None]] = set()  # coroutines waiting for room (`arun`)
         self.runner = Runner()
         self.books_error: BaseException | None = None  # validate mode: what the ledger caught
         self.sampler = Sampler(cfg.monitor, cfg.max_worker_memory)  # a bad log path, a busy port fail first
@@ -128,6 +140,26 @@ class Core:
             s.accept(run, time.monotonic())
             self.wake()
 
+    def try_enqueue(self, run: Run) -> bool:
+        """Accept a run if it fits now (as "block" would let it in); False when it does not."""
+        with self.cv:
+            self.check_open()
+            s = self.scheduler
+            if s.room() < len(run.items) and s.queue.pending > 0:
+                return False
+            s.accept(run, time.monotonic())
+            self.wake()
+            return True
+
+    def wait_for_room(self, wake: Callable[[], None]) -> None:
+        """Call `wake()` (on some thread, no lock held) the next time the queue may have room."""
+        with self.lock:
+            self.room_waiters.add(wake)
+
+    def forget_room_waiter(self, wake: Callable[[], None]) -> None:
+        with self.lock:
+            self.room_waiters.discard(wake)
+
     def reject_new(self, run: Run, exc: BaseException, later: Later) -> None:
         """A submitted task that failed before it was queued (it would not pickle)."""
         with self.cv:
@@ -188,7 +220,14 @@ class Core:
                     rest.append(i)
         if notify:
             self.cv.notify_all()
+            self.wake_room_waiters(later)
         return rest
+
+    def wake_room_waiters(self, later: Later) -> None:
+        """Coroutines waiting for room (`arun`) look again, woken outside the lock (held)."""
+        if self.room_waiters:
+            later.extend(_quietly(w) for w in self.room_waiters)
+            self.room_waiters.clear()
 
     # --- ending ---------------------------------------------------------------------------
 
@@ -212,6 +251,7 @@ class Core:
                         "iterate the results inside the `with` block, or pass a list"
                     )
             self.cv.notify_all()
+            self.wake_room_waiters(later)
             self.wake()
         run_all(later)
         if wait and self.backend.may_join():
@@ -232,6 +272,7 @@ class Core:
         with self.cv:
             self.apply([ins.Break(error)], later)
             self.cv.notify_all()
+            self.wake_room_waiters(later)
         self.backend.kill_all()
         run_all(later)
 

@@ -139,6 +139,7 @@ class Feeder:
         self._generator = weakref.ref(chunks)
         results = cast(MapIterator, MapIterator.from_iterable(chunks))
         results.chunks = chunks
+        results.stream = self.stream
         return results
 
     def _chunks(
@@ -216,6 +217,7 @@ class MapIterator(itertools.chain):  # type: ignore[type-arg]
     (tasks not started are cancelled), as closing a generator would."""
 
     chunks: Generator[Iterable[Any], None, None]
+    stream: Stream  # its results' stream (to abandon the map from another thread)
 
     def close(self) -> None:
         self.chunks.close()

@@ -8,16 +8,16 @@ import math
 import os
 import time
 import weakref
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator
 from functools import partial
 from types import TracebackType
-from typing import IO, TYPE_CHECKING, Any, Literal, TypeVar
+from typing import IO, TYPE_CHECKING, Any, Literal, TypeVar, cast
 
 from procqueue._core import Core
 from procqueue._errors import ProcQueueError
 from procqueue._file_writer import OutputSpec
 from procqueue._local.backend import LocalBackend
-from procqueue._map import Feeder
+from procqueue._map import Feeder, MapIterator
 from procqueue._monitor.sampler import Monitor
 from procqueue._output import FileOutput, OutputHandle
 from procqueue._protocol import messages as m
@@ -86,6 +86,43 @@ class Options:
 
     def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future:
         """Schedule `fn(*args, **kwargs)`; returns a `procqueue.Future`."""
+        fut, run = self._prepare(fn, args, kwargs)
+        if run is not None:
+            later: Later = []
+            self._pool._core.enqueue(run, self._pool._cfg.backpressure, self.block_timeout, later)
+            run_all(later)
+        return fut
+
+    async def arun(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
+        """`await` the value of `fn(*args, **kwargs)` run in the pool (see `Pool.arun`)."""
+        from procqueue._async import arun
+
+        fut, run = self._prepare(fn, args, kwargs)
+        return await arun(self._pool._core, fut, run, self.block_timeout)  # type: ignore[no-any-return]
+
+    def amap(
+        self,
+        fn: Callable[..., T],
+        items: Iterable[Any] | AsyncIterable[Any],
+        *,
+        ordered: bool = True,
+        return_exceptions: bool = False,
+        chunksize: Chunksize = "auto",
+    ) -> AsyncIterator[T]:
+        """`async for y in ...`: the lazy, bounded map of `fn` over `items` (see `Pool.amap`)."""
+        from procqueue._async import AsyncMap
+
+        def start(source: Iterable[Any]) -> MapIterator:
+            it = self.map(fn, source, chunksize=chunksize, ordered=ordered, return_exceptions=return_exceptions)
+            return cast(MapIterator, it)
+
+        return AsyncMap(self._pool._core, start, items)
+
+    def _prepare(
+        self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[Future, Run | None]:
+        """A submit's future and its run, pickled here in the caller's thread; the run is
+        None when the task failed already (its arguments or handler would not pickle)."""
         pool = self._pool
         core = pool._core
         core.check_open()
@@ -118,9 +155,9 @@ class Options:
         except BaseException:  # a __reduce__ may raise anything, SystemExit too: this task's failure
             core.reject_new(run, argument_error(task_id, call, item), later)
         else:
-            core.enqueue(run, pool._cfg.backpressure, self.block_timeout, later)
+            return fut, run
         run_all(later)
-        return fut
+        return fut, None
 
     def _submit_items(self, fn: Callable[..., Any], items: list[Any]) -> Chunk:
         """`fn(item)` for each item, as one entry of the heap at these options'
@@ -364,6 +401,45 @@ class Pool(concurrent.futures.Executor):
     ) -> Iterator[T]:
         """Results as they complete."""
         return self._default.imap_unordered(fn, iterable, chunksize=chunksize)
+
+    async def arun(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
+        """`await pool.arun(fn, *args, **kwargs)`: the value of the call, run in the pool.
+
+        Under backpressure "block" it first waits for room in the queue, suspended (the
+        event loop runs on); "drop" and "error" act as for `submit`. The handler's
+        exception is raised as from `Future.result()`. Cancelling the awaiting
+        coroutine cancels a task that has not started; a running one runs to its end
+        and its outcome is dropped (it counts as completed or failed, not cancelled).
+        """
+        return await self._default.arun(fn, *args, **kwargs)
+
+    def amap(
+        self,
+        fn: Callable[..., T],
+        items: Iterable[Any] | AsyncIterable[Any],
+        *,
+        ordered: bool = True,
+        return_exceptions: bool = False,
+        chunksize: Chunksize = "auto",
+    ) -> AsyncIterator[T]:
+        """`async for y in pool.amap(fn, items)`: `map` for async code. Lazy and bounded
+        as `map` is; `items` may be an iterable or an async iterable (pulled only as the
+        window has room). Call it inside a coroutine; the map runs on a thread of its own
+        and its results reach the loop a chunk at a time. Leaving the loop early
+        (`break`, an error) cancels the tasks not started."""
+        return self._default.amap(fn, items, ordered=ordered, return_exceptions=return_exceptions, chunksize=chunksize)
+
+    async def __aenter__(self) -> Pool:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> Literal[False]:
+        """As `__exit__`, on a thread of its own: the event loop runs on meanwhile."""
+        import asyncio
+
+        await asyncio.to_thread(self.__exit__, exc_type, exc, tb)
+        return False
 
     def stats(self) -> Stats:
         """A snapshot of the pool (see `Stats` for every field): counters read now,

@@ -297,6 +297,15 @@ if __name__ == "__main__":
     elif case == "preload":  # the user asked the server to preload a module the parent lacks
         import multiprocessing
         multiprocessing.set_forkserver_preload(["colorsys"])
+    elif case == "shared-mapping":  # untouched shared memory: no RSS, but a forked server would pin it
+        import mmap
+        keep = [mmap.mmap(-1, 300 << 20)]
+    elif case == "stderr-closed":  # the tracker's pipe could take descriptor 2's number
+        if sys.stderr is not None:  # again, as a Python started with it closed
+            os.close(2)
+            os.execv(sys.executable, [sys.executable, *sys.argv])
+    elif case == "disabled":
+        os.environ["PROCQUEUE_FORKED_SERVER"] = "0"
     threads = threading.active_count()
     with pq.Pool(workers=2, **options) as pool:
         say(result=pool.submit(h.square, 4).result(timeout=30), threads=threads, **helpers())
@@ -306,16 +315,72 @@ if __name__ == "__main__":
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("case", ["thread", "os-thread", "large", "descriptors", "preload"])
+@pytest.mark.parametrize(
+    "case", ["thread", "os-thread", "large", "descriptors", "preload", "shared-mapping", "stderr-closed", "disabled"]
+)
 def test_the_server_is_execd_when_forking_is_not_safe(tmp_path: Path, case: str) -> None:
     """A threaded parent (a Python thread, or one only the OS sees), one whose snapshot would be
-    too large for `max_worker_memory`, one with many descriptors open, and one that asked for a
-    preload the parent lacks all get multiprocessing's own exec'd server, and work."""
+    too large for `max_worker_memory`, one with many descriptors open, one that asked for a
+    preload the parent lacks, one with 300 MB of shared memory mapped, one with stderr closed and
+    one that opted out all get multiprocessing's own exec'd server, and work."""
     (line,), _ = _run([str(_script(tmp_path, FALLS_BACK)), case])
     assert line["result"] == 16, line
     assert line["server_how"] == "exec" and line["tracker_how"] == "exec", line
     if case == "os-thread":
         assert line["threads"] == 1, "the watchdog thread should be invisible to threading"
+
+
+SIGNALS = """
+import signal
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # a common way to make SIGTERM a Ctrl-C
+    with pq.Pool(workers=1) as pool:
+        worker = pool.stats().workers[0].pid
+        family = helpers()
+        caught = {}
+        for name, pid in (("server", family["server"]), ("worker", worker)):
+            with open(f"/proc/{pid}/status") as f:
+                mask = next(int(line.split()[1], 16) for line in f if line.startswith("SigCgt:"))
+            caught[name] = bool(mask & (1 << (signal.SIGTERM - 1)))
+        say(caught=caught, **family)
+"""
+
+
+@pytest.mark.timeout(60)
+def test_the_parents_sigterm_handler_is_not_the_servers(tmp_path: Path) -> None:
+    """A parent that turned SIGTERM into KeyboardInterrupt: its forked server and workers do not
+    catch SIGTERM (a `kill -TERM` of the group ends them, as it would fresh ones)."""
+    (line,), _ = _run([str(_script(tmp_path, SIGNALS))])
+    assert line["server_how"] == "forked", line
+    assert line["caught"] == {"server": False, "worker": False}, line
+
+
+DAEMON = """
+import multiprocessing
+
+
+def inside():
+    try:
+        pq.Pool(workers=1)
+    except Exception as exc:
+        say(error=type(exc).__name__, **helpers())
+
+
+if __name__ == "__main__":
+    child = multiprocessing.get_context("fork").Process(target=inside, daemon=True)
+    child.start()
+    child.join(30)
+"""
+
+
+@pytest.mark.timeout(60)
+def test_a_daemonic_child_starts_no_helper(tmp_path: Path) -> None:
+    """A daemonic multiprocessing child may not start processes: Pool() fails there, and must not
+    have forked a server or tracker first."""
+    (line,), _ = _run([str(_script(tmp_path, DAEMON))])
+    assert line["error"], line
+    assert line["server"] is None and line["tracker"] is None, line
 
 
 # --- the end --------------------------------------------------------------------------------

@@ -76,6 +76,9 @@ class Outcome(enum.Enum):
     LARGE = "large"  # RSS over the limit
     DESCRIPTORS = "descriptors"  # more open descriptors than the limit
     PRELOAD = "preload"  # the server should preload a module the parent has not loaded
+    STDIO = "stdio"  # standard output or error is closed (the tracker's pipe could take its number)
+    DAEMON = "daemon"  # a daemonic multiprocessing child: it may not start processes at all
+    DISABLED = "disabled"  # PROCQUEUE_FORKED_SERVER=0 in the environment
     FAILED = "failed"  # something failed on the way; multiprocessing starts what is missing
 
 
@@ -93,7 +96,15 @@ def start(preload: Iterable[str], max_rss: int = FORK_MAX_RSS) -> Outcome:
 def _start(preload: Iterable[str], max_rss: int) -> Outcome:
     if not sys.platform.startswith("linux"):
         return Outcome.UNSUPPORTED
+    if os.environ.get("PROCQUEUE_FORKED_SERVER", "1") == "0":
+        return Outcome.DISABLED
+    import multiprocessing
     from multiprocessing import forkserver, resource_tracker
+
+    if getattr(multiprocessing.current_process(), "daemon", False):
+        return Outcome.DAEMON  # Process.start() refuses there: start nothing before it does
+    if not _stdio_open():
+        return Outcome.STDIO
 
     server: Any = forkserver._forkserver
     tracker: Any = resource_tracker._resource_tracker
@@ -108,7 +119,7 @@ def _start(preload: Iterable[str], max_rss: int) -> Outcome:
         wanted = [name for name in server._preload_modules or [] if name != "__main__"]
         if any(name not in sys.modules for name in wanted):
             return Outcome.PRELOAD
-        if resident_bytes() > max_rss:
+        if resident_bytes() + shared_mapped_bytes() > max_rss:
             return Outcome.LARGE
         if len(os.listdir("/proc/self/fd")) > descriptor_limit():
             return Outcome.DESCRIPTORS
@@ -248,6 +259,12 @@ def _fork(run: Callable[[], object], keep: set[int]) -> int:
 def _shed_parent(keep: set[int]) -> None:
     """What a forked helper must not hold or run of the parent (see the module's docstring)."""
     gc.freeze()  # the parent's objects: never collected here, so no finalizer of theirs runs
+    gc.enable()  # as in a fresh interpreter, whatever the parent chose for itself
+    sys.settrace(None)
+    sys.setprofile(None)
+    tracemalloc: Any = sys.modules.get("tracemalloc")
+    if tracemalloc is not None and tracemalloc.is_tracing():
+        tracemalloc.stop()
     clear = getattr(atexit, "_clear", None)
     if clear is not None:
         clear()
@@ -255,7 +272,7 @@ def _shed_parent(keep: set[int]) -> None:
     for sig in signal.valid_signals():
         with contextlib.suppress(OSError, ValueError):
             handler = signal.getsignal(sig)
-            if callable(handler) and handler is not signal.default_int_handler:
+            if callable(handler) and not (sig == signal.SIGINT and handler is signal.default_int_handler):
                 # What a fresh interpreter has: Python's own SIGINT handler, else the default.
                 signal.signal(sig, signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL)
     _drop_log_handlers(keep | {1, 2})
@@ -319,6 +336,33 @@ def descriptor_limit() -> int:
 
     soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     return FORK_MAX_FDS if soft == resource.RLIM_INFINITY else min(FORK_MAX_FDS, soft // 4)
+
+
+def _stdio_open() -> bool:
+    """Whether standard output and error are open, as the server keeps 1 and 2: with
+    either closed, a pipe made here could take its number and be kept by mistake (the
+    tracker would then hold its own pipe open and never end)."""
+    if sys.__stdout__ is None or sys.__stderr__ is None:  # Python started with them closed
+        return False
+    try:
+        os.fstat(1)
+        os.fstat(2)
+    except OSError:
+        return False
+    return True
+
+
+def shared_mapped_bytes() -> int:
+    """Bytes of shared mappings (shared memory, mapped files): a forked server keeps each
+    alive after the parent lets go, touched or not, so they count as RSS does."""
+    total = 0
+    with open("/proc/self/maps", "rb") as f:
+        for line in f:
+            span, perms = line.split(None, 2)[:2]
+            if perms[3:4] == b"s":
+                lo, hi = span.split(b"-")
+                total += int(hi, 16) - int(lo, 16)
+    return total
 
 
 def resident_bytes() -> int:

@@ -1,0 +1,262 @@
+"""The pool awaited: `await pool.arun(...)`, `async for y in pool.amap(...)`,
+`async with pq.Pool()`. Nothing here blocks the event loop, and nothing polls:
+room in the queue, a task's outcome and a map's next results arrive by callback
+(`loop.call_soon_threadsafe`). A map runs on a thread of its own, as the lazy
+sync `map` does in its consumer's thread, and hands its results to the loop a
+chunk at a time (at most two chunks ahead of the consumer)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+from collections import deque
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any
+
+from procqueue._errors import QueueFull
+from procqueue._results import Later, run_all
+
+if TYPE_CHECKING:
+    from procqueue._core import Core
+    from procqueue._map import MapIterator
+    from procqueue._results import Future
+    from procqueue._scheduler.tasks import Run
+
+AHEAD = 2  # chunks of results a map's thread may hold for the loop before it waits
+PULL = 256  # items an async input is asked for per trip to the loop
+
+
+async def arun(core: Core, fut: Future, run: Run | None, block_timeout: float | None) -> Any:
+    """Queue `run` (None: its task failed already) and await its future: the waits for
+    room (under "block") and for the outcome are suspensions, never blocking the loop."""
+    loop = asyncio.get_running_loop()
+    if run is not None:
+        await _enqueue(core, run, block_timeout, loop)
+    # Cancelling the await cancels the future: a task that has not started never runs;
+    # a running one runs to its end and its outcome is dropped.
+    return await asyncio.wrap_future(fut, loop=loop)
+
+
+async def _enqueue(core: Core, run: Run, block_timeout: float | None, loop: asyncio.AbstractEventLoop) -> None:
+    """Queue `run` under the pool's backpressure; "block" waits here without blocking the loop."""
+    mode, capacity = core.cfg.backpressure, core.cfg.capacity
+    if mode != "block":
+        later: Later = []
+        core.enqueue(run, mode, None, later)
+        run_all(later)
+        return
+    deadline = None if block_timeout is None else loop.time() + block_timeout
+    while True:
+        room = asyncio.Event()
+
+        def wake(room: asyncio.Event = room) -> None:
+            loop.call_soon_threadsafe(room.set)
+
+        core.wait_for_room(wake)
+        try:
+            if core.try_enqueue(run):
+                return
+            left = None if deadline is None else deadline - loop.time()
+            try:
+                if left is not None and left <= 0:
+                    raise asyncio.TimeoutError
+                await asyncio.wait_for(room.wait(), left)
+            except asyncio.TimeoutError:
+                raise QueueFull(
+                    f"the pending queue stayed full ({capacity} tasks) for {block_timeout} s", capacity=capacity
+                ) from None
+        finally:
+            core.forget_room_waiter(wake)
+
+
+class AsyncMap:
+    """What `amap` returns: iterate it with `async for`. Leaving early (`break`, an
+    error, `aclose()`, or dropping it) cancels the tasks that have not started."""
+
+    def __init__(
+        self, core: Core, start: Callable[[Iterable[Any]], MapIterator], items: Iterable[Any] | AsyncIterable[Any]
+    ) -> None:
+        # The map's thread holds only the bridge, never this object: dropping it (a `break`
+        # out of `async for`) reaches __del__ at once, which lets the map go.
+        self._bridge = _Bridge(core, start, items)
+
+    def __aiter__(self) -> AsyncMap:
+        return self
+
+    async def __anext__(self) -> Any:
+        return await self._bridge.next()
+
+    async def aclose(self) -> None:
+        """Leave the map: tasks not started are cancelled."""
+        self._bridge.close()
+
+    def __del__(self) -> None:
+        bridge = getattr(self, "_bridge", None)
+        if bridge is not None:
+            bridge.close()
+
+
+class _Bridge:
+    """An `AsyncMap`'s state, shared by the loop (the consumer) and the map's thread."""
+
+    def __init__(
+        self, core: Core, start: Callable[[Iterable[Any]], MapIterator], items: Iterable[Any] | AsyncIterable[Any]
+    ) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._core = core
+        self._start = start  # the sync map over a source: run on the map's thread
+        self._pulled = _Pulled(items, self._loop) if isinstance(items, AsyncIterable) else None
+        self._source: Iterable[Any] = items if self._pulled is None else self._pulled  # type: ignore[assignment]
+        self._cv = threading.Condition()
+        self._ready: deque[tuple[list[Any], BaseException | None]] = deque()
+        self._items: deque[Any] = deque()
+        self._error: BaseException | None = None
+        self._ended = False  # the thread has handed over everything
+        self._closed = False  # the consumer left
+        self._waiter: asyncio.Future[None] | None = None
+        self._stream: Any = None
+        threading.Thread(target=self._serve, name="procqueue-amap", daemon=True).start()
+
+    # --- the loop's side ----------------------------------------------------------------------
+
+    async def next(self) -> Any:
+        while True:
+            if self._items:
+                return self._items.popleft()
+            if self._error is not None:
+                error, self._error = self._error, None
+                self._ended = True
+                self.close()
+                raise error
+            if self._ended and not self._ready:
+                raise StopAsyncIteration
+            await self._next_chunk()
+
+    async def _next_chunk(self) -> None:
+        with self._cv:
+            if self._ready:
+                values, error = self._ready.popleft()
+                self._items.extend(values)
+                self._error = error
+                self._cv.notify_all()
+                return
+            if self._ended:
+                return
+            waiter = self._waiter = self._loop.create_future()
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """The consumer left: cancel what did not start (from any thread, a finalizer too)."""
+        if self._closed:
+            return
+        self._closed = True
+        stream = self._stream
+        if stream is not None and not self._ended:
+            self._core.abandon(stream)  # lock-free: safe from a finalizer
+        if self._cv.acquire(blocking=False):  # a finalizer may run while this thread holds it
+            try:
+                self._cv.notify_all()
+            finally:
+                self._cv.release()
+
+    # --- the map's own thread -----------------------------------------------------------------
+
+    def _serve(self) -> None:
+        chunks = None
+        try:
+            results = self._start(self._source)
+            chunks = results.chunks
+            self._stream = results.stream
+            if self._closed:
+                self._core.abandon(self._stream)
+            for chunk in chunks:
+                values: list[Any] = []
+                try:
+                    values.extend(chunk)
+                except BaseException as exc:  # a failed task, raised at its place
+                    self._hand_over(values, exc)
+                    return
+                if not self._hand_over(values, None):
+                    return
+        except BaseException as exc:  # the input failed, the pool broke or closed
+            self._hand_over([], exc)
+        finally:
+            if chunks is not None:
+                chunks.close()  # what is not finished is cancelled (this thread owns the generator)
+            if self._pulled is not None:
+                self._pulled.close()
+            with self._cv:
+                self._ended = True
+                self._wake_consumer()
+
+    def _hand_over(self, values: list[Any], error: BaseException | None) -> bool:
+        """Give the loop a chunk; False once the consumer has left."""
+        with self._cv:
+            while len(self._ready) >= AHEAD and not self._closed:
+                self._cv.wait(0.5)  # the notify of a close from a finalizer may be skipped
+            if self._closed:
+                return False
+            self._ready.append((values, error))
+            self._wake_consumer()
+        return error is None
+
+    def _wake_consumer(self) -> None:
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting any more
+                self._loop.call_soon_threadsafe(_set, waiter)
+
+
+def _set(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
+class _Pulled(Iterator[Any]):
+    """An async iterable read from another thread: each trip to the loop brings the
+    items that are ready, up to `PULL` (the first is waited for; one that is not
+    ready yet is left running for the next trip), so a fast source crosses in bulk
+    and a slow one is not held back."""
+
+    def __init__(self, items: AsyncIterable[Any], loop: asyncio.AbstractEventLoop) -> None:
+        self._it: AsyncIterator[Any] = aiter(items)
+        self._loop = loop
+        self._buffer: deque[Any] = deque()
+        self._done = False
+        self._next: asyncio.Future[Any] | None = None  # an item on its way, on the loop
+
+    def __next__(self) -> Any:
+        if not self._buffer and not self._done:
+            got, self._done = asyncio.run_coroutine_threadsafe(self._take(), self._loop).result()
+            self._buffer.extend(got)
+        if not self._buffer:
+            raise StopIteration
+        return self._buffer.popleft()
+
+    async def _take(self) -> tuple[list[Any], bool]:
+        got: list[Any] = []
+        try:
+            while len(got) < PULL:
+                if self._next is None:
+                    self._next = asyncio.ensure_future(anext(self._it))
+                if got and not self._next.done():
+                    await asyncio.sleep(0)  # one turn of the loop: what is ready comes along
+                    if not self._next.done():
+                        break
+                item, self._next = self._next, None
+                got.append(await item)
+        except StopAsyncIteration:
+            return got, True
+        return got, False
+
+    def close(self) -> None:
+        """The map ended early: stop waiting for an item on its way (from any thread)."""
+        pending = self._next
+        if pending is not None:
+            with contextlib.suppress(RuntimeError):  # the loop is closed
+                self._loop.call_soon_threadsafe(pending.cancel)

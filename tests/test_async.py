@@ -1,0 +1,253 @@
+"""The pool awaited (issue 14): `async with`, `arun`, `amap`, cancellation.
+
+Each test runs its own event loop (`asyncio.run`) on real pools; a heartbeat
+coroutine ticking every 10 ms records the longest gap the loop saw, which is
+how "never blocks the event loop" is checked. Tests that touch the pool run on
+both backends (`make_pool`)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import procqueue as pq
+
+import handlers as h
+from conftest import balanced
+
+MakePool = Callable[..., pq.Pool]
+
+
+class Heartbeat:
+    """Ticks every 10 ms on the loop; `gap` is the longest time between two ticks."""
+
+    def __init__(self) -> None:
+        self.gap = 0.0
+        self._task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> Heartbeat:
+        self._task = asyncio.get_running_loop().create_task(self._beat())
+        await asyncio.sleep(0)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._task is not None
+        self._task.cancel()
+        await asyncio.gather(self._task, return_exceptions=True)
+
+    async def _beat(self) -> None:
+        last = time.monotonic()
+        while True:
+            await asyncio.sleep(0.01)
+            now = time.monotonic()
+            self.gap = max(self.gap, now - last)
+            last = now
+
+
+def touch_then(path: str, seconds: float) -> str:
+    """Mark that it started, sleep, mark that it ended."""
+    Path(path + ".started").touch()
+    time.sleep(seconds)
+    Path(path + ".ended").touch()
+    return path
+
+
+def raise_value_error(x: int) -> int:
+    raise ValueError(f"bad {x}")
+
+
+def fail_at_7(x: int) -> int:
+    if x == 7:
+        raise ValueError(f"bad {x}")
+    return x
+
+
+def nap(x: int) -> int:
+    time.sleep(0.02)
+    return x
+
+
+GAP = 0.25  # seconds: the longest pause of the loop a test accepts
+
+
+# --- arun ---------------------------------------------------------------------------------
+
+
+def test_arun_gathers_500_calls(make_pool: MakePool) -> None:
+    async def main() -> list[int]:
+        pool = make_pool(workers=2)
+        async with Heartbeat() as beat:
+            values = await asyncio.gather(*(pool.arun(h.square, i) for i in range(500)))
+        assert beat.gap < GAP, f"the loop stalled {beat.gap:.3f} s"
+        return list(values)
+
+    assert asyncio.run(main()) == [i * i for i in range(500)]
+
+
+def test_arun_raises_the_handlers_exception_type(make_pool: MakePool) -> None:
+    async def main() -> None:
+        pool = make_pool(workers=1)
+        with pytest.raises(ValueError, match="bad 3"):
+            await pool.arun(raise_value_error, 3)
+        assert await pool.options(priority=5, retries=1).arun(h.add, 2, b=3) == 5
+
+    asyncio.run(main())
+
+
+def test_arun_waits_for_room_without_blocking_the_loop(make_pool: MakePool) -> None:
+    """capacity 2, one worker busy: the calls queue up behind it, the loop runs on."""
+
+    async def main() -> list[Any]:
+        pool = make_pool(workers=1, capacity=2)
+        async with Heartbeat() as beat:
+            values = await asyncio.gather(*(pool.arun(h.sleep_then, i, 0.1) for i in range(8)))
+        assert beat.gap < GAP, f"the loop stalled {beat.gap:.3f} s while arun waited for room"
+        return list(values)
+
+    assert asyncio.run(main()) == list(range(8))
+
+
+def test_arun_gives_up_waiting_for_room_after_block_timeout(make_pool: MakePool) -> None:
+    async def main() -> None:
+        pool = make_pool(workers=1, capacity=1)
+        behind = asyncio.gather(*(pool.arun(h.sleep_then, i, 0.3) for i in range(6)))
+        await asyncio.sleep(0.2)  # the queue is full and they wait for room
+        started = time.monotonic()
+        with pytest.raises(pq.QueueFull, match="stayed full"):
+            await pool.options(block_timeout=0.2).arun(h.square, 3)
+        assert time.monotonic() - started < 5.0
+        assert await behind == list(range(6))
+
+    asyncio.run(main())
+
+
+def test_cancelling_arun_cancels_a_task_that_has_not_started(make_pool: MakePool, tmp_path: Path) -> None:
+    """One worker: a long task runs, 20 more wait. Cancelling every await: the waiting tasks that
+    had not started never run (no marker, counted cancelled); the running one runs to its end
+    (documented), its outcome dropped. Marker files prove which ran."""
+    running = str(tmp_path / "running")
+    waiting = [str(tmp_path / f"waiting{i}") for i in range(20)]
+
+    async def main() -> pq.Pool:
+        pool = make_pool(workers=1)
+        first = asyncio.ensure_future(pool.arun(touch_then, running, 1.0))
+        rest = [asyncio.ensure_future(pool.arun(touch_then, w, 0.0)) for w in waiting]
+        deadline = time.monotonic() + 30
+        while not os.path.exists(running + ".started") and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        for fut in (first, *rest):
+            fut.cancel()
+        for fut in (first, *rest):
+            with pytest.raises(asyncio.CancelledError):
+                await fut
+        return pool
+
+    pool = asyncio.run(main())
+    pool.shutdown(wait=True)
+    assert os.path.exists(running + ".ended"), "the running task was killed, not run to its end"
+    ran = sum(os.path.exists(w + ".started") for w in waiting)
+    s = pool.stats()
+    assert s.cancelled >= 10, f"only {s.cancelled} of 20 waiting tasks were cancelled"
+    assert s.completed == 1 + ran and s.cancelled == 20 - ran and balanced(s), (ran, s)
+
+
+# --- amap ---------------------------------------------------------------------------------
+
+
+def test_amap_over_a_list_in_order_and_unordered(make_pool: MakePool) -> None:
+    async def main() -> tuple[list[int], list[int]]:
+        pool = make_pool(workers=2)
+        async with Heartbeat() as beat:
+            ordered = [y async for y in pool.amap(h.square, range(20_000))]
+            unordered = [y async for y in pool.amap(h.square, list(range(2000)), ordered=False)]
+        assert beat.gap < GAP, f"the loop stalled {beat.gap:.3f} s during amap"
+        return ordered, unordered
+
+    ordered, unordered = asyncio.run(main())
+    assert ordered == [i * i for i in range(20_000)]
+    assert sorted(unordered) == [i * i for i in range(2000)]
+
+
+def test_amap_over_an_async_generator_pulls_only_a_window_ahead(make_pool: MakePool) -> None:
+    produced = 0
+
+    async def numbers(n: int) -> AsyncIterator[int]:
+        nonlocal produced
+        for i in range(n):
+            produced += 1
+            yield i
+            if i % 1000 == 0:
+                await asyncio.sleep(0)  # a real await now and then, as an I/O source has
+
+    async def main() -> tuple[int, int]:
+        pool = make_pool(workers=2, capacity=64)
+        total, ahead = 0, 0
+        async for _ in pool.amap(h.square, numbers(100_000), chunksize=100):
+            total += 1
+            ahead = max(ahead, produced - total)
+            if total % 10_000 == 0:
+                await asyncio.sleep(0.01)  # a slow consumer now and then
+        assert total == 100_000
+        return ahead, total
+
+    ahead, _ = asyncio.run(main())
+    # As map's: its window (the larger of 4 x capacity and 2 batches per worker, 400 here); then
+    # what one trip to the loop brings (256) and the chunks handed over to the loop (up to 3).
+    window = max(4 * 64, 2 * 2 * 100)
+    assert ahead <= window + 256 + 3 * window, f"the async input was pulled {ahead} items ahead"
+
+
+def test_amap_raises_a_failed_task_at_its_place_or_yields_it(make_pool: MakePool) -> None:
+    async def main() -> tuple[list[Any], list[Any]]:
+        pool = make_pool(workers=2)
+        got: list[Any] = []
+        with pytest.raises(ValueError, match="bad 7"):
+            async for y in pool.amap(fail_at_7, range(20)):
+                got.append(y)
+        kept = [y async for y in pool.amap(fail_at_7, range(10), return_exceptions=True)]
+        return got, kept
+
+    got, kept = asyncio.run(main())
+    assert got == list(range(7))
+    assert isinstance(kept[7], ValueError) and [k for i, k in enumerate(kept) if i != 7] == [
+        i for i in range(10) if i != 7
+    ]
+
+
+def test_breaking_out_of_amap_cancels_what_did_not_start(make_pool: MakePool) -> None:
+    async def main() -> pq.Pool:
+        pool = make_pool(workers=1, capacity=16)
+        async for y in pool.amap(nap, range(400)):
+            if y >= 3:
+                break
+        return pool
+
+    pool = asyncio.run(main())
+    pool.shutdown(wait=True)
+    s = pool.stats()
+    # What had been cut from the input and not started is cancelled; the rest never is.
+    assert balanced(s) and s.submitted < 100 and s.completed + s.cancelled == s.submitted, s
+
+
+# --- async with ---------------------------------------------------------------------------
+
+
+def test_aexit_waits_for_the_work_without_blocking_the_loop(backend: str) -> None:
+    async def main() -> tuple[float, pq.Pool, list[Any]]:
+        pool = pq.Pool(workers=1, backend=backend)  # made before the beat: starting a cluster blocks
+        async with Heartbeat() as beat:
+            async with pool:
+                futs = [pool.submit(h.sleep_then, i, 0.2) for i in range(3)]
+            values = [f.result(timeout=0) for f in futs]  # done: __aexit__ waited for them
+        return beat.gap, pool, values
+
+    gap, pool, values = asyncio.run(main())
+    assert values == [0, 1, 2]
+    assert gap < GAP, f"the loop stalled {gap:.3f} s in __aexit__"
+    assert balanced(pool.stats())
