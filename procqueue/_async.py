@@ -32,42 +32,51 @@ async def arun(core: Core, fut: Future, run: Run | None, block_timeout: float | 
     room (under "block") and for the outcome are suspensions, never blocking the loop."""
     loop = asyncio.get_running_loop()
     if run is not None:
-        await _enqueue(core, run, block_timeout, loop)
+        await enqueue(core, run, block_timeout)
     # Cancelling the await cancels the future: a task that has not started never runs;
     # a running one runs to its end and its outcome is dropped.
     return await asyncio.wrap_future(fut, loop=loop)
 
 
-async def _enqueue(core: Core, run: Run, block_timeout: float | None, loop: asyncio.AbstractEventLoop) -> None:
+async def enqueue(core: Core, run: Run, block_timeout: float | None) -> None:
     """Queue `run` under the pool's backpressure; "block" waits here without blocking the loop."""
-    mode, capacity = core.cfg.backpressure, core.cfg.capacity
+    loop = asyncio.get_running_loop()
+    mode = core.cfg.backpressure
     if mode != "block":
         later: Later = []
         core.enqueue(run, mode, None, later)
         run_all(later)
         return
     deadline = None if block_timeout is None else loop.time() + block_timeout
-    while True:
-        room = asyncio.Event()
+    capacity = core.cfg.capacity
+    waited_since: float | None = None  # the first time it found no room
+    try:
+        while True:
+            room = asyncio.Event()
 
-        def wake(room: asyncio.Event = room) -> None:
-            loop.call_soon_threadsafe(room.set)
+            def wake(room: asyncio.Event = room) -> None:
+                loop.call_soon_threadsafe(room.set)
 
-        core.wait_for_room(wake)
-        try:
-            if core.try_enqueue(run):
-                return
-            left = None if deadline is None else deadline - loop.time()
+            core.wait_for_room(wake)
             try:
-                if left is not None and left <= 0:
-                    raise asyncio.TimeoutError
-                await asyncio.wait_for(room.wait(), left)
-            except asyncio.TimeoutError:
-                raise QueueFull(
-                    f"the pending queue stayed full ({capacity} tasks) for {block_timeout} s", capacity=capacity
-                ) from None
-        finally:
-            core.forget_room_waiter(wake)
+                if core.try_enqueue(run):
+                    return
+                if waited_since is None:
+                    waited_since = loop.time()
+                left = None if deadline is None else deadline - loop.time()
+                try:
+                    if left is not None and left <= 0:
+                        raise asyncio.TimeoutError
+                    await asyncio.wait_for(room.wait(), left)
+                except asyncio.TimeoutError:
+                    raise QueueFull(
+                        f"the pending queue stayed full ({capacity} tasks) for {block_timeout} s", capacity=capacity
+                    ) from None
+            finally:
+                core.forget_room_waiter(wake)
+    finally:
+        if waited_since is not None:
+            core.add_blocked(loop.time() - waited_since)
 
 
 class AsyncMap:

@@ -21,6 +21,7 @@ import time
 import weakref
 from collections.abc import Callable, Iterable
 from concurrent.futures import CancelledError
+from functools import partial
 
 from procqueue._backend import Backend, WorkerRow
 from procqueue._callbacks import Runner, deferring, mark_internal
@@ -69,6 +70,8 @@ class Core:
         self.lock = threading.Lock()
         self.cv = threading.Condition(self.lock)
         self.room_waiters: set[Callable[[], None]] = set()  # coroutines waiting for room (`arun`)
+        self.blocked = 0.0  # seconds submitters spent waiting for room (Stats.blocked)
+        self.pressure_full = False  # "full" was told, "drained" not yet
         self.runner = Runner()
         self.books_error: BaseException | None = None  # validate mode: what the ledger caught
         self.sampler = Sampler(cfg.monitor, cfg.max_worker_memory)  # a bad log path, a busy port fail first
@@ -127,17 +130,22 @@ class Core:
                     )
                     self.apply(s.drop(run, err, time.monotonic()), later)
                     return
-                deadline = None if block_timeout is None else time.monotonic() + block_timeout
-                while s.room() < n and s.queue.pending > 0:
-                    left = None if deadline is None else deadline - time.monotonic()
-                    if left is not None and left <= 0:
-                        raise QueueFull(
-                            f"the pending queue stayed full ({self.cfg.capacity} tasks) for {block_timeout} s",
-                            capacity=self.cfg.capacity,
-                        )
-                    self.cv.wait(left)
-                    self.check_open()
+                began = time.monotonic()
+                deadline = None if block_timeout is None else began + block_timeout
+                try:
+                    while s.room() < n and s.queue.pending > 0:
+                        left = None if deadline is None else deadline - time.monotonic()
+                        if left is not None and left <= 0:
+                            raise QueueFull(
+                                f"the pending queue stayed full ({self.cfg.capacity} tasks) for {block_timeout} s",
+                                capacity=self.cfg.capacity,
+                            )
+                        self.cv.wait(left)
+                        self.check_open()
+                finally:
+                    self.blocked += time.monotonic() - began
             s.accept(run, time.monotonic())
+            self.check_pressure()
             self.wake()
 
     def try_enqueue(self, run: Run) -> bool:
@@ -148,8 +156,28 @@ class Core:
             if s.room() < len(run.items) and s.queue.pending > 0:
                 return False
             s.accept(run, time.monotonic())
+            self.check_pressure()
             self.wake()
             return True
+
+    def check_pressure(self) -> None:
+        """Tell `on_pressure` "full" when the queue reaches capacity, "drained" when it falls
+        back under `low_water` of it; on the callback runner, never this thread (lock held)."""
+        fn = self.cfg.on_pressure
+        if fn is None:
+            return
+        pending, capacity = self.scheduler.queue.pending, self.cfg.capacity
+        if not self.pressure_full and pending >= capacity:
+            self.pressure_full = True
+            self.runner.post(partial(fn, "full"))
+        elif self.pressure_full and pending < self.cfg.low_water * capacity:
+            self.pressure_full = False
+            self.runner.post(partial(fn, "drained"))
+
+    def add_blocked(self, seconds: float) -> None:
+        """A coroutine waited `seconds` for room (Stats.blocked)."""
+        with self.lock:
+            self.blocked += seconds
 
     def wait_for_room(self, wake: Callable[[], None]) -> None:
         """Call `wake()` (on some thread, no lock held) the next time the queue may have room."""
@@ -221,6 +249,7 @@ class Core:
         if notify:
             self.cv.notify_all()
             self.wake_room_waiters(later)
+        self.check_pressure()
         return rest
 
     def wake_room_waiters(self, later: Later) -> None:

@@ -264,7 +264,11 @@ class Pool(concurrent.futures.Executor):
     `workers` processes on 127.0.0.1 that the pool starts and closes (with a
     dashboard if `dashboard`), or the one at `address`, or the one of a
     `client` you hold (never closed by the pool); `security` is a
-    `distributed.security.Security` for TLS.
+    `distributed.security.Security` for TLS. `on_pressure` (keyword only) is
+    called with "full" when the pending queue reaches `capacity` and with
+    "drained" when it falls back under `low_water` (a share of `capacity`,
+    default 0.7), on a callback thread of the pool, never on the thread that
+    moves its messages: a producer's cue to pause and resume.
     """
 
     def __init__(
@@ -290,6 +294,8 @@ class Pool(concurrent.futures.Executor):
         client: Any = None,
         security: Any = None,
         dashboard: bool = False,
+        on_pressure: Callable[[str], Any] | None = None,
+        low_water: float = 0.7,
     ) -> None:
         if backend not in ("local", "dask"):
             raise ValueError(f"unknown backend {backend!r}; procqueue has 'local' and 'dask'")
@@ -324,6 +330,10 @@ class Pool(concurrent.futures.Executor):
             raise ValueError(f"max_worker_memory must be > 0 bytes, got {max_worker_memory!r}")
         if initializer is not None and not callable(initializer):
             raise TypeError("initializer must be callable")
+        if on_pressure is not None and not callable(on_pressure):
+            raise TypeError("on_pressure must be callable (it is called with 'full' or 'drained')")
+        if not 0 < low_water <= 1:  # NaN too
+            raise ValueError(f"low_water must be a share of capacity in (0, 1], got {low_water!r}")
         method = start_method or default_start_method()
         import multiprocessing
 
@@ -334,7 +344,7 @@ class Pool(concurrent.futures.Executor):
         self._cfg = Config(
             workers, capacity, backpressure, max_retries, backoff, backoff_max, task_timeout,
             max_tasks_per_worker, max_worker_memory, initializer, tuple(initargs), method, block_timeout,
-            Monitor.of(monitor), _output_spec(output),
+            Monitor.of(monitor), _output_spec(output), on_pressure, float(low_water),
         )  # fmt: skip
         if backend == "dask":
             from procqueue._dask.cluster import import_distributed

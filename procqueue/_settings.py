@@ -34,6 +34,8 @@ class Config:
     block_timeout: float | None = None
     monitor: Monitor | None = None
     output: OutputSpec | None = None  # a FileOutput: the collector writes values to files instead of returning them
+    on_pressure: Callable[[str], Any] | None = None  # told "full" and "drained" (on the callback runner)
+    low_water: float = 0.7  # "drained" once the queue falls under this share of capacity
 
 
 def default_workers() -> int:

@@ -61,7 +61,9 @@ class Stats:
       ended;
     - `elapsed`: seconds from the first submit to now (to the end, once the
       pool has shut down); `timestamp`: when this snapshot was taken
-      (`time.time()`).
+      (`time.time()`);
+    - `blocked`: seconds submitters spent waiting for room under backpressure
+      "block" (`submit`, `arun`, `asubmit`), summed over all of them.
 
     Readings, as of the latest sample (every `Monitor.interval`):
 
@@ -94,6 +96,7 @@ class Stats:
     timestamp: float = 0.0
     workers: list[WorkerStats] = field(default_factory=list)
     collector: WorkerStats | None = None
+    blocked: float = 0.0
 
     @property
     def ended(self) -> int:

@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from procqueue._pool import Future, Pool
+
+if TYPE_CHECKING:
+    import asyncio  # loaded where it is used: it costs ~10 ms, which sync users need not pay
+
+
+def _wake(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
 
 
 @dataclass(frozen=True)
@@ -73,16 +82,40 @@ class TaskQueue:
         self._lock = threading.Lock()
         self._waiting: dict[int, Future] = {}  # submitted, not yet handed out (by submission order)
         self._order = 0
+        self._waiter: asyncio.Future[None] | None = None  # `aresults()` waiting for the next result
 
     def submit(self, task: Task) -> Future:
         """Queue a task; its `Result` comes out of `results()` or `drain()`."""
         fut = self.pool.options(priority=task.priority, retries=task.retries).submit(self.handler, task.payload)
+        self._track(task, fut)
+        return fut
+
+    async def asubmit(self, task: Task) -> Future:
+        """`submit` from async code: under backpressure "block" it waits for room
+        suspended, never blocking the event loop; "drop" and "error" act as `submit`."""
+        from procqueue._async import enqueue
+
+        opts = self.pool.options(priority=task.priority, retries=task.retries)
+        fut, run = opts._prepare(self.handler, (task.payload,), {})
+        if run is not None:
+            await enqueue(self.pool._core, run, opts.block_timeout)
+        self._track(task, fut)
+        return fut
+
+    def _track(self, task: Task, fut: Future) -> None:
         with self._lock:
             key = self._order
             self._order += 1
             self._waiting[key] = fut
-        fut.add_done_callback(lambda _: self._done.put(self._result(task, fut, key)))
-        return fut
+        fut.add_done_callback(lambda _: self._deliver(self._result(task, fut, key)))
+
+    def _deliver(self, result: Result) -> None:
+        self._done.put(result)
+        with self._lock:
+            waiter, self._waiter = self._waiter, None
+        if waiter is not None:
+            with contextlib.suppress(RuntimeError):  # its loop is closed: nobody waits any more
+                waiter.get_loop().call_soon_threadsafe(_wake, waiter)
 
     @staticmethod
     def _result(task: Task, fut: Future, key: int) -> Result:
@@ -110,6 +143,34 @@ class TaskQueue:
         got.sort(key=lambda r: r._key)  # type: ignore[attr-defined]
         return got
 
+    async def aresults(self) -> AsyncIterator[Result]:
+        """`results()` for async code: each result as its task completes, by callback
+        (the loop is never blocked, nothing polls)."""
+        import asyncio
+
+        while True:
+            with self._lock:
+                if not self._waiting:
+                    return
+                try:
+                    result = self._done.get_nowait()
+                except queue.Empty:
+                    waiter = self._waiter = asyncio.get_running_loop().create_future()
+                    result = None
+            if result is None:
+                await waiter
+                continue
+            with self._lock:
+                if self._waiting.pop(result._key, None) is None:  # type: ignore[attr-defined]
+                    continue
+            yield result
+
+    async def adrain(self) -> list[Result]:
+        """`drain()` for async code: every submitted task's `Result`, in submission order."""
+        got = [r async for r in self.aresults()]
+        got.sort(key=lambda r: r._key)  # type: ignore[attr-defined]
+        return got
+
     def stats(self) -> Any:
         """The pool's `Stats`."""
         return self.pool.stats()
@@ -125,3 +186,12 @@ class TaskQueue:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> Literal[False]:
         return self.pool.__exit__(exc_type, exc, tb)
+
+    async def __aenter__(self) -> TaskQueue:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> Literal[False]:
+        """As `__exit__`, on a thread of its own: the event loop runs on meanwhile."""
+        return await self.pool.__aexit__(exc_type, exc, tb)

@@ -8,6 +8,7 @@ both backends (`make_pool`)."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import time
 from collections.abc import AsyncIterator, Callable
@@ -108,6 +109,7 @@ def test_arun_waits_for_room_without_blocking_the_loop(make_pool: MakePool) -> N
         async with Heartbeat() as beat:
             values = await asyncio.gather(*(pool.arun(h.sleep_then, i, 0.1) for i in range(8)))
         assert beat.gap < GAP, f"the loop stalled {beat.gap:.3f} s while arun waited for room"
+        assert pool.stats().blocked > 0.1  # the coroutines' waits for room are counted
         return list(values)
 
     assert asyncio.run(main()) == list(range(8))
@@ -251,3 +253,86 @@ def test_aexit_waits_for_the_work_without_blocking_the_loop(backend: str) -> Non
     assert values == [0, 1, 2]
     assert gap < GAP, f"the loop stalled {gap:.3f} s in __aexit__"
     assert balanced(pool.stats())
+
+
+# --- the seed model, awaited ----------------------------------------------------------------
+
+
+def test_async_taskqueue_results_and_drain() -> None:
+    """As test_pool.py's sync test: asubmit, adrain in submission order, aresults as completed."""
+
+    async def main() -> tuple[list[pq.Result], dict[Any, pq.Result], float]:
+        async with Heartbeat() as beat:
+            async with pq.TaskQueue(h.fail_if, workers=2, max_retries=1, capacity=4) as q:
+                for i in range(20):  # capacity 4: most of these wait for room, suspended
+                    await q.asubmit(pq.Task(f"t{i}", i, priority=i % 3))
+                results = await q.adrain()
+            async with pq.TaskQueue(h.boom, workers=1, max_retries=1) as q2:
+                await q2.asubmit(pq.Task("a", 1))
+                await q2.asubmit(pq.Task("b", 2, retries=0))
+                got = {r.task_id: r async for r in q2.aresults()}
+        return results, got, beat.gap
+
+    results, got, gap = asyncio.run(main())
+    assert [r.task_id for r in results] == [f"t{i}" for i in range(20)]
+    assert all(r.ok and r.value == i and r.attempts == 1 and r.worker_pid for i, r in enumerate(results))
+    assert isinstance(got["a"].error, h.Boom) and got["a"].attempts == 2 and got["a"].value is None
+    assert got["b"].attempts == 1
+    assert gap < GAP, f"the loop stalled {gap:.3f} s"
+
+
+@pytest.mark.parametrize("mode", ["drop", "error"])
+def test_async_taskqueue_honours_drop_and_error(mode: str) -> None:
+    async def main() -> tuple[list[pq.Result], int]:
+        async with pq.TaskQueue(h.spin, workers=1, capacity=1, backpressure=mode) as q:
+            refused = 0
+            for i in range(6):
+                try:
+                    await q.asubmit(pq.Task(i, 200.0))  # 200 ms each: the queue fills
+                except pq.QueueFull:
+                    refused += 1
+            return await q.adrain(), refused
+
+    results, refused = asyncio.run(main())
+    if mode == "drop":
+        assert refused == 0 and len(results) == 6 and any(isinstance(r.error, pq.Dropped) for r in results)
+    else:
+        assert refused > 0 and len(results) == 6 - refused
+    assert all(r.ok for r in results if not isinstance(r.error, pq.Dropped))
+
+
+# --- pressure signals -----------------------------------------------------------------------
+
+
+def test_pressure_full_then_drained_in_order_off_the_managers_thread(make_pool: MakePool) -> None:
+    import threading
+
+    events: list[tuple[str, str]] = []
+    pool = make_pool(workers=1, capacity=10, low_water=0.5, on_pressure=lambda s: events.append(
+        (s, threading.current_thread().name)))  # fmt: skip
+    futs = [pool.submit(h.sleep_then, i, 0.02) for i in range(40)]  # "block": waits for room
+    assert [f.result(timeout=60) for f in futs] == list(range(40))
+    deadline = time.monotonic() + 10
+    while (not events or events[-1][0] != "drained") and time.monotonic() < deadline:
+        time.sleep(0.01)
+    kinds = [k for k, _ in events]
+    assert kinds and kinds[0] == "full" and kinds[-1] == "drained", kinds
+    assert all(a != b for a, b in itertools.pairwise(kinds)), f"not alternating: {kinds}"
+    assert all(name.startswith("procqueue-callbacks") for _, name in events), events
+    s = pool.stats()
+    assert s.blocked > 0.1, f"submitters waited for room, yet Stats.blocked is {s.blocked}"
+
+
+def test_no_pressure_no_signal_and_nothing_blocked(make_pool: MakePool) -> None:
+    events: list[str] = []
+    pool = make_pool(workers=2, capacity=100, on_pressure=events.append)
+    assert list(pool.map(h.square, range(50))) == [i * i for i in range(50)]
+    assert [pool.submit(h.square, i).result(timeout=30) for i in range(5)] == [0, 1, 4, 9, 16]
+    assert events == [] and pool.stats().blocked == 0.0
+
+
+def test_pressure_options_are_checked() -> None:
+    with pytest.raises(ValueError, match="low_water"):
+        pq.Pool(workers=1, low_water=0.0)
+    with pytest.raises(TypeError, match="on_pressure"):
+        pq.Pool(workers=1, on_pressure="full")  # type: ignore[arg-type]

@@ -38,6 +38,9 @@ class Source(Protocol):
 
     def recycle(self, seat: int, pid: int) -> None: ...
 
+    @property
+    def blocked(self) -> float: ...
+
 
 log = logging.getLogger("procqueue")
 
@@ -178,7 +181,7 @@ def snapshot(
     if helper is not None and helper[0] in readings:
         cpu, rss = readings[helper[0]]
         collector = WorkerStats(helper[0], cpu, rss, helper[1], "running", -1)
-    return Stats(*head, *rates, elapsed, time.time(), workers, collector)
+    return Stats(*head, *rates, elapsed, time.time(), workers, collector, source.blocked)
 
 
 class Rates:
