@@ -57,7 +57,8 @@ async def enqueue(core: Core, run: Run, block_timeout: float | None) -> None:
             def wake(room: asyncio.Event = room) -> None:
                 loop.call_soon_threadsafe(room.set)
 
-            core.wait_for_room(wake)
+            with core.lock:
+                core.flow.waiters.add(wake)
             try:
                 if core.try_enqueue(run):
                     return
@@ -73,10 +74,12 @@ async def enqueue(core: Core, run: Run, block_timeout: float | None) -> None:
                         f"the pending queue stayed full ({capacity} tasks) for {block_timeout} s", capacity=capacity
                     ) from None
             finally:
-                core.forget_room_waiter(wake)
+                with core.lock:
+                    core.flow.waiters.discard(wake)
     finally:
         if waited_since is not None:
-            core.add_blocked(loop.time() - waited_since)
+            with core.lock:
+                core.flow.blocked += loop.time() - waited_since
 
 
 class AsyncMap:

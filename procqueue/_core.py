@@ -14,18 +14,17 @@ done-callbacks go to the callback runner (`_callbacks.py`).
 from __future__ import annotations
 
 import atexit
-import contextlib
 import os
 import threading
 import time
 import weakref
 from collections.abc import Callable, Iterable
 from concurrent.futures import CancelledError
-from functools import partial
 
 from procqueue._backend import Backend, WorkerRow
 from procqueue._callbacks import Runner, deferring, mark_internal
 from procqueue._errors import Dropped, PoolBroken, PoolClosed, ProcQueueError, QueueFull
+from procqueue._flow import Flow
 from procqueue._monitor.sampler import Sampler
 from procqueue._results import Later, Stream, run_all
 from procqueue._scheduler import instructions as ins
@@ -38,16 +37,6 @@ from procqueue._settings import Config
 from procqueue._stats import Counts, Stats
 
 _live: weakref.WeakSet[Core] = weakref.WeakSet()
-
-
-def _quietly(fn: Callable[[], None]) -> Callable[[], None]:
-    """`fn`, whose failure (its event loop closed meanwhile) is nobody's business here."""
-
-    def call() -> None:
-        with contextlib.suppress(Exception):
-            fn()
-
-    return call
 
 
 @atexit.register
@@ -69,10 +58,8 @@ class Core:
         self.cfg = cfg
         self.lock = threading.Lock()
         self.cv = threading.Condition(self.lock)
-        self.room_waiters: set[Callable[[], None]] = set()  # coroutines waiting for room (`arun`)
-        self.blocked = 0.0  # seconds submitters spent waiting for room (Stats.blocked)
-        self.pressure_full = False  # "full" was told, "drained" not yet
         self.runner = Runner()
+        self.flow = Flow(cfg.on_pressure, cfg.low_water, cfg.capacity, self.runner)  # room, pressure, blocked
         self.books_error: BaseException | None = None  # validate mode: what the ledger caught
         self.sampler = Sampler(cfg.monitor, cfg.max_worker_memory)  # a bad log path, a busy port fail first
         try:
@@ -143,9 +130,9 @@ class Core:
                         self.cv.wait(left)
                         self.check_open()
                 finally:
-                    self.blocked += time.monotonic() - began
+                    self.flow.blocked += time.monotonic() - began
             s.accept(run, time.monotonic())
-            self.check_pressure()
+            self.flow.check(s.queue.pending)
             self.wake()
 
     def try_enqueue(self, run: Run) -> bool:
@@ -156,37 +143,9 @@ class Core:
             if s.room() < len(run.items) and s.queue.pending > 0:
                 return False
             s.accept(run, time.monotonic())
-            self.check_pressure()
+            self.flow.check(s.queue.pending)
             self.wake()
             return True
-
-    def check_pressure(self) -> None:
-        """Tell `on_pressure` "full" when the queue reaches capacity, "drained" when it falls
-        back under `low_water` of it; on the callback runner, never this thread (lock held)."""
-        fn = self.cfg.on_pressure
-        if fn is None:
-            return
-        pending, capacity = self.scheduler.queue.pending, self.cfg.capacity
-        if not self.pressure_full and pending >= capacity:
-            self.pressure_full = True
-            self.runner.post(partial(fn, "full"))
-        elif self.pressure_full and pending < self.cfg.low_water * capacity:
-            self.pressure_full = False
-            self.runner.post(partial(fn, "drained"))
-
-    def add_blocked(self, seconds: float) -> None:
-        """A coroutine waited `seconds` for room (Stats.blocked)."""
-        with self.lock:
-            self.blocked += seconds
-
-    def wait_for_room(self, wake: Callable[[], None]) -> None:
-        """Call `wake()` (on some thread, no lock held) the next time the queue may have room."""
-        with self.lock:
-            self.room_waiters.add(wake)
-
-    def forget_room_waiter(self, wake: Callable[[], None]) -> None:
-        with self.lock:
-            self.room_waiters.discard(wake)
 
     def reject_new(self, run: Run, exc: BaseException, later: Later) -> None:
         """A submitted task that failed before it was queued (it would not pickle)."""
@@ -248,15 +207,9 @@ class Core:
                     rest.append(i)
         if notify:
             self.cv.notify_all()
-            self.wake_room_waiters(later)
-        self.check_pressure()
+            self.flow.wake(later)
+        self.flow.check(self.scheduler.queue.pending)
         return rest
-
-    def wake_room_waiters(self, later: Later) -> None:
-        """Coroutines waiting for room (`arun`) look again, woken outside the lock (held)."""
-        if self.room_waiters:
-            later.extend(_quietly(w) for w in self.room_waiters)
-            self.room_waiters.clear()
 
     # --- ending ---------------------------------------------------------------------------
 
@@ -280,7 +233,7 @@ class Core:
                         "iterate the results inside the `with` block, or pass a list"
                     )
             self.cv.notify_all()
-            self.wake_room_waiters(later)
+            self.flow.wake(later)
             self.wake()
         run_all(later)
         if wait and self.backend.may_join():
@@ -301,7 +254,7 @@ class Core:
         with self.cv:
             self.apply([ins.Break(error)], later)
             self.cv.notify_all()
-            self.wake_room_waiters(later)
+            self.flow.wake(later)
         self.backend.kill_all()
         run_all(later)
 
@@ -343,6 +296,14 @@ class Core:
 
     def stats(self) -> Stats:
         return self.sampler.stats()
+
+    @property
+    def blocked(self) -> float:
+        return self.flow.blocked
+
+    @property
+    def throttled(self) -> int:
+        return self.scheduler.queue.throttles + self.scheduler.feeds.throttles
 
     def pids(self) -> list[int]:
         """Processes to sample: the workers, and the backend's helpers (the collector)."""

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Protocol, cast
 from procqueue._callbacks import on_internal_thread
 from procqueue._protocol import messages as m
 from procqueue._results import Chunk, Stream
+from procqueue._scheduler.rate import Bucket
 from procqueue._scheduler.tasks import Handler, Run
 
 if TYPE_CHECKING:
@@ -34,6 +35,7 @@ class RunOptions(Protocol):
     priority: int
     retries: int
     timeout: float | None
+    bucket: Bucket | None
 
 
 class Feeder:
@@ -62,6 +64,7 @@ class Feeder:
         self.core = core
         self.priority = opts.priority
         self.timeout = opts.timeout
+        self.bucket = opts.bucket
         self.handler = handler
         self.call = call
         self.size = size
@@ -92,7 +95,7 @@ class Feeder:
         opts = self.opts
         return Run(
             self.handler, items, self.call, chunk, first_id, opts.priority,
-            retries=opts.retries, timeout=opts.timeout, chunksize=self.size,
+            retries=opts.retries, timeout=opts.timeout, chunksize=self.size, bucket=self.bucket,
         )  # fmt: skip
 
     def start(self) -> None:

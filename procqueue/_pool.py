@@ -25,6 +25,7 @@ from procqueue._protocol.arguments import argument_error
 from procqueue._protocol.pickling import pickle_arguments
 from procqueue._results import Chunk, FutureReceiver, Later, Stream, run_all
 from procqueue._results import Future as Future
+from procqueue._scheduler.rate import Bucket, parse_rate
 from procqueue._scheduler.tasks import Run
 from procqueue._settings import BACKPRESSURE, Config, default_start_method, default_workers
 from procqueue._stats import Stats
@@ -44,7 +45,10 @@ class Options:
     the retry budget (default the pool's `max_retries`); `timeout`: seconds
     before a running task's worker is killed (default the pool's
     `task_timeout`); `block_timeout`: how long `submit` may wait for room
-    under backpressure "block" before raising `QueueFull`.
+    under backpressure "block" before raising `QueueFull`; `rate`: at most this
+    many of these tasks start per unit of time (`"100/s"`, `"20/m"`, `"500/h"`,
+    or a number per second), shared by every call at the same rate (default
+    the pool's `rate`).
     """
 
     def __init__(
@@ -54,6 +58,7 @@ class Options:
         retries: int | None = None,
         timeout: float | None = None,
         block_timeout: float | None = None,
+        rate: str | float | None = None,
     ) -> None:
         if retries is not None and retries < 0:
             raise ValueError(f"retries must be >= 0, got {retries}")
@@ -67,6 +72,8 @@ class Options:
         self.retries = pool._cfg.max_retries if retries is None else int(retries)
         self.timeout = pool._cfg.task_timeout if timeout is None and not lifted else timeout
         self.block_timeout = pool._cfg.block_timeout if block_timeout is None else block_timeout
+        self.rate = rate
+        self.bucket = pool._bucket if rate is None else pool._bucket_for(rate)
 
     def options(
         self,
@@ -74,6 +81,7 @@ class Options:
         retries: int | None = None,
         timeout: float | None = None,
         block_timeout: float | None = None,
+        rate: str | float | None = None,
     ) -> Options:
         """These options with the ones given changed."""
         return Options(
@@ -82,6 +90,7 @@ class Options:
             self.retries if retries is None else retries,
             self.timeout if timeout is None else timeout,
             self.block_timeout if block_timeout is None else block_timeout,
+            self.rate if rate is None else rate,
         )
 
     def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future:
@@ -141,6 +150,7 @@ class Options:
             self.priority,
             retries=self.retries,
             timeout=self.timeout,
+            bucket=self.bucket,
         )
         later: Later = []
         # Pickled here, in the caller's thread: a __reduce__ that blocks or raises costs this call only.
@@ -170,8 +180,9 @@ class Options:
             first_id = core.scheduler.new_ids(len(items))
         chunk = Chunk(Stream(), len(items), first_id)
         run = Run(
-            handler, items, m.Call.ONE, chunk, first_id, self.priority, retries=self.retries, timeout=self.timeout
-        )
+            handler, items, m.Call.ONE, chunk, first_id, self.priority, retries=self.retries, timeout=self.timeout,
+            bucket=self.bucket,
+        )  # fmt: skip
         later: Later = []
         core.enqueue(run, pool._cfg.backpressure, self.block_timeout, later)
         run_all(later)
@@ -268,7 +279,11 @@ class Pool(concurrent.futures.Executor):
     called with "full" when the pending queue reaches `capacity` and with
     "drained" when it falls back under `low_water` (a share of `capacity`,
     default 0.7), on a callback thread of the pool, never on the thread that
-    moves its messages: a producer's cue to pause and resume.
+    moves its messages: a producer's cue to pause and resume. `rate`
+    (keyword only) caps how many tasks start per unit of time: `"100/s"`,
+    `"20/m"`, `"500/h"` or a number per second, a token bucket at dispatch (a
+    second's worth may start at once after a pause); a task held back holds no
+    worker, and priorities hold among the tasks allowed to run.
     """
 
     def __init__(
@@ -296,6 +311,7 @@ class Pool(concurrent.futures.Executor):
         dashboard: bool = False,
         on_pressure: Callable[[str], Any] | None = None,
         low_water: float = 0.7,
+        rate: str | float | None = None,
     ) -> None:
         if backend not in ("local", "dask"):
             raise ValueError(f"unknown backend {backend!r}; procqueue has 'local' and 'dask'")
@@ -334,6 +350,8 @@ class Pool(concurrent.futures.Executor):
             raise TypeError("on_pressure must be callable (it is called with 'full' or 'drained')")
         if not 0 < low_water <= 1:  # NaN too
             raise ValueError(f"low_water must be a share of capacity in (0, 1], got {low_water!r}")
+        self._buckets: dict[float, Bucket] = {}  # one per rate: calls at the same rate share it
+        self._bucket: Bucket | None = None if rate is None else self._bucket_for(rate)
         method = start_method or default_start_method()
         import multiprocessing
 
@@ -370,6 +388,11 @@ class Pool(concurrent.futures.Executor):
         # A pool dropped without shutdown still ends its processes (no orphans).
         weakref.finalize(self, self._core.shutdown, False, False)
 
+    def _bucket_for(self, rate: str | float) -> Bucket:
+        per_s = parse_rate(rate)
+        assert per_s is not None
+        return self._buckets.setdefault(per_s, Bucket(per_s))
+
     @property
     def workers(self) -> int:
         """Number of worker processes (with backend="dask", of worker threads in the cluster)."""
@@ -381,9 +404,10 @@ class Pool(concurrent.futures.Executor):
         retries: int | None = None,
         timeout: float | None = None,
         block_timeout: float | None = None,
+        rate: str | float | None = None,
     ) -> Options:
         """A view of this pool with per-call options (see `Options`)."""
-        return Options(self, priority, retries, timeout, block_timeout)
+        return Options(self, priority, retries, timeout, block_timeout, rate)
 
     def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future:  # type: ignore[override]
         """Schedule `fn(*args, **kwargs)`; returns a `procqueue.Future` (a

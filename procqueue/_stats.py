@@ -63,7 +63,8 @@ class Stats:
       pool has shut down); `timestamp`: when this snapshot was taken
       (`time.time()`);
     - `blocked`: seconds submitters spent waiting for room under backpressure
-      "block" (`submit`, `arun`, `asubmit`), summed over all of them.
+      "block" (`submit`, `arun`, `asubmit`), summed over all of them;
+    - `throttled`: dispatches held back by a rate limit (`rate=`).
 
     Readings, as of the latest sample (every `Monitor.interval`):
 
@@ -97,6 +98,7 @@ class Stats:
     workers: list[WorkerStats] = field(default_factory=list)
     collector: WorkerStats | None = None
     blocked: float = 0.0
+    throttled: int = 0
 
     @property
     def ended(self) -> int:

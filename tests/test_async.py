@@ -336,3 +336,51 @@ def test_pressure_options_are_checked() -> None:
         pq.Pool(workers=1, low_water=0.0)
     with pytest.raises(TypeError, match="on_pressure"):
         pq.Pool(workers=1, on_pressure="full")  # type: ignore[arg-type]
+
+
+# --- rate limits ----------------------------------------------------------------------------
+
+
+def stamp_now(x: int) -> float:
+    return time.time()
+
+
+def test_a_pool_rate_spaces_the_starts(make_pool: MakePool) -> None:
+    """60 tasks at 20/s: a second's worth (20) at once, the other 40 over about 2 s."""
+    pool = make_pool(workers=2, rate="20/s")
+    started = time.time()
+    stamps = sorted(pool.map(stamp_now, range(60)))
+    took = stamps[-1] - started
+    assert 1.8 <= took <= 4.0, f"60 tasks at 20/s took {took:.2f} s"
+    assert stamps[39] - started >= 0.8  # the 40th start waited for tokens
+    assert pool.stats().throttled > 0
+
+
+def test_a_per_call_rate_beside_an_unlimited_one(make_pool: MakePool) -> None:
+    pool = make_pool(workers=2)
+    limited = pool.options(rate="20/s", priority=5)
+    started = time.time()
+    slow = [limited.submit(stamp_now, i) for i in range(60)]  # queued first, and more urgent
+    fast = list(pool.map(stamp_now, range(60)))
+    fast_took = max(fast) - started
+    slow_took = max(f.result(timeout=30) for f in slow) - started
+    assert fast_took < 1.5, f"the unlimited tasks waited behind the limited ones: {fast_took:.2f} s"
+    assert 1.8 <= slow_took <= 4.0, f"60 tasks at 20/s took {slow_took:.2f} s"
+
+
+def test_async_calls_at_a_rate(make_pool: MakePool) -> None:
+    async def main() -> list[float]:
+        pool = make_pool(workers=2)
+        return list(await asyncio.gather(*(pool.options(rate=10.0).arun(stamp_now, i) for i in range(20))))
+
+    started = time.time()
+    stamps = sorted(asyncio.run(main()))
+    assert stamps[-1] - started >= 0.9, "20 calls at 10/s (calls at one rate share one bucket)"
+
+
+@pytest.mark.parametrize("rate", ["100", "5/d", "fast", "0/s", -1, float("nan")])
+def test_a_malformed_rate_is_a_value_error_naming_it(rate: object) -> None:
+    with pytest.raises(ValueError, match="rate"):
+        pq.Pool(workers=1, rate=rate)  # type: ignore[arg-type]
+    with pq.Pool(workers=1) as pool, pytest.raises(ValueError, match="rate"):
+        pool.options(rate=rate)  # type: ignore[arg-type]

@@ -41,6 +41,9 @@ class Source(Protocol):
     @property
     def blocked(self) -> float: ...
 
+    @property
+    def throttled(self) -> int: ...
+
 
 log = logging.getLogger("procqueue")
 
@@ -181,7 +184,7 @@ def snapshot(
     if helper is not None and helper[0] in readings:
         cpu, rss = readings[helper[0]]
         collector = WorkerStats(helper[0], cpu, rss, helper[1], "running", -1)
-    return Stats(*head, *rates, elapsed, time.time(), workers, collector, source.blocked)
+    return Stats(*head, *rates, elapsed, time.time(), workers, collector, source.blocked, source.throttled)
 
 
 class Rates:

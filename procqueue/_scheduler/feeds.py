@@ -14,6 +14,7 @@ from typing import Any, Protocol
 
 from procqueue._scheduler import sizing
 from procqueue._scheduler.instructions import NOTIFY
+from procqueue._scheduler.rate import Bucket
 from procqueue._scheduler.states import TaskState as S
 from procqueue._scheduler.tables import Tables
 from procqueue._scheduler.tasks import Handler, Run
@@ -46,6 +47,7 @@ class Feed(Protocol):
     priority: int
     timeout: float | None  # its tasks' timeout
     handler: Handler
+    bucket: Bucket | None  # its rate limit, if any
 
     @property
     def stream(self) -> Stream:
@@ -61,16 +63,20 @@ class Feeds:
     def __init__(self, t: Tables) -> None:
         self.t = t
         self.feeds: list[Feed] = []
+        self.due: float | None = None  # when a map held back by its rate has a token again
+        self.throttles = 0  # times a map was held back by its rate (Stats.throttled)
 
     def add(self, feed: Feed, order: int) -> None:
         feed.order = order
         self.feeds.append(feed)
         self.feeds.sort(key=lambda f: (-f.priority, f.order))
 
-    def next_feed(self, broken: bool, closed: bool) -> Feed | None:
+    def next_feed(self, broken: bool, closed: bool, now: float = 0.0) -> Feed | None:
         """The map to cut the next batch from, if it outranks the heap. Maps that are
-        done (read to the end, abandoned) leave the list here."""
+        done (read to the end, abandoned) leave the list here; a map whose rate has no
+        token is passed over until it has (`due`)."""
         feeds = self.feeds
+        self.due = None
         i = 0
         while i < len(feeds):
             f = feeds[i]
@@ -90,6 +96,12 @@ class Feeds:
                 return None
             if self.window_left(f, self.batch_size(f), closed) <= 0:
                 i += 1  # its reader is not reading (parked, or slow): the next map may go
+                continue
+            if f.bucket is not None and f.bucket.available(now) < 1 and not broken:
+                due = f.bucket.due(now)
+                self.due = due if self.due is None else min(self.due, due)
+                self.throttles += 1
+                i += 1
                 continue
             return f
         return None
@@ -126,15 +138,19 @@ class Feeds:
         target = max(self.t.policy.capacity, n * workers)
         return max(0, min(target - buffered, window - f.stream.outstanding - buffered))
 
-    def cut(self, f: Feed, limit: int | None, ids: Callable[[int], int], closed: bool) -> Run | None:
+    def cut(self, f: Feed, limit: int | None, ids: Callable[[int], int], closed: bool, now: float = 0.0) -> Run | None:
         """The next batch's run, cut from the map's input: at most `limit` items
         (the worker's task limit), task ids from `ids(n)`. None when the map's window is full."""
         n = self.batch_size(f)
         n = min(n, self.window_left(f, n, closed), len(f.seq) - f.pos)
         if limit is not None:
             n = min(n, limit)
+        if f.bucket is not None:
+            n = min(n, f.bucket.available(now))
         if n <= 0:
             return None
+        if f.bucket is not None:
+            f.bucket.spend(n)
         items = list(f.seq[f.pos : f.pos + n])  # slicing a list, tuple or range runs no user code
         f.pos += n
         run = f.make_run(items, ids(n))

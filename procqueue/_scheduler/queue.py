@@ -25,7 +25,11 @@ class PendingQueue:
     capacity: int
     heap: list[tuple[int, int, int, int, Run]] = field(default_factory=list)
     delayed: list[tuple[float, int, Run]] = field(default_factory=list)
-    pending: int = 0  # tasks in the heap: the queue depth `capacity` bounds
+    # Runs held back by their rate (`rate.py`), until their bucket has a token: still
+    # pending (they keep their capacity and their place in line), holding no worker.
+    throttled: list[tuple[float, int, tuple[int, int, int, int, Run]]] = field(default_factory=list)
+    throttles: int = 0  # times a run was held back by its rate (Stats.throttled)
+    pending: int = 0  # tasks in the heap (and throttled): the queue depth `capacity` bounds
     waiting: int = 0  # tasks waiting out a backoff
     ledger: states.Ledger | None = None  # validate mode
     sizing: Sizing = LOCAL
@@ -49,10 +53,12 @@ class PendingQueue:
         self.waiting += 1
 
     def next_due(self) -> float | None:
-        return self.delayed[0][0] if self.delayed else None
+        dues = [q[0][0] for q in (self.delayed, self.throttled) if q]
+        return min(dues) if dues else None
 
     def promote(self, now: float) -> None:
-        """Retries whose backoff is over rejoin the heap at their priority and place."""
+        """Retries whose backoff is over rejoin the heap at their priority and place,
+        and so do runs whose rate has a token again."""
         delayed = self.delayed
         while delayed and delayed[0][0] <= now:
             run = heapq.heappop(delayed)[2]
@@ -60,13 +66,33 @@ class PendingQueue:
             if self.ledger is not None:
                 self.ledger.move(run.first_id, states.TaskState.PENDING)
             self.push(run, fresh=False)
+        throttled = self.throttled
+        while throttled and throttled[0][0] <= now:
+            heapq.heappush(self.heap, heapq.heappop(throttled)[2])  # as it was: pending all along
 
-    def take(self, limit: int | None, on_cancel: Callable[[Run, int, int], None]) -> list[tuple[Run, int, int]]:
+    def _hold(self, now: float) -> None:
+        """The run on top has no token: off the heap until its bucket has one."""
+        entry = heapq.heappop(self.heap)
+        bucket = entry[-1].bucket
+        assert bucket is not None
+        heapq.heappush(self.throttled, (bucket.due(now), next(self.pushes), entry))
+        self.throttles += 1
+
+    def unthrottle(self) -> None:
+        """Every held-back run back on the heap (a shutdown or a break settles them there)."""
+        for _, _, entry in self.throttled:
+            heapq.heappush(self.heap, entry)
+        self.throttled.clear()
+
+    def take(
+        self, limit: int | None, on_cancel: Callable[[Run, int, int], None], now: float = 0.0
+    ) -> list[tuple[Run, int, int]]:
         """Cut the next batch off the top of the heap: at most `limit` items.
 
-        Runs whose receiver was cancelled are dropped here (`on_cancel`). Runs of
-        the same handler and options merge into one batch, so many `submit`s
-        travel together.
+        Runs whose receiver was cancelled are dropped here (`on_cancel`); runs whose
+        rate has no token are held back (`throttled`), and the next one is looked at.
+        Runs of the same handler, options and rate merge into one batch, so many
+        `submit`s travel together.
         """
         heap = self.heap
         segments: list[tuple[Run, int, int]] = []
@@ -74,6 +100,15 @@ class PendingQueue:
         key = None
         while heap:
             run = heap[0][-1]
+            bucket = run.bucket
+            if segments and bucket is not segments[0][0].bucket:
+                break
+            tokens = None if bucket is None else bucket.available(now)
+            if tokens is not None and tokens < 1:
+                if segments:
+                    break
+                self._hold(now)
+                continue
             if not run.receiver.claim():
                 heapq.heappop(heap)
                 n = len(run.items) - run.pos
@@ -88,6 +123,9 @@ class PendingQueue:
             elif run.solo or segments[0][0].solo or run.key() != key:
                 break
             n = min(want, len(run.items) - run.pos)
+            if bucket is not None and tokens is not None:
+                n = min(n, tokens)
+                bucket.spend(n)
             segments.append((run, run.pos, n))
             run.pos += n
             self.pending -= n
@@ -100,6 +138,7 @@ class PendingQueue:
 
     def cancel_all(self, on_cancel: Callable[[Run, int, int], None]) -> None:
         """shutdown(cancel_futures=True): cancel every task not yet run."""
+        self.unthrottle()
         keep: list[tuple[int, int, int, int, Run]] = []
         for entry in self.heap:
             run = entry[-1]

@@ -79,11 +79,11 @@ class Scheduler:
     def idle(self) -> bool:
         """Nothing queued, out with a worker, waiting out a backoff or still to be fed."""
         t = self.t
-        return not (t.queue.heap or t.queue.delayed or t.batches or t.lost or self.feeds.feeds)
+        return not (t.queue.heap or t.queue.delayed or t.queue.throttled or t.batches or t.lost or self.feeds.feeds)
 
     def next_due(self) -> float | None:
-        """When the earliest backoff ends."""
-        return self.t.queue.next_due()
+        """When the earliest backoff ends, or a held-back rate has a token again."""
+        return min((d for d in (self.t.queue.next_due(), self.feeds.due) if d is not None), default=None)
 
     def _take(self) -> list[Instruction]:
         out, self.t.out = self.t.out, []
@@ -193,11 +193,11 @@ class Scheduler:
 
     def _next_batch(self, seat: Seat, limit: int | None, now: float) -> Batch | None:
         t = self.t
-        f = self.feeds.next_feed(self.broken is not None, self.closed) if self.feeds.feeds else None
+        f = self.feeds.next_feed(self.broken is not None, self.closed, now) if self.feeds.feeds else None
         if f is not None:
             if not self.t.policy.sizing.may_hold_more(seat.batches.values(), f.handler.est_ns):
                 return None  # it outranks the queue: nothing less urgent is prefetched ahead of it
-            run = self.feeds.cut(f, limit, self.new_ids, self.closed)
+            run = self.feeds.cut(f, limit, self.new_ids, self.closed, now)
             if run is not None:
                 self._account(run, 0, now)
                 if not f.managed:
@@ -205,7 +205,7 @@ class Scheduler:
                 return self._reserve(seat, [(run, 0, len(run.items))])
         heap = t.queue.heap
         if heap and self.t.policy.sizing.may_hold_more(seat.batches.values(), heap[0][-1].handler.est_ns):
-            segments = t.queue.take(limit, self.settlement.cancelled)
+            segments = t.queue.take(limit, self.settlement.cancelled, now)
             if segments:
                 return self._reserve(seat, segments)
         return None

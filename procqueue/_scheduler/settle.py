@@ -194,6 +194,7 @@ class Settlement:
         """The pool broke: every task not settled fails with `exc` (or, cancelled before it ran, is cancelled)."""
         t = self.t
         q = t.queue
+        q.unthrottle()
         for run in [e[-1] for e in q.heap] + [e[-1] for e in q.delayed]:
             if not run.receiver.claim():
                 self.cancelled(run, run.pos, len(run.items) - run.pos)

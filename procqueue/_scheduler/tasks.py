@@ -18,6 +18,7 @@ from typing import Any, Protocol
 from procqueue._errors import SerializationError
 from procqueue._protocol import messages as m
 from procqueue._protocol.pickling import _text, describe, dumps_callable, safe_repr
+from procqueue._scheduler.rate import Bucket
 
 EWMA = 0.3  # per batch, how much older measurements of a handler fade
 HANDLER_REGISTRY = 256
@@ -132,6 +133,7 @@ class Run:
     careful: bool = False  # mark every item: a worker died in an unmarked batch holding it
     by_value: bool = False  # pickle the items with cloudpickle: by reference they did not unpickle
     packed: bool = False  # each item is already pickled (a submit's, in its caller's thread)
+    bucket: Bucket | None = None  # its rate limit (`procqueue/_scheduler/rate.py`), if any
 
     def key(self) -> tuple[int, int, int, int, float | None, bool, bool]:
         return (self.handler.id, self.call, self.attempt, self.retries, self.timeout, self.careful, self.packed)
@@ -142,7 +144,7 @@ class Run:
         return Run(
             self.handler, self.items[j : j + n], self.call, self.receiver, self.first_id + j, self.priority,
             self.seq, self.attempt, self.retries, self.timeout, self.chunksize, self.base + j, 0, solo or self.solo,
-            careful or self.careful, self.by_value, self.packed,
+            careful or self.careful, self.by_value, self.packed, self.bucket,
         )  # fmt: skip
 
     def single(self, j: int, attempt: int, solo: bool = False, careful: bool = False, by_value: bool = False) -> Run:
@@ -150,7 +152,7 @@ class Run:
         return Run(
             self.handler, [self.items[j]], self.call, self.receiver, self.first_id + j, self.priority,
             self.seq, attempt, self.retries, self.timeout, 1, self.base + j, 0, solo, careful or self.careful,
-            by_value or self.by_value, self.packed,
+            by_value or self.by_value, self.packed, self.bucket,
         )  # fmt: skip
 
 

@@ -16,6 +16,7 @@ from typing import Any
 
 from procqueue._protocol import messages as m
 from procqueue._scheduler import instructions as ins
+from procqueue._scheduler.rate import Bucket
 from procqueue._scheduler.scheduler import Scheduler
 from procqueue._scheduler.sizing import Sizing
 from procqueue._scheduler.tables import Policy
@@ -99,8 +100,10 @@ class FakeFeed:
         limit: int = 8,
         retries: int = 0,
         timeout: float | None = None,
+        bucket: Bucket | None = None,
     ) -> None:
         self.handler = handler
+        self.bucket = bucket
         self.seq: Any = seq if managed else list(seq)
         self.pos = 0
         self.input_done = managed
@@ -125,7 +128,7 @@ class FakeFeed:
         self._stream.outstanding += len(items)
         run = Run(
             self.handler, items, m.Call.ONE, chunk, first_id, self.priority,
-            retries=self.retries, timeout=self.timeout, chunksize=self.size,
+            retries=self.retries, timeout=self.timeout, chunksize=self.size, bucket=self.bucket,
         )  # fmt: skip
         self.runs.append(run)
         return run
@@ -155,13 +158,14 @@ def make_run(
     retries: int = 0,
     timeout: float | None = None,
     chunksize: int | None = None,
+    bucket: Bucket | None = None,
 ) -> Run:
     """A run with fresh task ids (a submit's when it has one item, else a map chunk's)."""
     if receiver is None:
         receiver = FakeReceiver(partial=len(items) > 1)
     return Run(
         handler, items, m.Call.ONE, receiver, s.new_ids(len(items)), priority,
-        retries=retries, timeout=timeout, chunksize=chunksize,
+        retries=retries, timeout=timeout, chunksize=chunksize, bucket=bucket,
     )  # fmt: skip
 
 

@@ -31,6 +31,7 @@ from procqueue._scheduler import limits, sizing
 from procqueue._scheduler.books import Death
 from procqueue._scheduler.deaths import MAX_BARREN_DEATHS
 from procqueue._scheduler.instructions import Kill, KillReason
+from procqueue._scheduler.rate import Bucket, parse_rate
 from procqueue._scheduler.scheduler import Scheduler
 from procqueue._scheduler.states import InvalidTransition, Ledger
 from procqueue._scheduler.states import TaskState as S
@@ -1224,3 +1225,87 @@ def test_an_urgent_run_that_may_not_be_prefetched_is_not_overtaken(urgent: str) 
     else:
         submit(s, fast, 1, priority=5)
     assert brief(s.dispatch(0.0)) == []  # nothing of priority 0 goes ahead of it
+
+
+# --- rate limits ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("rate", "per_s"), [("100/s", 100.0), ("20/m", 20 / 60), (" 500 / h ", 500 / 3600), (2.5, 2.5), ("0.5/s", 0.5)]
+)
+def test_rates_parse(rate: str | float, per_s: float) -> None:
+    assert parse_rate(rate) == pytest.approx(per_s)
+
+
+@pytest.mark.parametrize("rate", ["100", "10/d", "fast", "-1/s", "0/s", 0, -3.0, float("nan"), float("inf"), True])
+def test_a_malformed_rate_names_itself(rate: object) -> None:
+    with pytest.raises(ValueError, match="rate"):
+        parse_rate(rate)  # type: ignore[arg-type]
+
+
+def test_a_bucket_lets_a_seconds_worth_go_then_spaces_the_rest() -> None:
+    b = Bucket(4.0)
+    assert b.available(0.0) == 4
+    b.spend(4)
+    assert b.available(0.0) == 0 and b.due(0.0) == pytest.approx(0.25)
+    assert b.available(0.25) == 1
+    assert b.available(100.0) == 4  # never more than the burst
+
+
+def run_with_rates(s: Scheduler, front: Front, step: float = 0.1) -> list[tuple[float, Batch]]:
+    """Dispatch until idle; a worker finishes one batch per `step` seconds; between
+    batches the clock jumps to the scheduler's next deadline (a token)."""
+    sent: list[tuple[float, Batch]] = []
+    now = 0.0
+    while not s.idle() and now < 30:
+        batches = sends(front.apply(s.dispatch(now)))
+        sent += [(now, b) for b in batches]
+        if batches:
+            now += step
+            for b in batches:
+                front.apply(complete(s, b, now))
+            continue
+        due = s.next_due()
+        assert due is not None and due > now, "work waits, but no deadline wakes the scheduler"
+        now = due
+    return sent
+
+
+def test_a_throttled_run_holds_no_worker_and_priorities_hold_among_the_rest() -> None:
+    """5 urgent tasks limited to 2/s ahead of 3 plain ones, on one worker: the burst goes
+    first, the plain ones fill the gap (the urgent ones hold no worker meanwhile), then the
+    urgent ones go as their tokens come, in their order."""
+    s = make_scheduler(workers=1)
+    front = Front(s)
+    h = s.handlers.get(len)
+    measure(h, 200 * MS)  # long tasks: one per batch
+    bucket = Bucket(2.0)
+    urgent = [make_run(s, h, [i], priority=9, bucket=bucket) for i in range(5)]
+    plain = [make_run(s, h, [i], priority=0) for i in range(3)]
+    for r in urgent + plain:
+        s.accept(r, 0.0)
+    sent = run_with_rates(s, front)
+    order = [i for _, b in sent for i in ids_of(b)]
+    u, p = [r.first_id for r in urgent], [r.first_id for r in plain]
+    assert order == u[:2] + p + u[2:], order
+    times = {ids_of(b)[0]: t for t, b in sent}
+    assert [times[i] for i in u[2:]] == pytest.approx([0.5, 1.0, 1.5])  # 2 a second after the burst
+    assert s.queue.throttles > 0
+    balanced_at_rest(s)
+
+
+def test_a_throttled_map_is_cut_no_faster_than_its_rate() -> None:
+    s = make_scheduler(workers=2)
+    front = Front(s)
+    h = s.handlers.get(len)
+    feed = FakeFeed(h, range(10), bucket=Bucket(4.0), limit=100)
+    s.add_feed(feed)
+    sent = run_with_rates(s, front, step=0.01)
+    assert sum(b.count for _, b in sent) == 10
+    done = 0
+    for t, b in sent:
+        done += b.count
+        assert done <= 4 + 4 * t + 1e-9, f"{done} cut by {t:.2f} s at 4/s with a burst of 4"
+    assert sent[-1][0] >= (10 - 4) / 4 - 1e-9
+    assert s.feeds.throttles > 0
+    balanced_at_rest(s)
