@@ -272,11 +272,57 @@ def dask(peer: Peer, spec: Spec) -> dict[str, Any]:
     return out
 
 
+def async_calls(peer: Peer, spec: Spec) -> dict[str, Any]:
+    """`n` awaited calls of a ~0.1 ms function from `concurrency` coroutines, and the
+    longest gap a 5 ms heartbeat on the same loop saw meanwhile."""
+    import asyncio
+
+    return asyncio.run(_async_calls(peer, spec))
+
+
+async def _async_calls(peer: Peer, spec: Spec) -> dict[str, Any]:
+    import asyncio
+
+    conc = spec["concurrency"]
+    per = max(1, spec["n"] // conc)
+    work = max(1, spec["loops_per_ms"] // 10)  # ~0.1 ms
+    await peer.astart(spec["workers"])
+    try:
+        await asyncio.gather(*(peer.acall(w.burn, work) for _ in range(conc)))  # warm
+        times, gaps = [], []
+        for _ in range(spec["repeats"]):
+            gap, stop = [0.0], asyncio.Event()
+
+            async def beat(gap: list[float] = gap, stop: asyncio.Event = stop) -> None:
+                last = time.monotonic()
+                while not stop.is_set():
+                    await asyncio.sleep(0.005)
+                    now = time.monotonic()
+                    gap[0] = max(gap[0], now - last)
+                    last = now
+
+            async def caller() -> None:
+                for _ in range(per):
+                    await peer.acall(w.burn, work)
+
+            heart = asyncio.get_running_loop().create_task(beat())
+            t = time.perf_counter()
+            await asyncio.gather(*(caller() for _ in range(conc)))
+            times.append(time.perf_counter() - t)
+            stop.set()
+            await heart
+            gaps.append(gap[0])
+    finally:
+        await peer.astop()
+    return {"n": per * conc, "times": times, "max_gap": gaps}
+
+
 WORKLOADS: dict[str, Callable[[Peer, Spec], dict[str, Any]]] = {
     "tiny": tiny, "cpu": cpu, "skewed": skewed, "payload-in": payload_in, "payload-out": payload_out, "stream": stream,
     "startup": startup, "faults": faults, "priority": priority, "durations": durations, "dask": dask,
+    "async": async_calls,
 }  # fmt: skip
-STARTS_ITS_OWN = {"startup", "dask"}
+STARTS_ITS_OWN = {"startup", "dask", "async"}
 
 
 def main() -> None:

@@ -61,6 +61,16 @@ class Peer:
         """A future-like object with `result()`; None when the peer has no such API."""
         return None
 
+    # The async workload: started, called and stopped inside the event loop.
+    async def astart(self, workers: int) -> None:
+        self.start(workers)
+
+    async def acall(self, fn: Callable[[Any], Any], x: Any) -> Any:
+        raise NotImplementedError(f"{self.name} has no async call")
+
+    async def astop(self) -> None:
+        self.stop()
+
 
 class Serial(Peer):
     name = "serial"
@@ -87,6 +97,12 @@ class Procqueue(Peer):
     def imap(self, fn: Callable[[Any], Any], items: Iterable[Any], chunksize: int | None) -> Iterator[Any]:
         return self.pool.map(fn, items, chunksize=chunksize or "auto")
 
+    async def acall(self, fn: Callable[[Any], Any], x: Any) -> Any:
+        return await self.pool.arun(fn, x)
+
+    async def astop(self) -> None:
+        await self.pool.__aexit__(None, None, None)
+
     def submit(self, fn: Callable[..., Any], *args: Any, priority: int = 0) -> Any:
         return self.pool.options(priority=priority).submit(fn, *args)
 
@@ -105,6 +121,11 @@ class Executor(Peer):
 
     def submit(self, fn: Callable[..., Any], *args: Any, priority: int = 0) -> Any:
         return self.pool.submit(fn, *args)
+
+    async def acall(self, fn: Callable[[Any], Any], x: Any) -> Any:
+        import asyncio
+
+        return await asyncio.get_running_loop().run_in_executor(self.pool, fn, x)
 
 
 class MpPool(Peer):
@@ -331,9 +352,29 @@ class DaskMap(DaskCluster):
         return self.client.gather(self.client.map(fn, items, pure=False))  # type: ignore[no-any-return]
 
 
+class AioMultiprocess(Peer):
+    """aiomultiprocess's Pool (async only): the async workload's peer."""
+
+    name = "aiomultiprocess"
+    package = "aiomultiprocess"
+    general = False
+
+    async def astart(self, workers: int) -> None:
+        import aiomultiprocess
+
+        self.pool = aiomultiprocess.Pool(processes=workers)
+
+    async def acall(self, fn: Callable[[Any], Any], x: Any) -> Any:
+        return await self.pool.apply(fn, (x,))
+
+    async def astop(self) -> None:
+        self.pool.close()
+        await self.pool.join()
+
+
 PEERS: list[Peer] = [
     Procqueue(), Serial(), Limit(), Executor(), MpPool(), Loky(), Mpire(), Joblib(), Pebble(),
-    DaskPool(), DaskSubmit(), DaskMap(),
+    DaskPool(), DaskSubmit(), DaskMap(), AioMultiprocess(),
 ]  # fmt: skip
 
 

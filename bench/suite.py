@@ -91,6 +91,9 @@ WORKLOADS = [
              2000, 500, limit=60.0, quick_limit=20.0),
     Workload("durations", "throughput against task duration", "tasks/s", True, 0, 0, limit=120.0, quick_limit=40.0,
              extra={"durations_ms": [0.01, 0.1, 1.0, 10.0]}),
+    Workload("async", "{n:,} awaited calls of a ~0.1 ms function from 200 coroutines", "calls/s", True, 20_000,
+             5000, limit=120.0, quick_limit=60.0, extra={"concurrency": 200}, interleave=True,
+             peers=("procqueue", "ProcessPoolExecutor", "aiomultiprocess")),
     Workload("dask", "on a Dask LocalCluster: {n:,} trivial tasks ({per_task_n:,} a task each for raw Dask), "
              "then {ms_n:,} tasks of ~{ms:g} ms", "us/task, tasks/s", True, 200_000, 200_000, limit=180.0,
              quick_limit=90.0, needs="distributed", install="pip install 'procqueue[dask]'",
@@ -214,7 +217,7 @@ def figures(wl: Workload, result: dict[str, Any], workers: int) -> list[float]:
     """Per-repeat figures in the workload's unit."""
     times = result.get("times", [])
     n = result.get("n", wl.n)
-    if wl.name in ("tiny", "stream"):
+    if wl.name in ("tiny", "stream", "async"):
         return [n / t for t in times]
     if wl.name in ("cpu", "skewed"):  # serial time: the loops at the speed probed just before each run
         total, longest = result["loops"]
@@ -229,7 +232,7 @@ def figures(wl: Workload, result: dict[str, Any], workers: int) -> list[float]:
 
 
 def fmt(value: float, unit: str) -> str:
-    if unit in ("tasks/s", "items/s"):
+    if unit in ("tasks/s", "items/s", "calls/s"):
         return f"{value / 1e6:.2f}M" if value >= 1e6 else f"{value / 1e3:.1f}k" if value >= 1e4 else f"{value:.0f}"
     if unit == "MB/s":
         return f"{value:,.0f}"
@@ -483,6 +486,8 @@ def describe(wl: Workload, row: dict[str, Any]) -> str:
             extra += f", cold first pool {statistics.median(r['cold']):.3f} s"
         if r.get("import"):
             extra += f", import {statistics.median(r['import']) * 1000:.0f} ms"
+    if wl.name == "async":
+        extra = f"  max loop gap {statistics.median(r['max_gap']) * 1000:.0f} ms (worst {max(r['max_gap']) * 1000:.0f})"
     if wl.name == "priority":
         extra = f"  (overtook {statistics.median(r['overtaken']):.0f} of {r['n']:,} queued before it)"
     n_note = f"  [n={r['n']:,}]" if r.get("n") not in (None, wl.n, wl.quick_n) else ""
