@@ -8,8 +8,10 @@ chunk at a time (at most two chunks ahead of the consumer)."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import threading
+import weakref
 from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
@@ -31,11 +33,73 @@ async def arun(core: Core, fut: Future, run: Run | None, block_timeout: float | 
     """Queue `run` (None: its task failed already) and await its future: the waits for
     room (under "block") and for the outcome are suspensions, never blocking the loop."""
     loop = asyncio.get_running_loop()
-    if run is not None:
+    if run is not None and not (core.cfg.backpressure == "block" and core.try_enqueue(run)):
         await enqueue(core, run, block_timeout)
-    # Cancelling the await cancels the future: a task that has not started never runs;
-    # a running one runs to its end and its outcome is dropped.
-    return await asyncio.wrap_future(fut, loop=loop)
+    waiter = loop.create_future()
+    inbox = _inbox_of(loop)
+    fut.add_done_callback(lambda done: inbox.put(waiter, done))
+    try:
+        return await waiter
+    except asyncio.CancelledError:
+        # A task that has not started never runs; a running one runs to its end
+        # and its outcome is dropped.
+        fut.cancel()
+        raise
+
+
+class _Inbox:
+    """Outcomes for one event loop: futures settled on the pool's threads are handed
+    over in bulk, one wake-up of the loop (`call_soon_threadsafe`) per bunch, not per
+    future; the values are unpickled on the loop's thread, as `result()` does."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.lock = threading.Lock()
+        self.items: list[tuple[asyncio.Future[Any], concurrent.futures.Future[Any]]] = []
+        self.scheduled = False
+
+    def put(self, waiter: asyncio.Future[Any], done: concurrent.futures.Future[Any]) -> None:
+        """From any thread."""
+        with self.lock:
+            self.items.append((waiter, done))
+            if self.scheduled:
+                return
+            self.scheduled = True
+        try:
+            self.loop.call_soon_threadsafe(self.drain)
+        except RuntimeError:  # the loop is closed: nobody awaits these any more
+            with self.lock:
+                self.items.clear()
+                self.scheduled = False
+
+    def drain(self) -> None:
+        with self.lock:
+            items, self.items = self.items, []
+            self.scheduled = False
+        for waiter, done in items:
+            if waiter.done():  # cancelled meanwhile
+                continue
+            if done.cancelled():
+                waiter.cancel()
+                continue
+            try:
+                waiter.set_result(done.result())
+            except StopIteration as exc:  # which a coroutine may not raise
+                waiter.set_exception(RuntimeError(f"the task raised StopIteration: {exc!r}"))
+            except BaseException as exc:  # the task's error, or a value that would not unpickle
+                waiter.set_exception(exc)
+
+
+_inboxes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Inbox] = weakref.WeakKeyDictionary()
+_inboxes_lock = threading.Lock()
+
+
+def _inbox_of(loop: asyncio.AbstractEventLoop) -> _Inbox:
+    inbox = _inboxes.get(loop)
+    if inbox is None:
+        with _inboxes_lock:
+            inbox = _inboxes.setdefault(loop, _Inbox(loop))
+    return inbox
 
 
 async def enqueue(core: Core, run: Run, block_timeout: float | None) -> None:
