@@ -365,7 +365,9 @@ class AioMultiprocess(Peer):
         self.pool = aiomultiprocess.Pool(processes=workers)
 
     async def acall(self, fn: Callable[[Any], Any], x: Any) -> Any:
-        return await self.pool.apply(fn, (x,))
+        from . import workloads
+
+        return await self.pool.apply(workloads.call_async, (fn, x))
 
     async def astop(self) -> None:
         self.pool.close()

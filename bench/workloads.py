@@ -83,3 +83,8 @@ def stamp(loops: int) -> float:
     """Priority workload: do the work, then say when it finished (CLOCK_MONOTONIC is system-wide)."""
     burn(loops)
     return time.monotonic()
+
+
+async def call_async(fn: Any, x: Any) -> Any:
+    """aiomultiprocess runs coroutine functions only: a sync one, called from one."""
+    return fn(x)
