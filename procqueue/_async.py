@@ -13,20 +13,20 @@ import contextlib
 import threading
 import weakref
 from collections import deque
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from procqueue._errors import QueueFull
+from procqueue._map import Pushed
 from procqueue._results import Later, run_all
 
 if TYPE_CHECKING:
     from procqueue._core import Core
-    from procqueue._map import MapIterator
+    from procqueue._map import Feeder, MapIterator
     from procqueue._results import Future
     from procqueue._scheduler.tasks import Run
 
 AHEAD = 2  # chunks of results a map's thread may hold for the loop before it waits
-PULL = 256  # items an async input is asked for per trip to the loop
 
 
 async def arun(core: Core, fut: Future, run: Run | None, block_timeout: float | None) -> Any:
@@ -182,8 +182,12 @@ class _Bridge:
         self._loop = asyncio.get_running_loop()
         self._core = core
         self._start = start  # the sync map over a source: run on the map's thread
-        self._pulled = _Pulled(items, self._loop) if isinstance(items, AsyncIterable) else None
-        self._source: Iterable[Any] = items if self._pulled is None else self._pulled  # type: ignore[assignment]
+        # An async input is read on the loop by a task of ours and pushed into the map as
+        # its window has room; a plain iterable is read by the map's thread, as `map` does.
+        self._ait: AsyncIterator[Any] | None = aiter(items) if isinstance(items, AsyncIterable) else None
+        self._source: Iterable[Any] = Pushed() if self._ait is not None else items  # type: ignore[assignment]
+        self._room = asyncio.Event()  # the map's window moved: the producer may push more
+        self._producer: asyncio.Task[None] | None = None
         self._cv = threading.Condition()
         self._ready: deque[tuple[list[Any], BaseException | None]] = deque()
         self._items: deque[Any] = deque()
@@ -239,6 +243,48 @@ class _Bridge:
                 self._cv.notify_all()
             finally:
                 self._cv.release()
+        self._on_loop(self._stop_producer)
+
+    def _on_loop(self, fn: Callable[[], None]) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop is closed
+            self._loop.call_soon_threadsafe(fn)
+
+    # --- the producer of an async input, a task on the loop -----------------------------------
+
+    def _start_producer(self, feeder: Feeder) -> None:
+        if not self._closed and self._ait is not None:
+            self._producer = self._loop.create_task(self._produce(feeder, self._ait))
+
+    def _stop_producer(self) -> None:
+        if self._producer is not None:
+            self._producer.cancel()
+
+    async def _produce(self, feeder: Feeder, items: AsyncIterator[Any]) -> None:
+        """Read the async input as the map's window has room, one item at a time, so a
+        slow source is never held back and a fast one crosses as fast as the map takes it."""
+        try:
+            while True:
+                if feeder.want_now() <= 0:
+                    self._room.clear()
+                    if feeder.want_now() <= 0:
+                        await self._room.wait()
+                    continue
+                try:
+                    item = await anext(items)
+                except StopAsyncIteration:
+                    feeder.push([], True)
+                    return
+                if not feeder.push([item], False):
+                    return
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:  # the input failed: what came before runs, then this is raised
+            feeder.push([], True, exc)
+        finally:
+            close = getattr(items, "aclose", None)
+            if close is not None:
+                with contextlib.suppress(BaseException):
+                    await close()
 
     # --- the map's own thread -----------------------------------------------------------------
 
@@ -250,6 +296,9 @@ class _Bridge:
             self._stream = results.stream
             if self._closed:
                 self._core.abandon(self._stream)
+            if self._ait is not None:
+                feeder = results.feeder
+                self._on_loop(lambda: self._start_producer(feeder))
             for chunk in chunks:
                 values: list[Any] = []
                 try:
@@ -264,8 +313,8 @@ class _Bridge:
         finally:
             if chunks is not None:
                 chunks.close()  # what is not finished is cancelled (this thread owns the generator)
-            if self._pulled is not None:
-                self._pulled.close()
+            if self._ait is not None:
+                self._on_loop(self._stop_producer)
             with self._cv:
                 self._ended = True
                 self._wake_consumer()
@@ -279,6 +328,8 @@ class _Bridge:
                 return False
             self._ready.append((values, error))
             self._wake_consumer()
+        if self._ait is not None:
+            self._on_loop(self._room.set)  # the window moved: more input may come
         return error is None
 
     def _wake_consumer(self) -> None:
@@ -291,48 +342,3 @@ class _Bridge:
 def _set(waiter: asyncio.Future[None]) -> None:
     if not waiter.done():
         waiter.set_result(None)
-
-
-class _Pulled(Iterator[Any]):
-    """An async iterable read from another thread: each trip to the loop brings the
-    items that are ready, up to `PULL` (the first is waited for; one that is not
-    ready yet is left running for the next trip), so a fast source crosses in bulk
-    and a slow one is not held back."""
-
-    def __init__(self, items: AsyncIterable[Any], loop: asyncio.AbstractEventLoop) -> None:
-        self._it: AsyncIterator[Any] = aiter(items)
-        self._loop = loop
-        self._buffer: deque[Any] = deque()
-        self._done = False
-        self._next: asyncio.Future[Any] | None = None  # an item on its way, on the loop
-
-    def __next__(self) -> Any:
-        if not self._buffer and not self._done:
-            got, self._done = asyncio.run_coroutine_threadsafe(self._take(), self._loop).result()
-            self._buffer.extend(got)
-        if not self._buffer:
-            raise StopIteration
-        return self._buffer.popleft()
-
-    async def _take(self) -> tuple[list[Any], bool]:
-        got: list[Any] = []
-        try:
-            while len(got) < PULL:
-                if self._next is None:
-                    self._next = asyncio.ensure_future(anext(self._it))
-                if got and not self._next.done():
-                    await asyncio.sleep(0)  # one turn of the loop: what is ready comes along
-                    if not self._next.done():
-                        break
-                item, self._next = self._next, None
-                got.append(await item)
-        except StopAsyncIteration:
-            return got, True
-        return got, False
-
-    def close(self) -> None:
-        """The map ended early: stop waiting for an item on its way (from any thread)."""
-        pending = self._next
-        if pending is not None:
-            with contextlib.suppress(RuntimeError):  # the loop is closed
-                self._loop.call_soon_threadsafe(pending.cancel)

@@ -77,6 +77,7 @@ class Feeder:
         self.error: BaseException | None = None
         self.limit = WINDOW * core.cfg.capacity
         self.managed = type(source) in (list, tuple, range)
+        self.pushed = isinstance(source, Pushed)  # its items come through `push` (an async iterable's)
         # The manager cuts batches from seq[pos:]: the whole sequence, or for other
         # input a buffer the consumer's thread refills from the iterator.
         self.seq: Any = source if self.managed else []
@@ -102,11 +103,34 @@ class Feeder:
         self.core.add_feed(self)
         self.feed()
 
+    def push(self, items: list[Any], done: bool, error: BaseException | None = None) -> bool:
+        """Pushed input (`Pushed`): add `items` to the buffer the manager cuts from, from any
+        thread; `done` (with the input's `error`, if it failed) ends the input. False once the
+        map no longer takes input (shut down, abandoned)."""
+        core = self.core
+        with core.lock:
+            if self.input_done or self.stream.cancelled:
+                return False
+            if self.pos:
+                del self.seq[: self.pos]
+                self.pos = 0
+            self.seq.extend(items)
+            if done:
+                self.input_done = True
+                self.error = self.error or error
+            core.wake()
+        return True
+
+    def want_now(self) -> int:
+        """How many items pushed input should bring now (0: wait for the reader)."""
+        with self.core.lock:
+            return 0 if self.input_done else self.core.feed_want(self)
+
     def feed(self) -> None:
         """Iterator input: refill the buffer the manager cuts from, in the consumer's
         thread (user code never runs in the manager), while the window has room."""
         core = self.core
-        while not self.input_done:
+        while not self.input_done and not self.pushed:
             with core.lock:
                 want = core.feed_want(self)
             if want <= 0:
@@ -132,7 +156,7 @@ class Feeder:
             return True
         if self.exhausted and self.consumed >= self.fed:
             return True
-        return not self.input_done and self.core.feed_want(self) > 0
+        return not self.input_done and not self.pushed and self.core.feed_want(self) > 0
 
     def results(self, deadline: float | None, progress: tuple[int | None, str, list[LiveView]] | None) -> Iterator[Any]:
         """The map's results: chunk by chunk in Python, item by item in C."""
@@ -143,6 +167,7 @@ class Feeder:
         results = cast(MapIterator, MapIterator.from_iterable(chunks))
         results.chunks = chunks
         results.stream = self.stream
+        results.feeder = self
         return results
 
     def _chunks(
@@ -215,12 +240,21 @@ class Feeder:
         return finished.popleft() if finished else None
 
 
+class Pushed(Iterable[Any]):
+    """A map's input that another thread pushes in (`Feeder.push`): the items of an
+    async iterable, which `amap` brings over from the event loop as they come."""
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(())
+
+
 class MapIterator(itertools.chain):  # type: ignore[type-arg]
     """What `map` returns: items come out at C speed; `close()` ends the map early
     (tasks not started are cancelled), as closing a generator would."""
 
     chunks: Generator[Iterable[Any], None, None]
     stream: Stream  # its results' stream (to abandon the map from another thread)
+    feeder: Feeder  # where pushed input goes (`Pushed`)
 
     def close(self) -> None:
         self.chunks.close()

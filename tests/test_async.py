@@ -199,10 +199,10 @@ def test_amap_over_an_async_generator_pulls_only_a_window_ahead(make_pool: MakeP
         return ahead, total
 
     ahead, _ = asyncio.run(main())
-    # As map's: its window (the larger of 4 x capacity and 2 batches per worker, 400 here); then
-    # what one trip to the loop brings (256) and the chunks handed over to the loop (up to 3).
+    # As map's: its window (the larger of 4 x capacity and 2 batches per worker, 400 here), and
+    # the chunks handed over to the loop and not yet consumed (up to 3).
     window = max(4 * 64, 2 * 2 * 100)
-    assert ahead <= window + 256 + 3 * window, f"the async input was pulled {ahead} items ahead"
+    assert ahead <= window + 3 * window, f"the async input was pulled {ahead} items ahead"
 
 
 def test_amap_raises_a_failed_task_at_its_place_or_yields_it(make_pool: MakePool) -> None:
@@ -384,3 +384,67 @@ def test_a_malformed_rate_is_a_value_error_naming_it(rate: object) -> None:
         pq.Pool(workers=1, rate=rate)  # type: ignore[arg-type]
     with pq.Pool(workers=1) as pool, pytest.raises(ValueError, match="rate"):
         pool.options(rate=rate)  # type: ignore[arg-type]
+
+
+def test_amap_over_a_slow_async_source_yields_as_items_come(make_pool: MakePool) -> None:
+    """A source that trickles (one item each 50 ms) is not held back: the first result comes
+    long before the source ends; one fed by the consumer's own results (a feedback loop) runs."""
+
+    async def trickle(n: int) -> AsyncIterator[int]:
+        for i in range(n):
+            yield i
+            await asyncio.sleep(0.05)
+
+    async def main() -> tuple[float, float, list[int]]:
+        pool = make_pool(workers=2)
+        started = time.monotonic()
+        first = None
+        async for _ in pool.amap(h.square, trickle(20)):
+            if first is None:
+                first = time.monotonic() - started
+        whole = time.monotonic() - started
+        queue: asyncio.Queue[int | None] = asyncio.Queue()
+
+        async def fed() -> AsyncIterator[int]:
+            while (item := await queue.get()) is not None:
+                yield item
+
+        await queue.put(1)
+        got: list[int] = []
+        async for y in pool.amap(h.square, fed()):  # each result brings the next input
+            got.append(y)
+            await queue.put(len(got) + 1 if len(got) < 30 else None)
+        assert first is not None
+        return first, whole, got
+
+    first, whole, got = asyncio.run(asyncio.wait_for(main(), 60))
+    assert first < 0.5 and whole >= 0.9, (first, whole)
+    assert got == [i * i for i in range(1, 31)]
+
+
+def test_breaking_out_of_amap_over_an_idle_async_source_ends_its_thread(make_pool: MakePool) -> None:
+    """The source goes quiet after 3 items; leaving the loop ends the map's thread and closes
+    the source (no `procqueue-amap` thread is left: the fixture checks)."""
+    closed = []
+
+    async def quiet() -> AsyncIterator[int]:
+        try:
+            for i in range(3):
+                yield i
+            await asyncio.sleep(3600)
+            yield 99
+        finally:
+            closed.append(True)
+
+    async def main() -> list[int]:
+        pool = make_pool(workers=1)
+        got = []
+        async for y in pool.amap(h.square, quiet()):
+            got.append(y)
+            if len(got) == 3:
+                break
+        await asyncio.sleep(0.2)
+        return got
+
+    assert asyncio.run(asyncio.wait_for(main(), 30)) == [0, 1, 4]
+    assert closed == [True]
