@@ -53,7 +53,7 @@ class _Inbox:
     future; the values are unpickled on the loop's thread, as `result()` does."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop = loop
+        self.loop = weakref.ref(loop)  # weakly: the inboxes are keyed by their loop, weakly too
         self.lock = threading.Lock()
         self.items: list[tuple[asyncio.Future[Any], concurrent.futures.Future[Any]]] = []
         self.scheduled = False
@@ -65,8 +65,11 @@ class _Inbox:
             if self.scheduled:
                 return
             self.scheduled = True
+        loop = self.loop()
         try:
-            self.loop.call_soon_threadsafe(self.drain)
+            if loop is None:
+                raise RuntimeError("the loop is gone")
+            loop.call_soon_threadsafe(self.drain)
         except RuntimeError:  # the loop is closed: nobody awaits these any more
             with self.lock:
                 self.items.clear()

@@ -303,7 +303,7 @@ class Core:
 
     @property
     def throttled(self) -> int:
-        return self.scheduler.queue.throttles + self.scheduler.feeds.throttles
+        return self.scheduler.queue.throttles
 
     def pids(self) -> list[int]:
         """Processes to sample: the workers, and the backend's helpers (the collector)."""

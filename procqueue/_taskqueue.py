@@ -82,7 +82,7 @@ class TaskQueue:
         self._lock = threading.Lock()
         self._waiting: dict[int, Future] = {}  # submitted, not yet handed out (by submission order)
         self._order = 0
-        self._waiter: asyncio.Future[None] | None = None  # `aresults()` waiting for the next result
+        self._waiters: list[asyncio.Future[None]] = []  # `aresults()` consumers waiting for a result
 
     def submit(self, task: Task) -> Future:
         """Queue a task; its `Result` comes out of `results()` or `drain()`."""
@@ -112,8 +112,8 @@ class TaskQueue:
     def _deliver(self, result: Result) -> None:
         self._done.put(result)
         with self._lock:
-            waiter, self._waiter = self._waiter, None
-        if waiter is not None:
+            waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
             with contextlib.suppress(RuntimeError):  # its loop is closed: nobody waits any more
                 waiter.get_loop().call_soon_threadsafe(_wake, waiter)
 
@@ -155,7 +155,8 @@ class TaskQueue:
                 try:
                     result = self._done.get_nowait()
                 except queue.Empty:
-                    waiter = self._waiter = asyncio.get_running_loop().create_future()
+                    waiter = asyncio.get_running_loop().create_future()
+                    self._waiters.append(waiter)  # every consumer is woken; one takes the result
                     result = None
             if result is None:
                 await waiter

@@ -118,13 +118,13 @@ def test_arun_waits_for_room_without_blocking_the_loop(make_pool: MakePool) -> N
 def test_arun_gives_up_waiting_for_room_after_block_timeout(make_pool: MakePool) -> None:
     async def main() -> None:
         pool = make_pool(workers=1, capacity=1)
-        behind = asyncio.gather(*(pool.arun(h.sleep_then, i, 0.3) for i in range(6)))
+        behind = asyncio.gather(*(pool.arun(h.sleep_then, i, 0.1) for i in range(30)))  # 3 s of work
         await asyncio.sleep(0.2)  # the queue is full and they wait for room
         started = time.monotonic()
         with pytest.raises(pq.QueueFull, match="stayed full"):
             await pool.options(block_timeout=0.2).arun(h.square, 3)
         assert time.monotonic() - started < 5.0
-        assert await behind == list(range(6))
+        assert await behind == list(range(30))
 
     asyncio.run(main())
 

@@ -63,8 +63,6 @@ class Feeds:
     def __init__(self, t: Tables) -> None:
         self.t = t
         self.feeds: list[Feed] = []
-        self.due: float | None = None  # when a map held back by its rate has a token again
-        self.throttles = 0  # times a map was held back by its rate (Stats.throttled)
 
     def add(self, feed: Feed, order: int) -> None:
         feed.order = order
@@ -74,9 +72,9 @@ class Feeds:
     def next_feed(self, broken: bool, closed: bool, now: float = 0.0) -> Feed | None:
         """The map to cut the next batch from, if it outranks the heap. Maps that are
         done (read to the end, abandoned) leave the list here; a map whose rate has no
-        token is passed over until it has (`due`)."""
+        token is passed over until it has (`queue.feed_due`)."""
         feeds = self.feeds
-        self.due = None
+        self.t.queue.hold_throttled(now)  # a held-back run on top does not outrank a map
         i = 0
         while i < len(feeds):
             f = feeds[i]
@@ -98,9 +96,9 @@ class Feeds:
                 i += 1  # its reader is not reading (parked, or slow): the next map may go
                 continue
             if f.bucket is not None and f.bucket.available(now) < 1 and not broken:
-                due = f.bucket.due(now)
-                self.due = due if self.due is None else min(self.due, due)
-                self.throttles += 1
+                q, due = self.t.queue, f.bucket.due(now)
+                q.throttles += q.feed_due is None  # once a round, not once per worker asking
+                q.feed_due = due if q.feed_due is None else min(q.feed_due, due)
                 i += 1
                 continue
             return f

@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from procqueue._scheduler import states
+from procqueue._scheduler.rate import Bucket
 from procqueue._scheduler.sizing import LOCAL, Sizing
 from procqueue._scheduler.tasks import Run
 
@@ -25,10 +26,13 @@ class PendingQueue:
     capacity: int
     heap: list[tuple[int, int, int, int, Run]] = field(default_factory=list)
     delayed: list[tuple[float, int, Run]] = field(default_factory=list)
-    # Runs held back by their rate (`rate.py`), until their bucket has a token: still
-    # pending (they keep their capacity and their place in line), holding no worker.
-    throttled: list[tuple[float, int, tuple[int, int, int, int, Run]]] = field(default_factory=list)
-    throttles: int = 0  # times a run was held back by its rate (Stats.throttled)
+    # Runs held back by their rate (`rate.py`), per bucket, until it has tokens: still pending
+    # (they keep their capacity and their place in line), holding no worker. At each token
+    # only as many rejoin the heap as there are tokens.
+    throttled: dict[int, tuple[Bucket, list[tuple[int, int, int, int, Run]]]] = field(default_factory=dict)
+    throttled_due: dict[int, float] = field(default_factory=dict)  # per bucket: when to look again
+    feed_due: float | None = None  # when a map held back by its rate may go (`feeds.py`), this round
+    throttles: int = 0  # times a dispatch was held back by a rate (Stats.throttled)
     pending: int = 0  # tasks in the heap (and throttled): the queue depth `capacity` bounds
     waiting: int = 0  # tasks waiting out a backoff
     ledger: states.Ledger | None = None  # validate mode
@@ -53,7 +57,9 @@ class PendingQueue:
         self.waiting += 1
 
     def next_due(self) -> float | None:
-        dues = [q[0][0] for q in (self.delayed, self.throttled) if q]
+        dues = [*self.throttled_due.values(), *([self.delayed[0][0]] if self.delayed else [])]
+        if self.feed_due is not None:
+            dues.append(self.feed_due)
         return min(dues) if dues else None
 
     def promote(self, now: float) -> None:
@@ -66,23 +72,39 @@ class PendingQueue:
             if self.ledger is not None:
                 self.ledger.move(run.first_id, states.TaskState.PENDING)
             self.push(run, fresh=False)
-        throttled = self.throttled
-        while throttled and throttled[0][0] <= now:
-            heapq.heappush(self.heap, heapq.heappop(throttled)[2])  # as it was: pending all along
+        self.feed_due = None  # set again by this round's look at the maps
+        for key, due in list(self.throttled_due.items()):
+            if due > now:
+                continue
+            bucket, held = self.throttled[key]
+            n = min(bucket.available(now), len(held))
+            for _ in range(n):  # the most urgent first, as they were: pending all along
+                heapq.heappush(self.heap, heapq.heappop(held))
+            if held:
+                self.throttled_due[key] = bucket.due(now) if n == 0 else now + 1 / bucket.per_s
+            else:
+                del self.throttled[key], self.throttled_due[key]
 
-    def _hold(self, now: float) -> None:
-        """The run on top has no token: off the heap until its bucket has one."""
-        entry = heapq.heappop(self.heap)
-        bucket = entry[-1].bucket
-        assert bucket is not None
-        heapq.heappush(self.throttled, (bucket.due(now), next(self.pushes), entry))
-        self.throttles += 1
+    def hold_throttled(self, now: float) -> None:
+        """Runs on top of the heap whose rate has no token leave it until their bucket has
+        one, so what is allowed to run (a map, a lower priority) goes meanwhile."""
+        heap = self.heap
+        while heap and (bucket := heap[0][-1].bucket) is not None and bucket.available(now) < 1:
+            entry = heapq.heappop(heap)
+            key = id(bucket)
+            if key not in self.throttled:
+                self.throttled[key] = (bucket, [])
+                self.throttled_due[key] = bucket.due(now)
+            heapq.heappush(self.throttled[key][1], entry)
+            self.throttles += 1
 
     def unthrottle(self) -> None:
         """Every held-back run back on the heap (a shutdown or a break settles them there)."""
-        for _, _, entry in self.throttled:
-            heapq.heappush(self.heap, entry)
+        for _, held in self.throttled.values():
+            for entry in held:
+                heapq.heappush(self.heap, entry)
         self.throttled.clear()
+        self.throttled_due.clear()
 
     def take(
         self, limit: int | None, on_cancel: Callable[[Run, int, int], None], now: float = 0.0
@@ -99,16 +121,17 @@ class PendingQueue:
         want = 0
         key = None
         while heap:
+            if not segments:
+                self.hold_throttled(now)
+                if not heap:
+                    break
             run = heap[0][-1]
             bucket = run.bucket
             if segments and bucket is not segments[0][0].bucket:
                 break
             tokens = None if bucket is None else bucket.available(now)
             if tokens is not None and tokens < 1:
-                if segments:
-                    break
-                self._hold(now)
-                continue
+                break
             if not run.receiver.claim():
                 heapq.heappop(heap)
                 n = len(run.items) - run.pos

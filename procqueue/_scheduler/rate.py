@@ -9,6 +9,7 @@ import math
 import re
 
 _PER = {"s": 1.0, "m": 60.0, "h": 3600.0}
+_EPS = 1e-9  # tokens: 0.9999999999999998 of one after float refills is one
 _RATE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*/\s*([smh])\s*$")
 
 
@@ -47,7 +48,7 @@ class Bucket:
         if self.at is not None and now > self.at:
             self.tokens = min(self.burst, self.tokens + (now - self.at) * self.per_s)
         self.at = now if self.at is None or now > self.at else self.at
-        return int(self.tokens)
+        return int(self.tokens + _EPS)
 
     def spend(self, n: int) -> None:
         self.tokens -= n
@@ -55,4 +56,4 @@ class Bucket:
     def due(self, now: float) -> float:
         """When the next whole token will be there (`now` if it is)."""
         self.available(now)
-        return now if self.tokens >= 1 else now + (1 - self.tokens) / self.per_s
+        return now if self.tokens + _EPS >= 1 else now + (1 - self.tokens) / self.per_s

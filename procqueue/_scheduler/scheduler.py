@@ -83,7 +83,7 @@ class Scheduler:
 
     def next_due(self) -> float | None:
         """When the earliest backoff ends, or a held-back rate has a token again."""
-        return min((d for d in (self.t.queue.next_due(), self.feeds.due) if d is not None), default=None)
+        return self.t.queue.next_due()
 
     def _take(self) -> list[Instruction]:
         out, self.t.out = self.t.out, []

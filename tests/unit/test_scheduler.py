@@ -1307,5 +1307,55 @@ def test_a_throttled_map_is_cut_no_faster_than_its_rate() -> None:
         done += b.count
         assert done <= 4 + 4 * t + 1e-9, f"{done} cut by {t:.2f} s at 4/s with a burst of 4"
     assert sent[-1][0] >= (10 - 4) / 4 - 1e-9
-    assert s.feeds.throttles > 0
+    assert s.queue.throttles > 0
     balanced_at_rest(s)
+
+
+def test_many_throttled_runs_are_not_held_again_at_every_token() -> None:
+    """200 submits at 10/s: each token lets one run back, not all 200 to be held again."""
+    s = make_scheduler(workers=2)
+    front = Front(s)
+    h = s.handlers.get(len)
+    measure(h, 50 * MS)
+    bucket = Bucket(10.0)
+    for i in range(200):
+        s.accept(make_run(s, h, [i], bucket=bucket), 0.0)
+    sent = run_with_rates(s, front, step=0.01)
+    assert sum(b.count for _, b in sent) == 200
+    assert s.queue.throttles <= 400, f"{s.queue.throttles} holds for 200 tasks"
+    balanced_at_rest(s)
+
+
+def test_a_throttled_urgent_submit_does_not_keep_a_map_waiting() -> None:
+    """An urgent submit limited to 1/s on top of the heap, a plain map beside it, one worker:
+    the map runs while the submit waits for its token, the worker is never idle meanwhile."""
+    s = make_scheduler(workers=1)
+    front = Front(s)
+    h = s.handlers.get(len)
+    measure(h, 100 * MS)
+    bucket = Bucket(1.0)
+    for i in range(3):
+        s.accept(make_run(s, h, [i], priority=9, bucket=bucket), 0.0)
+    feed = FakeFeed(h, range(20), limit=100)
+    s.add_feed(feed)
+    sent = run_with_rates(s, front, step=0.1)
+    first_of_map = min(t for t, b in sent if b.segments[0][0] in feed.runs)
+    assert first_of_map <= 0.2, f"the map's first batch went at {first_of_map:.2f} s"
+    balanced_at_rest(s)
+
+
+def test_no_deadline_in_the_past_once_no_worker_takes_work() -> None:
+    """A throttled map passed over by one worker; then no worker takes work (the one that got
+    the token is busy, the other retired): the scheduler must not ask to be woken at a moment
+    already past (the manager would spin)."""
+    s = make_scheduler(workers=2, max_tasks_per_worker=1)
+    front = Front(s)
+    h = s.handlers.get(len)
+    feed = FakeFeed(h, range(10), bucket=Bucket(1.0), limit=100)
+    s.add_feed(feed)
+    assert len(sends(front.apply(s.dispatch(0.0)))) == 1  # one token: the other worker waits
+    assert s.next_due() == pytest.approx(1.0)
+    s.retire(1, recycle=False)
+    front.apply(s.dispatch(5.0))
+    due = s.next_due()
+    assert due is None or due > 5.0, due
