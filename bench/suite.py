@@ -519,7 +519,8 @@ def report(summary: dict[str, list[dict[str, Any]]], quick: bool) -> str:
             lines.extend("  " + describe(wl, row) for row in rows)
             continue
         sign = 1 if wl.higher_is_better else -1
-        peers_best = [r for r in rows if r["peer"] in POOLS and "median" in r]
+        others = set(wl.peers or ()) - {"procqueue"} if wl.peers else set(POOLS)  # named peers count too
+        peers_best = [r for r in rows if r["peer"] in others and "median" in r]
         best = max(peers_best, key=lambda r: sign * r["median"]) if peers_best else None
         shown: dict[str, list[dict[str, Any]]] = {}
         for row in rows:
