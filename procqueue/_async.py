@@ -339,9 +339,10 @@ class _Bridge:
         waiter, self._waiter = self._waiter, None
         if waiter is not None:
             with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting any more
-                self._loop.call_soon_threadsafe(_set, waiter)
+                self._loop.call_soon_threadsafe(wake_waiter, waiter)
 
 
-def _set(waiter: asyncio.Future[None]) -> None:
+def wake_waiter(waiter: asyncio.Future[None]) -> None:
+    """Set a waiter that nothing else settles (on its loop's thread)."""
     if not waiter.done():
         waiter.set_result(None)

@@ -120,7 +120,7 @@ class Core:
                 began = time.monotonic()
                 deadline = None if block_timeout is None else began + block_timeout
                 try:
-                    while s.room() < n and s.queue.pending > 0:
+                    while not self._fits(n):
                         left = None if deadline is None else deadline - time.monotonic()
                         if left is not None and left <= 0:
                             raise QueueFull(
@@ -135,12 +135,18 @@ class Core:
             self.flow.check(s.queue.pending)
             self.wake()
 
+    def _fits(self, n: int) -> bool:
+        """Whether `n` tasks may join the queue now: room, or an empty queue (a run larger
+        than `capacity` waits for it to drain, not forever). Lock held."""
+        s = self.scheduler
+        return s.room() >= n or s.queue.pending == 0
+
     def try_enqueue(self, run: Run) -> bool:
         """Accept a run if it fits now (as "block" would let it in); False when it does not."""
         with self.cv:
             self.check_open()
             s = self.scheduler
-            if s.room() < len(run.items) and s.queue.pending > 0:
+            if not self._fits(len(run.items)):
                 return False
             s.accept(run, time.monotonic())
             self.flow.check(s.queue.pending)

@@ -16,11 +16,6 @@ if TYPE_CHECKING:
     import asyncio  # loaded where it is used: it costs ~10 ms, which sync users need not pay
 
 
-def _wake(waiter: asyncio.Future[None]) -> None:
-    if not waiter.done():
-        waiter.set_result(None)
-
-
 @dataclass(frozen=True)
 class Task:
     """One unit of work for a `TaskQueue`: the handler is called as `handler(payload)`.
@@ -113,9 +108,13 @@ class TaskQueue:
         self._done.put(result)
         with self._lock:
             waiters, self._waiters = self._waiters, []
+        if not waiters:
+            return
+        from procqueue._async import wake_waiter
+
         for waiter in waiters:
             with contextlib.suppress(RuntimeError):  # its loop is closed: nobody waits any more
-                waiter.get_loop().call_soon_threadsafe(_wake, waiter)
+                waiter.get_loop().call_soon_threadsafe(wake_waiter, waiter)
 
     @staticmethod
     def _result(task: Task, fut: Future, key: int) -> Result:
