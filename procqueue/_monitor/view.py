@@ -220,6 +220,56 @@ def render(
     return Group(head, queue, table)
 
 
+class Redraw:
+    """Shows `render()` redrawn in place on a terminal (or a notebook), or writes
+    `plain()` as a line every `interval` seconds and once more at the end."""
+
+    def __init__(
+        self,
+        file: IO[str] | None,
+        interval: float | None,
+        render: Callable[[], RenderableType],
+        plain: Callable[[], str],
+    ) -> None:
+        self.console, self.fancy = _console(file)
+        self.interval = interval or (REDRAW_EVERY if self.fancy else PLAIN_EVERY)
+        self._render = render
+        self._plain = plain
+        self._live: Any = None
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+
+    def _print_plain(self) -> None:
+        self.console.file.write(self._plain() + "\n")
+        self.console.file.flush()
+
+    def _plain_loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._print_plain()
+
+    def start(self, thread_name: str) -> None:
+        if self.fancy:
+            from rich.live import Live
+
+            self._live = Live(get_renderable=self._render, console=self.console, refresh_per_second=1 / self.interval)
+            self._live.start()
+        else:
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._plain_loop, name=thread_name, daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        """Ends the display with the final figures."""
+        if self._live is not None:
+            self._live.stop()  # draws once more
+            self._live = None
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self._thread = None
+            self._print_plain()
+
+
 class LiveView:
     """The live view of a pool while a `with` block runs: `with pool.live(total=n): ...`.
 
@@ -248,14 +298,11 @@ class LiveView:
         self.total = total
         self._stats = stats
         self._registry = registry
-        self._console, self.fancy = _console(file)
-        self._interval = interval or (REDRAW_EVERY if self.fancy else PLAIN_EVERY)
         self._title = title
         self._base = Stats()
         self._bars: list[MapProgress] = []
-        self._live: Any = None
-        self._thread: threading.Thread | None = None
-        self._stop = threading.Event()
+        self._show = Redraw(file, interval, self._render, self._plain)
+        self.fancy = self._show.fancy
 
     def attach(self, bar: MapProgress) -> None:
         self._bars.append(bar)
@@ -266,39 +313,20 @@ class LiveView:
     def _render(self) -> RenderableType:
         return render(self._stats(), self.total, self._title, self._base, tuple(self._bars))
 
-    def _print_plain(self) -> None:
+    def _plain(self) -> str:
         line = plain_line(self._stats(), self.total, self._title, self._base)
         for bar in self._bars:
             line += f" | {bar.describe()}"
-        self._console.file.write(line + "\n")
-        self._console.file.flush()
-
-    def _plain_loop(self) -> None:
-        while not self._stop.wait(self._interval):
-            self._print_plain()
+        return line
 
     def __enter__(self) -> LiveView:
         self._base = self._stats()
         self._registry.append(self)
-        if self.fancy:
-            from rich.live import Live
-
-            self._live = Live(get_renderable=self._render, console=self._console, refresh_per_second=1 / self._interval)
-            self._live.start()
-        else:
-            self._thread = threading.Thread(target=self._plain_loop, name="procqueue-view", daemon=True)
-            self._thread.start()
+        self._show.start("procqueue-view")
         return self
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self._registry.remove(self)
-        if self._live is not None:
-            self._live.stop()  # draws once more: the view ends with the final figures
-            self._live = None
-        if self._thread is not None:
-            self._stop.set()
-            self._thread.join()
-            self._thread = None
-            self._print_plain()
+        self._show.stop()

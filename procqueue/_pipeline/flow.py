@@ -1,0 +1,265 @@
+"""One `Pipeline.map` call in motion: a reader thread, a pump per stage, bounded
+room between them.
+
+    input ──► [reader] ──► stage 0 ──► [pump 0] ──► stage 1 ──► [pump 1] ──► outbox ──► your loop
+
+The reader pulls the input (user code, on its own thread) only while stage 0
+has room; pump k takes stage k's finished chunks in the order its map gives
+them, unpickles them on its own thread (never a pool's manager thread), sends
+the errors to the outbox and pushes the values on to stage k + 1 once that
+stage has room. So a slow stage stops the ones before it, back to the input,
+and at most the capacities' sum of items is inside at any time.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from collections.abc import Callable, Generator, Iterable, Iterator
+from typing import TYPE_CHECKING, Any
+
+from procqueue._errors import StageFailed
+from procqueue._map import Feeder, Pushed
+from procqueue._pipeline.routes import Indices, Outbox, Positions
+from procqueue._protocol import messages as m
+
+if TYPE_CHECKING:
+    from procqueue._pipeline.stage import Stage
+    from procqueue._pool import Pool
+
+SAFETY_WAKE = 1.0  # seconds: a pump blocked on a stage re-checks that its map is still read
+
+
+class Lane:
+    """One stage as one map sees it: its feeder and the items it holds."""
+
+    def __init__(self, index: int, stage: Stage, pool: Pool, capacity: int, ordered: bool) -> None:
+        self.index = index
+        self.stage = stage
+        core = pool._core
+        core.check_open()
+        with core.lock:
+            handler = core.scheduler.handlers.get(stage.fn)
+        size = None if stage.chunksize == "auto" else stage.chunksize
+        self.feeder = Feeder(core, pool.options(), handler, Pushed(), m.Call.ONE, size, ordered, True)
+        self.positions = Positions()
+        self.capacity = capacity
+        self.span = capacity  # the room it gets: capacity, or a batch in hand and one ready per worker
+        self.held = 0  # pushed to this stage and not yet taken out by its pump
+
+    def measure(self) -> None:
+        """Bring `span` up to date (takes the stage pool's lock: never call it under the flow's).
+        Tiny items travel in batches of thousands; a room of `capacity` alone would starve them."""
+        core = self.feeder.core
+        with core.lock:
+            self.span = max(self.capacity, core.feed_span(self.feeder))
+
+    def room(self) -> int:
+        return self.span - self.held
+
+
+class Flow:
+    """The threads and books of one `Pipeline.map`."""
+
+    def __init__(
+        self, stages: list[tuple[Stage, Pool, int]], capacity: int, ordered: bool, return_exceptions: bool
+    ) -> None:
+        self.cv = threading.Condition(threading.RLock())  # reentrant: close() may run in a finalizer
+        self.lanes = [Lane(i, stage, pool, cap, ordered) for i, (stage, pool, cap) in enumerate(stages)]
+        self.outbox = Outbox(ordered)
+        self.out_capacity = capacity
+        self.return_exceptions = return_exceptions
+        self.admitted = 0  # items read from the input
+        self.handed = 0  # results handed to the reader
+        self.closed = False  # the reader went away, or the map ended
+        self.ended = False  # the last stage is through
+        self.failure: BaseException | None = None  # a stage's pool broke
+        self.input_error: BaseException | None = None  # the input raised: after what came before
+        self.threads: list[threading.Thread] = []
+
+    def start(self, items: Iterator[Any]) -> None:
+        for lane in self.lanes:
+            lane.feeder.start()
+        targets: list[tuple[Callable[..., None], tuple[Any, ...], str]] = [
+            (self._read, (items,), "procqueue-pipe-input")
+        ]
+        targets += [(self._pump, (lane,), f"procqueue-pipe-{lane.index}") for lane in self.lanes]
+        for target, args, name in targets:
+            t = threading.Thread(target=target, args=args, name=name, daemon=True)
+            self.threads.append(t)
+            t.start()
+
+    # --- the reader of the input -------------------------------------------------------
+
+    def _room_in(self) -> int:
+        """How many items the input may bring now: room at the first stage, and at most
+        every stage's room and the outbox's inside the pipeline at once."""
+        limit = sum(lane.span for lane in self.lanes) + self.out_capacity
+        return min(self.lanes[0].room(), limit - (self.admitted - self.handed))
+
+    def _read(self, items: Iterator[Any]) -> None:
+        lane = self.lanes[0]
+        try:
+            while True:
+                for each in self.lanes:
+                    each.measure()
+                with self.cv:
+                    while not self.closed and self._room_in() <= 0:
+                        self.cv.wait()
+                    if self.closed:
+                        return
+                    room = self._room_in()
+                batch: list[Any] = []
+                error: BaseException | None = None
+                try:
+                    batch.extend(itertools.islice(items, room))  # user code, on this thread only
+                except BaseException as exc:  # the input failed: what it gave before still runs
+                    error = exc
+                with self.cv:
+                    first = self.admitted
+                    self.admitted += len(batch)
+                    lane.held += len(batch)
+                    lane.positions.add(range(first, first + len(batch)))
+                    self.input_error = error
+                done = len(batch) < room or error is not None
+                if not lane.feeder.push(batch, done) or done:
+                    return
+        except BaseException as exc:  # procqueue's own failure: the map ends with it
+            with self.cv:
+                self.failure = self.failure or exc
+                self.cv.notify_all()
+            self.close()
+
+    # --- a stage's pump --------------------------------------------------------------------
+
+    def _room_after(self, lane: Lane) -> bool:
+        if lane.index + 1 < len(self.lanes):
+            return self.lanes[lane.index + 1].room() > 0
+        return self.outbox.held < self.out_capacity
+
+    def _pump(self, lane: Lane) -> None:
+        try:
+            while self._pump_one(lane):
+                pass
+        except BaseException as exc:  # a stage's pool broke, or was shut down under the map
+            with self.cv:
+                self.failure = self.failure or exc
+                self.cv.notify_all()
+            self.close()
+
+    def _pump_one(self, lane: Lane) -> bool:
+        """Move one finished chunk of `lane` on; False once the stage is through."""
+        if lane.index + 1 < len(self.lanes):
+            self.lanes[lane.index + 1].measure()
+        with self.cv:  # first room after it: holding a chunk the next stage cannot take helps no one
+            while not self.closed and not self._room_after(lane):
+                self.cv.wait()
+            if self.closed:
+                return False
+        feeder = lane.feeder
+        core = feeder.core
+        with core.cv:
+            while True:
+                if self.closed:
+                    return False
+                chunk = feeder.take_done()
+                if chunk is not None or feeder.finished:
+                    break
+                if core.scheduler.broken is not None:
+                    raise core.scheduler.broken
+                core.cv.wait(SAFETY_WAKE)
+        after = self.lanes[lane.index + 1] if lane.index + 1 < len(self.lanes) else None
+        if chunk is None:  # through: tell the next stage no more will come
+            if feeder.error is not None:  # the stage's pool was shut down under the map
+                raise feeder.error
+            if after is not None:
+                after.feeder.push([], True)
+            else:
+                with self.cv:
+                    self.ended = True
+                    self.cv.notify_all()
+            return False
+        chunk.materialize()  # unpickled here, not on the pool's manager thread
+        values = chunk.values
+        errors = chunk.errors
+        with self.cv:
+            indices: Indices = lane.positions.take(chunk.start, chunk.size)
+            lane.held -= chunk.size
+            if errors:
+                for j, exc in errors.items():
+                    self.outbox.fail(indices[j], _tag(exc, lane, indices[j]))
+                keep = [j for j in range(chunk.size) if j not in errors]
+                values = [values[j] for j in keep]
+                indices = [indices[j] for j in keep]
+            if after is None:
+                self.outbox.put(indices, values)
+            else:
+                after.positions.add(indices)
+                after.held += len(indices)
+            self.cv.notify_all()
+        # False: the next stage takes no more, the map is ending
+        return after is None or not values or after.feeder.push(values, False)
+
+    # --- the reader's side -------------------------------------------------------------
+
+    def pieces(self) -> Generator[Iterable[Any], None, None]:
+        """The results, a run at a time."""
+        try:
+            while True:
+                with self.cv:
+                    while True:
+                        got = self.outbox.take()
+                        if got is not None:
+                            self.handed += len(got[0])
+                            self.cv.notify_all()
+                            break
+                        if self.failure is not None:
+                            raise self.failure
+                        if self.ended:
+                            if self.input_error is not None:
+                                raise self.input_error
+                            return
+                        self.cv.wait()
+                values, errors = got
+                if errors is None or self.return_exceptions:
+                    yield values
+                else:
+                    first = min(errors)
+                    yield values[:first]
+                    raise errors[first]
+        finally:
+            self.close()
+
+    def join(self) -> None:
+        """Wait for the pumps to leave (not for the input's reader: it may be stuck in
+        the input's own code, and is a daemon thread)."""
+        for t in self.threads[1:]:
+            if t is not threading.current_thread():
+                t.join()
+
+    def close(self) -> None:
+        """End the map: what did not start is cancelled, the threads leave. Safe from a
+        finalizer on any thread: a flag, lock-free wakes of the pools, this map's own lock."""
+        self.closed = True
+        for lane in self.lanes:
+            if not lane.feeder.finished:
+                lane.feeder.core.abandon(lane.feeder.stream)
+        with self.cv:
+            self.cv.notify_all()
+
+
+def _tag(exc: BaseException, lane: Lane, index: int) -> BaseException:
+    """Name the stage in the error's chain: `exc` <- StageFailed <- what caused `exc`."""
+    name = lane.stage.name
+    note = StageFailed(
+        f"item {index} failed at stage {lane.index} ({name}) of the pipeline; the other items went on",
+        stage=lane.index,
+        function=name,
+        item=index,
+    )
+    try:
+        note.__cause__ = exc.__cause__
+        exc.__cause__ = note
+    except BaseException:  # an exception type that refuses: it goes out as it is
+        pass
+    return exc

@@ -1,0 +1,281 @@
+"""Pipelines (issue 15): values, order, errors per item, crashes, timeouts, bounded input,
+per-stage stats, no process left behind; on real worker processes."""
+
+from __future__ import annotations
+
+import io
+import itertools
+import os
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from functools import partial
+from pathlib import Path
+
+import psutil
+import pytest
+
+import procqueue as pq
+from tests import pipeline_handlers as h
+from tests.conftest import balanced, leftover_children
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def three(**second: object) -> pq.Pipeline:
+    return pq.Pipeline(
+        pq.Stage(h.inc, workers=1), pq.Stage(h.double_but_13, workers=2, **second), pq.Stage(h.neg, workers=1),  # type: ignore[arg-type]
+        capacity=32,
+    )  # fmt: skip
+
+
+def expected(i: int) -> int:
+    return -((i + 1) * 2)
+
+
+def stage_of(exc: BaseException) -> pq.StageFailed:
+    cause = exc.__cause__
+    assert isinstance(cause, pq.StageFailed), f"{exc!r} has cause {cause!r}"
+    return cause
+
+
+def at_rest(pipe: pq.Pipeline) -> list[pq.Stats]:
+    stats = pipe.stats()
+    assert all(balanced(s) for s in stats), stats
+    return stats
+
+
+def test_values_and_order_through_three_stages() -> None:
+    with pq.Pipeline(pq.Stage(h.inc, workers=1), pq.Stage(h.double, workers=2), pq.Stage(h.neg, workers=1)) as pipe:
+        assert list(pipe.map(range(5000))) == [expected(i) for i in range(5000)]
+        assert list(pipe.map(iter(range(300)))) == [expected(i) for i in range(300)]  # a generator too
+        assert list(pipe.map([])) == []
+    stats = at_rest(pipe)
+    assert [s.submitted for s in stats] == [5300, 5300, 5300]
+    assert [s.completed for s in stats] == [5300, 5300, 5300]
+    assert not leftover_children()
+
+
+def test_unordered_gives_the_same_multiset() -> None:
+    with pq.Pipeline(pq.Stage(h.inc, workers=1), pq.Stage(h.slow, workers=2), pq.Stage(h.neg, workers=1)) as pipe:
+        got = list(pipe.map(range(2000), ordered=False))
+    assert Counter(got) == Counter(-(i + 1) for i in range(2000))
+
+
+@pytest.mark.parametrize("ordered", [True, False])
+def test_a_failure_at_stage_two_with_return_exceptions(ordered: bool) -> None:
+    with three() as pipe:
+        got = list(pipe.map(range(200), ordered=ordered, return_exceptions=True))
+        stats = at_rest(pipe)
+    assert len(got) == 200
+    errors = [g for g in got if isinstance(g, BaseException)]
+    assert len(errors) == 1 and isinstance(errors[0], h.Bad)
+    where = stage_of(errors[0])
+    assert (where.stage, where.function, where.item) == (1, "double_but_13", 12)
+    assert "stage 1 (double_but_13)" in str(where)
+    assert isinstance(where.__cause__, pq.TaskFailed)  # the remote traceback is still in the chain
+    if ordered:
+        assert got[12] is errors[0]
+        assert [g for i, g in enumerate(got) if i != 12] == [expected(i) for i in range(200) if i != 12]
+    else:
+        assert Counter(g for g in got if g is not errors[0]) == Counter(expected(i) for i in range(200) if i != 12)
+    # the failed item never reached stage 2; every other one did
+    assert [(s.submitted, s.completed, s.failed) for s in stats] == [(200, 200, 0), (200, 199, 1), (199, 199, 0)]
+
+
+def test_a_failure_at_stage_two_raises_at_its_place() -> None:
+    with three() as pipe:
+        seen: list[int] = []
+        with pytest.raises(h.Bad) as info:
+            for y in pipe.map(range(200)):
+                seen.append(y)
+        assert seen == [expected(i) for i in range(12)]  # everything before it, in order
+        assert stage_of(info.value).item == 12
+        assert list(pipe.map(range(12))) == [expected(i) for i in range(12)]  # the pipeline goes on
+    at_rest(pipe)
+
+
+def test_a_crash_at_stage_two_costs_one_attempt_there(tmp_path: Path) -> None:
+    with pq.Pipeline(
+        pq.Stage(h.inc, workers=1), pq.Stage(h.double_but_kill_13, workers=2), pq.Stage(h.neg, workers=1), capacity=16
+    ) as pipe:
+        got = list(pipe.map(range(100), return_exceptions=True))
+        stats = at_rest(pipe)
+    assert isinstance(got[12], pq.WorkerCrashed) and got[12].signal == 9
+    assert stage_of(got[12]).stage == 1
+    assert [g for i, g in enumerate(got) if i != 12] == [expected(i) for i in range(100) if i != 12]
+    assert stats[1].crashed >= 1 and stats[1].failed == 1
+    assert stats[0].crashed == 0 and stats[2].crashed == 0 and stats[2].submitted == 99
+
+    # With a retry at that stage, the crash costs one attempt and the item goes through.
+    with pq.Pipeline(
+        pq.Stage(h.inc, workers=1),
+        pq.Stage(partial(h.kill_once_at_13, str(tmp_path)), workers=2, retries=1),
+        pq.Stage(h.neg, workers=1),
+    ) as pipe:
+        assert list(pipe.map(range(100))) == [expected(i) for i in range(100)]
+        stats = at_rest(pipe)
+    assert (tmp_path / "killed-13").exists()
+    # (a batch whose worker died is run again uncharged, one item at a time, so the retry
+    # may not even be needed: either way the item went through)
+    assert stats[1].failed == 0 and stats[1].completed == 100
+    assert stats[0].attempts == 100 and stats[2].attempts == 100  # the other stages ran each item once
+
+
+def test_a_stage_timeout_ends_only_that_item() -> None:
+    with pq.Pipeline(
+        pq.Stage(h.inc, workers=1), pq.Stage(h.hang_at_13, workers=2, timeout=1.0), pq.Stage(h.neg, workers=1)
+    ) as pipe:
+        started = time.monotonic()
+        got = list(pipe.map(range(40), return_exceptions=True))
+        took = time.monotonic() - started
+        stats = at_rest(pipe)
+    assert isinstance(got[12], pq.TaskTimeout)
+    assert stage_of(got[12]).stage == 1
+    assert [g for i, g in enumerate(got) if i != 12] == [expected(i) for i in range(40) if i != 12]
+    assert took < 30
+    assert stats[1].timed_out == 1
+
+
+def test_a_slow_last_stage_bounds_what_is_read_ahead() -> None:
+    pulled = [0]
+
+    def source() -> Iterator[int]:
+        for i in range(100_000):
+            pulled[0] += 1
+            yield i
+
+    caps = 50
+    with pq.Pipeline(
+        pq.Stage(h.inc, workers=1, chunksize=1), pq.Stage(h.double, workers=1, chunksize=1),
+        pq.Stage(h.slow, workers=1, chunksize=1), capacity=caps,
+    ) as pipe:  # fmt: skip
+        it = pipe.map(source())
+        ahead = []
+        for n, _ in enumerate(itertools.islice(it, 300), 1):
+            ahead.append(pulled[0] - n)
+        # three stages' room and the outbox's (each `capacity` here: batches of one item),
+        # plus at most one batch in the hands of each pump
+        bound = 4 * caps + 3
+        assert max(ahead) <= bound, (max(ahead), bound)
+        assert pulled[0] < 1000
+        it.close()  # leaving early: nothing more is read, what did not start is cancelled
+        stop = pulled[0]
+        time.sleep(0.3)
+        assert pulled[0] == stop
+        stats = at_rest(pipe)
+    assert stats[0].submitted < 1000
+
+
+def test_leaving_early_releases_every_stage() -> None:
+    with three() as pipe:
+        for n, _ in enumerate(pipe.map(range(20, 100_000))):
+            if n == 50:
+                break
+        assert list(pipe.map(range(10))) == [expected(i) for i in range(10)]  # usable after
+        time.sleep(0.2)
+        stats = at_rest(pipe)
+    assert stats[0].submitted < 100_000
+
+
+def test_a_dropped_iterator_is_released() -> None:
+    with three() as pipe:
+        it = pipe.map(range(20, 100_000))
+        next(it)
+        del it
+        assert list(pipe.map(range(10))) == [expected(i) for i in range(10)]
+    at_rest(pipe)
+
+
+def test_an_input_that_raises_ends_after_what_came_before() -> None:
+    def source() -> Iterator[int]:
+        yield from range(20)
+        raise KeyError("input broke")
+
+    with pq.Pipeline(pq.Stage(h.inc, workers=1), pq.Stage(h.double, workers=1)) as pipe:
+        got: list[object] = []
+        with pytest.raises(KeyError, match="input broke"):
+            for y in pipe.map(source()):
+                got.append(y)
+    assert got == [(i + 1) * 2 for i in range(20)]  # everything it gave first, then its error
+    with three() as pipe:
+        got = []
+        with pytest.raises(KeyError, match="input broke"):
+            for y in pipe.map(source(), return_exceptions=True):
+                got.append(y)
+    assert len(got) == 20 and isinstance(got[12], h.Bad)  # a failed item in its place, then the input's error
+
+
+def test_bad_arguments_say_what_to_do() -> None:
+    with pytest.raises(TypeError, match=r"wrap a function as pq\.Stage"):
+        pq.Pipeline(h.inc)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="at least one"):
+        pq.Pipeline()
+    with pytest.raises(ValueError, match="capacity"):
+        pq.Stage(h.inc, capacity=0)
+    with pytest.raises(TypeError, match="callable"):
+        pq.Stage(3)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="workers"):
+        pq.Pipeline(pq.Stage(h.inc, workers=1), pq.Stage(h.inc, workers=0))
+    assert not leftover_children()  # the first stage's pool was ended
+    with pq.Pipeline(pq.Stage(h.inc, workers=1)) as pipe, pytest.raises(TypeError):
+        pipe.map(3)  # type: ignore[arg-type]
+
+
+def test_an_image_like_job_and_its_live_view() -> None:
+    out = io.StringIO()
+    with pq.Pipeline(
+        pq.Stage(h.pixels, workers=1), pq.Stage(h.blur, workers=2), pq.Stage(h.checksum, workers=1), capacity=8
+    ) as pipe:
+        with pipe.live(total=60, file=out, interval=0.05) as view:
+            got = list(pipe.map(range(60)))
+            rows = view.rows()
+        stats = at_rest(pipe)
+    assert got == [h.checksum(h.blur(h.pixels(i))) for i in range(60)]
+    assert [r[1] for r in rows] == ["pixels", "blur", "checksum"]
+    assert [s.completed for s in stats] == [60, 60, 60]
+    text = out.getvalue()
+    assert "stage 1 blur" in text and "pipeline 60/60" in text
+
+
+def test_two_maps_at_once_and_from_threads() -> None:
+    with three() as pipe:
+        a = pipe.map(range(1000, 1100), return_exceptions=True)
+        b = pipe.map(range(100), return_exceptions=True)
+        got_b = list(b)
+        got_a = list(a)
+        results: dict[int, list[object]] = {}
+
+        def work(k: int) -> None:
+            results[k] = list(pipe.map(range(k * 50, k * 50 + 50), return_exceptions=True))
+
+        threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        at_rest(pipe)
+    assert got_a == [expected(i) for i in range(1000, 1100)]
+    assert isinstance(got_b[12], h.Bad) and got_b[:12] == [expected(i) for i in range(12)]
+    for k in range(4):
+        assert len(results[k]) == 50
+
+
+def test_no_process_is_left_after_the_block() -> None:
+    with three() as pipe:
+        pids = {w.pid for s in pipe.stats() for w in s.workers if w.pid > 0}
+        list(pipe.map(range(100), return_exceptions=True))
+        pids |= {w.pid for s in pipe.stats() for w in s.workers if w.pid > 0}
+    assert pids
+    assert not leftover_children()
+    assert not [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+
+
+def test_leaving_the_block_with_an_unread_map_cancels_it() -> None:
+    with three() as pipe:
+        it = pipe.map(range(20, 100_000))
+        next(it)
+    stats = at_rest(pipe)
+    assert stats[0].submitted < 100_000
+    assert os.getpid() > 0
