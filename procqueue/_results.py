@@ -22,7 +22,7 @@ from procqueue._errors import (
     ProcQueueError,
     SerializationError,
 )
-from procqueue._protocol.pickling import loads_body
+from procqueue._protocol.pickling import loads_body, salvage_body
 
 Later = list[Callable[[], Any]]
 MakeError = Callable[[], BaseException]
@@ -38,7 +38,7 @@ class Values:
     """A batch's pickled values, unpickled once by the first thread that asks:
     never the manager's."""
 
-    __slots__ = ("_body", "_error", "_lock", "_shared", "_values", "recount")
+    __slots__ = ("_body", "_error", "_lock", "_shared", "_values", "bad", "recount")
 
     def __init__(
         self,
@@ -50,6 +50,7 @@ class Values:
         self._body: memoryview | None = body
         self._values: list[Any] | None = None
         self._error: BaseException | None = None
+        self.bad: dict[int, BaseException] = {}  # values that would not unpickle, by index: why
         self._shared: list[Any] = []  # mapped shared memory its large buffers are in (`procqueue/_local/shm.py`)
         if isinstance(shared, BaseException):
             self._error = shared
@@ -65,7 +66,12 @@ class Values:
                     try:
                         self._values = loads_body(self._body, self._shared)  # type: ignore[arg-type]
                     except BaseException as exc:  # SystemExit from a __setstate__ too: this task's problem
-                        self._error = exc
+                        # Only the values at fault fail, when they can be told apart; else the batch.
+                        saved = salvage_body(self._body, self._shared)  # type: ignore[arg-type]
+                        if saved is None:
+                            self._error = exc
+                        else:
+                            self._values, self.bad = saved
                     self._body = None
                     self._shared = []
         if self._error is not None:
@@ -165,11 +171,15 @@ class Future(concurrent.futures.Future):  # type: ignore[type-arg]
 
 def _value_of(values: Values, index: int, task_id: int) -> tuple[bool, Any]:
     try:
-        return True, values.get()[index]
+        got = values.get()
+        cause = values.bad.get(index)
+        if cause is None:
+            return True, got[index]
     except Unloadable as exc:
-        if values.recount is not None:
-            values.recount(1)
-        return False, unloadable_error(exc.cause, task_id)
+        cause = exc.cause
+    if values.recount is not None:
+        values.recount(1)
+    return False, unloadable_error(cause, task_id)
 
 
 def _error_of(make: BaseException | MakeError) -> tuple[bool, Any]:
@@ -237,7 +247,7 @@ class Chunk:
     """Consecutive items of a map (a `Receiver`). Outcomes land by index, still
     pickled; the map's consumer turns them into values and errors (`materialize`)."""
 
-    __slots__ = ("done", "errors", "first_id", "pieces", "remaining", "size", "stream", "values")
+    __slots__ = ("done", "errors", "first_id", "pieces", "remaining", "size", "start", "stream", "values")
     partial = True  # its tasks may be cancelled one by one
     timed_each = False
 
@@ -245,6 +255,7 @@ class Chunk:
         self.stream = stream
         self.size = size
         self.first_id = first_id
+        self.start = 0  # its first item's place in the map's input
         self.values: list[Any] = []
         self.pieces: list[tuple[int, Values, int, int]] = []  # (index, values, lo, hi)
         self.errors: dict[int, Any] | None = None  # index -> an error, or a maker of one until materialized
@@ -288,6 +299,8 @@ class Chunk:
             try:
                 got = values.get()
                 self.values = got if lo == 0 and hi == len(got) else got[lo:hi]  # one batch, no copy
+                if values.bad:
+                    self._bad_values(values, 0, lo, hi)
             except Unloadable as exc:
                 self._unloadable(values, 0, self.size, exc.cause)
                 self.values = [None] * self.size
@@ -296,6 +309,8 @@ class Chunk:
             for index, values, lo, hi in pieces:
                 try:
                     out[index : index + hi - lo] = values.get()[lo:hi]
+                    if values.bad:
+                        self._bad_values(values, index, lo, hi)
                 except Unloadable as exc:  # noqa: PERF203 - rare
                     self._unloadable(values, index, hi - lo, exc.cause)
             self.values = out
@@ -305,6 +320,16 @@ class Chunk:
             for i, err in list(self.errors.items()):
                 if not isinstance(err, BaseException):
                     self.errors[i] = err()
+
+    def _bad_values(self, values: Values, index: int, lo: int, hi: int) -> None:
+        """The values of a batch that would not unpickle, each its own task's error."""
+        bad = [j for j in values.bad if lo <= j < hi]
+        if values.recount is not None and bad:
+            values.recount(len(bad))
+        if self.errors is None:
+            self.errors = {}
+        for j in bad:
+            self.errors[index + j - lo] = unloadable_error(values.bad[j], self.first_id + index + j - lo)
 
     def _unloadable(self, values: Values, index: int, n: int, cause: BaseException) -> None:
         if values.recount is not None:

@@ -279,3 +279,24 @@ def test_leaving_the_block_with_an_unread_map_cancels_it() -> None:
     stats = at_rest(pipe)
     assert stats[0].submitted < 100_000
     assert os.getpid() > 0
+
+
+@pytest.mark.parametrize("via", ["map", "pipeline"])
+def test_a_value_that_exits_the_parent_on_unpickling_fails_alone(via: str) -> None:
+    """A batch of values travels as one pickle; one value's __reduce__ or __setstate__
+    raising SystemExit in the parent fails that value's task only, not its batch."""
+    if via == "map":
+        with pq.Pool(1) as pool:
+            got = list(pool.map(h.hostile_at, range(100), return_exceptions=True, chunksize=50))
+            stats = [pool.stats()]
+    else:
+        with pq.Pipeline(pq.Stage(h.hostile_at, workers=1, chunksize=50), pq.Stage(h.inc, workers=1)) as pipe:
+            got = list(pipe.map(range(100), return_exceptions=True))
+            stats = at_rest(pipe)
+    bad = {i: g for i, g in enumerate(got) if isinstance(g, BaseException)}
+    assert sorted(bad) == [7, 11]
+    assert all(isinstance(e, pq.SerializationError) and e.stage == "result" for e in bad.values())
+    assert isinstance(bad[7].__cause__, (SystemExit, pq.StageFailed))
+    ok = [i if via == "map" else i + 1 for i in range(100) if i not in bad]
+    assert [g for i, g in enumerate(got) if i not in bad] == ok
+    assert stats[0].failed == 2 and stats[0].completed == 98

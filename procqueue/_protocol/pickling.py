@@ -230,10 +230,30 @@ def loads_body(body: memoryview | bytes | bytearray, shared: Sequence[Any] = ())
     """The inverse of `dumps_body`, given the mapped shared memory segments (`shared`) its table names
     (in order). Buffers come back writable (numpy arrays built on them can be
     written to), copied only when the frame itself was read-only."""
+    data, buffers = _split_body(body, shared)
+    return pickle.loads(data, buffers=buffers)
+
+
+def salvage_body(
+    body: memoryview | bytes | bytearray, shared: Sequence[Any] = ()
+) -> tuple[list[Any], dict[int, BaseException]] | None:
+    """After `loads_body` failed on a batch: its values, and which of them failed
+    (`procqueue/_protocol/salvage.py`); None when the failure is not one value's."""
+    from procqueue._protocol.salvage import salvage
+
+    try:
+        data, buffers = _split_body(body, shared)
+    except Exception:
+        return None
+    return salvage(data, buffers)
+
+
+def _split_body(body: memoryview | bytes | bytearray, shared: Sequence[Any]) -> tuple[memoryview, list[Any]]:
+    """A body's pickle and its out-of-band buffers."""
     view = memoryview(body)
     (k,) = _COUNT.unpack_from(view)
     if not k:
-        return pickle.loads(view[_COUNT.size :])
+        return view[_COUNT.size :], []
     sizes = struct.unpack_from(f"<{k}Q", view, _COUNT.size)
     n_shared = sum(1 for s in sizes if s & IN_SHM)
     if n_shared != len(shared):
@@ -249,7 +269,7 @@ def loads_body(body: memoryview | bytes | bytearray, shared: Sequence[Any] = ())
         piece = view[at : at + size]
         buffers.append(bytearray(piece) if piece.readonly else piece)
         at += size
-    return pickle.loads(view[_COUNT.size * (k + 1 + n_shared) : end], buffers=buffers)
+    return view[_COUNT.size * (k + 1 + n_shared) : end], buffers
 
 
 def body_size(parts: list[bytes | memoryview]) -> int:

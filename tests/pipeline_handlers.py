@@ -1,0 +1,85 @@
+"""Stage functions for tests/test_pipeline.py (importable by every start method)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from typing import Any
+
+
+def inc(x: int) -> int:
+    return x + 1
+
+
+def double(x: int) -> int:
+    return x * 2
+
+
+def neg(x: int) -> int:
+    return -x
+
+
+class Bad(ValueError):
+    pass
+
+
+def double_but_13(x: int) -> int:
+    """Stage 1 of the error tests: item 12 (value 13 after `inc`) fails."""
+    if x == 13:
+        raise Bad(f"no {x}")
+    return x * 2
+
+
+def double_but_kill_13(x: int) -> int:
+    if x == 13:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return x * 2
+
+
+def kill_once_at_13(marks: str, x: int) -> int:
+    """SIGKILLs its worker the first time it sees 13 (a marker file in `marks` remembers)."""
+    if x == 13:
+        mark = os.path.join(marks, "killed-13")
+        if not os.path.exists(mark):
+            with open(mark, "w"):
+                pass
+            os.kill(os.getpid(), signal.SIGKILL)
+    return x * 2
+
+
+def hang_at_13(x: int) -> int:
+    if x == 13:
+        time.sleep(60)
+    return x * 2
+
+
+def slow(x: Any) -> Any:
+    time.sleep(0.002)
+    return x
+
+
+def pixels(i: int) -> bytes:
+    """A small 'image': 64 x 64 bytes from a seed."""
+    return bytes((i * 31 + k) % 251 for k in range(64 * 64))
+
+
+def blur(img: bytes) -> bytes:
+    return bytes((img[k - 1] + img[k] + img[(k + 1) % len(img)]) // 3 for k in range(len(img)))
+
+
+def checksum(img: bytes) -> int:
+    import zlib
+
+    return zlib.crc32(img)
+
+
+def hostile_at(x: int) -> Any:
+    """Values whose unpickling in the parent raises SystemExit, at 7 (itself) and 11 (nested)."""
+    from tests import hostile
+
+    if x == 7:
+        return hostile.ExitsOnLoad()
+    if x == 11:
+        return {"deep": [(x, hostile.SetstateExits())]}
+    return x
