@@ -3,6 +3,7 @@ per-stage stats, no process left behind; on real worker processes."""
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import itertools
 import os
@@ -300,3 +301,15 @@ def test_a_value_that_exits_the_parent_on_unpickling_fails_alone(via: str) -> No
     ok = [i if via == "map" else i + 1 for i in range(100) if i not in bad]
     assert [g for i, g in enumerate(got) if i not in bad] == ok
     assert stats[0].failed == 2 and stats[0].completed == 98
+
+
+@pytest.mark.skipif(importlib.util.find_spec("distributed") is None, reason="needs procqueue[dask]")
+def test_a_pipeline_on_dask() -> None:
+    with pq.Pipeline(
+        pq.Stage(h.inc, workers=1), pq.Stage(h.double_but_13, workers=1), pq.Stage(h.neg, workers=1), backend="dask"
+    ) as pipe:
+        got = list(pipe.map(range(300), return_exceptions=True))
+        stats = at_rest(pipe)
+    assert isinstance(got[12], h.Bad) and stage_of(got[12]).stage == 1
+    assert [g for i, g in enumerate(got) if i != 12] == [expected(i) for i in range(300) if i != 12]
+    assert [s.completed for s in stats] == [300, 299, 299]
