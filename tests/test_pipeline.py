@@ -222,6 +222,8 @@ def test_bad_arguments_say_what_to_do() -> None:
     assert not leftover_children()  # the first stage's pool was ended
     with pq.Pipeline(pq.Stage(h.inc, workers=1)) as pipe, pytest.raises(TypeError):
         pipe.map(3)  # type: ignore[arg-type]
+    with pytest.raises(pq.PoolClosed):
+        pipe.map(range(3))  # after the block
 
 
 def test_an_image_like_job_and_its_live_view() -> None:

@@ -78,8 +78,14 @@ class Flow:
         self.threads: list[threading.Thread] = []
 
     def start(self, items: Iterator[Any]) -> None:
-        for lane in self.lanes:
-            lane.feeder.start()
+        try:
+            for lane in self.lanes:
+                lane.feeder.start()
+        except BaseException:  # a stage was shut down meanwhile: release the others
+            for lane in self.lanes:
+                lane.feeder.push([], True)
+            self.close()
+            raise
         targets: list[tuple[Callable[..., None], tuple[Any, ...], str]] = [
             (self._read, (items,), "procqueue-pipe-input")
         ]
