@@ -20,6 +20,7 @@ from procqueue._errors import (
     ProcQueueError,
     QueueFull,
     SerializationError,
+    StageFailed,
     TaskFailed,
     TaskTimeout,
     WorkerCrashed,
@@ -29,6 +30,8 @@ if TYPE_CHECKING:
     from procqueue._monitor.sampler import Monitor
     from procqueue._monitor.view import LiveView
     from procqueue._output import FileOutput, OutputHandle, OutputStatus
+    from procqueue._pipeline.pipeline import Pipeline
+    from procqueue._pipeline.stage import Stage
     from procqueue._pool import Future, Options, Pool
     from procqueue._scheduler.states import TaskState
     from procqueue._stats import Stats, WorkerStats
@@ -45,7 +48,12 @@ _LAZY = {
     "procqueue._stats": ("Stats", "WorkerStats"),
     "procqueue._taskqueue": ("Result", "Task", "TaskQueue"),
 }
-_HOME = {name for names in _LAZY.values() for name in names}
+# Loaded apart, when first asked for: a Pool does not need them.
+_APART = {
+    "procqueue._pipeline.pipeline": ("Pipeline",),
+    "procqueue._pipeline.stage": ("Stage",),
+}
+_HOME = {name for group in (_LAZY, _APART) for names in group.values() for name in names}
 
 
 if not TYPE_CHECKING:  # mypy sees the names above, and still catches a misspelt one
@@ -57,7 +65,8 @@ if not TYPE_CHECKING:  # mypy sees the names above, and still catches a misspelt
 
         # All at once (a Pool needs most of them anyway), so every public class is named
         # `procqueue.X` from then on, whichever was asked for.
-        for module, names in _LAZY.items():
+        apart = any(name in names for names in _APART.values())
+        for module, names in (_APART if apart else _LAZY).items():
             loaded = importlib.import_module(module)
             for each in names:
                 _publish(each, getattr(loaded, each))
@@ -86,6 +95,7 @@ __all__ = [
     "Options",
     "OutputHandle",
     "OutputStatus",
+    "Pipeline",
     "Pool",
     "PoolBroken",
     "PoolClosed",
@@ -94,6 +104,8 @@ __all__ = [
     "QueueFull",
     "Result",
     "SerializationError",
+    "Stage",
+    "StageFailed",
     "Stats",
     "Task",
     "TaskFailed",
