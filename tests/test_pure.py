@@ -26,8 +26,9 @@ from procqueue._scheduler.tasks import Handlers, Run
 def test_public_names_are_pinned() -> None:
     assert sorted(pq.__all__) == sorted(
         [
-            "Dropped", "FileOutput", "Future", "InitializerFailed", "LiveView", "Monitor", "Options", "OutputHandle", "OutputStatus", "Pool", "PoolBroken", "PoolClosed",
-            "PoolStartError", "ProcQueueError", "QueueFull", "Result", "SerializationError", "Stats", "Task", "TaskFailed",
+            "Dropped", "FileOutput", "Future", "InitializerFailed", "LiveView", "Monitor", "Options", "OutputHandle", "OutputStatus", "Pipeline", "Pool", "PoolBroken",
+            "PoolClosed", "PoolStartError", "ProcQueueError", "QueueFull", "Result", "SerializationError", "Stage",
+            "StageFailed", "Stats", "Task", "TaskFailed",
             "TaskQueue", "TaskState", "TaskTimeout", "WorkerCrashed", "WorkerStats", "__version__",
         ]
     )  # fmt: skip
