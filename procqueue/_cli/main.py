@@ -107,23 +107,46 @@ class _Size(click.ParamType):  # type: ignore[type-arg]
         return size
 
 
+class _Counts(click.ParamType):  # type: ignore[type-arg]
+    """Worker counts: N, or N,N,... one per stage."""
+
+    name = "N[,N...]"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> tuple[int, ...]:
+        if isinstance(value, tuple):
+            return value
+        counts = []
+        for part in str(value).split(","):
+            try:
+                n = int(part.strip())
+            except ValueError:
+                self.fail(f"{part.strip()!r} is not a number of workers; give N, or N,N,... one per stage", param, ctx)
+            if n < 1:
+                self.fail(f"{n} is not in the range x>=1.", param, ctx)
+            counts.append(n)
+        return tuple(counts)
+
+
 _RUN_EPILOG = """\b
 Examples:
   procqueue run mymodule:handle -i records.jsonl -o out.jsonl
+  procqueue run jobs:decode jobs:score jobs:write -i in.jsonl -o out.jsonl --workers 2,4,1   # 3 stages
   procqueue run mymodule:handle -i records.jsonl -o out.jsonl --resume   # after a kill: finish it
   procqueue run jobs/score.py:score --format csv -i rows.csv -o out.jsonl --errors failed.jsonl
   cat names.txt | procqueue run mymodule:greet --format lines > out.jsonl
 
 \b
 Each output line is {"line": N, "id": ..., "ok": true, "value": ...} or
-{"line": N, "id": ..., "ok": false, "error": {"type", "message", "traceback", "attempts"}}.
+{"line": N, "id": ..., "ok": false, "error": {"type", "message", "traceback", "attempts"}};
+with several stages the error also has "stage": {"index": K, "function": NAME}, where
+the record failed (K from 0).
 Exit status: 0 every record ok, 1 some failed or the run stopped early (resume it),
 2 usage error, 130 Ctrl-C, 143 SIGTERM, 141 stdout closed.
 """
 
 
 @main.command(epilog=_RUN_EPILOG)
-@click.argument("handler", metavar="MODULE:FUNC")
+@click.argument("handlers", metavar="MODULE:FUNC...", nargs=-1, required=True)
 @click.option("-i", "--input", "input_", metavar="FILE", help="Read records from FILE (default: stdin).")
 @click.option("-o", "--output", metavar="FILE", help="Write one record per input to FILE (default: stdout).")
 @click.option("--errors", metavar="FILE", help="Write the failed records here instead of to the output.")
@@ -131,8 +154,14 @@ Exit status: 0 every record ok, 1 some failed or the run stopped early (resume i
     "--format", "fmt", type=click.Choice(["jsonl", "csv", "lines"]), default="jsonl", show_default=True,
     help="jsonl: a JSON value per line; csv: a dict per row, keys from the header; lines: a str per line.",
 )  # fmt: skip
-@click.option("--workers", type=click.IntRange(min=1), help="Worker processes (default: usable CPUs).")
-@click.option("--capacity", type=click.IntRange(min=1), default=1024, show_default=True, help="Tasks queued ahead.")
+@click.option(
+    "--workers", type=_Counts(),
+    help="Worker processes (default: usable CPUs); with several stages, one number for all or one per stage: 2,4,1.",
+)  # fmt: skip
+@click.option(
+    "--capacity", type=click.IntRange(min=1), default=1024, show_default=True,
+    help="Tasks queued ahead (with several stages: waiting at each stage).",
+)  # fmt: skip
 @click.option("--retries", type=click.IntRange(min=0), default=0, show_default=True, help="Retries per record.")
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True, max=1e9), help="Seconds a record may run.")
 @click.option("--priority-field", metavar="NAME", help="Run records with a larger integer in field NAME first.")
@@ -152,7 +181,8 @@ Exit status: 0 every record ok, 1 some failed or the run stopped early (resume i
 @click.option("--live/--no-live", default=None, help="Show the live view on stderr (default: when it is a terminal).")
 @_backend_options
 def run(
-    handler: str, input_: str | None, output: str | None, errors: str | None, fmt: str, workers: int | None,
+    handlers: tuple[str, ...], input_: str | None, output: str | None, errors: str | None, fmt: str,
+    workers: tuple[int, ...] | None,
     capacity: int, retries: int, timeout: float | None, priority_field: str | None, ordered: bool | None,
     chunksize: int | None, max_tasks_per_worker: int | None, max_worker_memory: int | None,
     initializer: str | None, resume: bool, overwrite: bool, id_field: str, live: bool | None, backend: str,
@@ -165,6 +195,15 @@ def run(
     raises, becomes an error record naming its line; the run goes on. Killed
     (even by SIGKILL), the same command with --resume finishes the job, with
     exactly one record per input.
+
+    Several MODULE:FUNC chain stages, in order, each in worker processes of its
+    own: the first gets the record, each next one the value of the one before,
+    and the last one's value is the output. A record that fails at a stage
+    ends there, with an error record naming the stage; the others go on.
+    --workers takes a number per stage (2,4,1) or one for all; --retries,
+    --timeout, --initializer, --chunksize, --max-tasks-per-worker and
+    --max-worker-memory apply to every stage, each on its own (a record gets
+    --retries at each stage). --priority-field takes a single MODULE:FUNC.
     """
     from procqueue._cli.records import UsageError
     from procqueue._cli.run import RunSettings
@@ -174,12 +213,23 @@ def run(
         raise click.BadParameter("must be a number of seconds, not nan", param_hint="--timeout")
 
     settings = RunSettings(
-        handler, None if input_ in (None, "-") else input_, None if output in (None, "-") else output, errors,
-        fmt, workers, capacity, retries, timeout, priority_field, ordered, chunksize, max_tasks_per_worker,
+        handlers[0], None if input_ in (None, "-") else input_, None if output in (None, "-") else output, errors,
+        fmt, None, capacity, retries, timeout, priority_field, ordered, chunksize, max_tasks_per_worker,
         max_worker_memory, initializer, resume, overwrite, id_field, live, backend, address,
     )  # fmt: skip
     try:
-        summary, status = run_records(settings)
+        if len(handlers) == 1:
+            if workers is not None and len(workers) > 1:
+                raise UsageError(
+                    f"--workers {','.join(map(str, workers))} gives a number per stage, but there is one "
+                    "MODULE:FUNC: give one number"
+                )
+            settings.workers = workers[0] if workers else None
+            summary, status = run_records(settings)
+        else:
+            from procqueue._cli.chain import ChainSettings, run_chain, stage_workers
+
+            summary, status = run_chain(ChainSettings(settings, list(handlers), stage_workers(workers, len(handlers))))
     except UsageError as exc:
         raise click.UsageError(str(exc)) from None
     click.echo(summary.report(), err=True)

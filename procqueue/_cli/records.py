@@ -25,6 +25,7 @@ from typing import IO, Any
 from procqueue import ProcQueueError, SerializationError, TaskFailed
 
 FORMATS = ("jsonl", "csv", "lines")
+Stage = tuple[int | None, str | None]  # a chain's stage in an error record: its index (from 0) and function
 _encode = json.JSONEncoder(ensure_ascii=False, allow_nan=False).encode
 _loads = json.loads
 
@@ -55,13 +56,7 @@ class RecordHandler:
 
     def __call__(self, item: tuple[int, int, Any]) -> tuple[int, bytes]:
         seq, line, raw = item
-        if self.fmt == "jsonl":
-            try:
-                record = _loads(raw)
-            except ValueError:  # JSONDecodeError, UnicodeDecodeError
-                record = self.parse(line, raw)  # raises with the line number
-        else:
-            record = self.parse(line, raw)
+        record = self.record_of(line, raw)
         value = self.fn(record)
         ident = record.get(self.id_field) if type(record) is dict and self.id_field is not None else None
         try:
@@ -78,6 +73,15 @@ class RecordHandler:
             raise InvalidRecord(
                 f"line {line}: the handler returned {type(value).__name__}, which is not JSON: {exc}"
             ) from None
+
+    def record_of(self, line: int, raw: Any) -> Any:
+        """The record of input line `line` (the fast way for JSON lines, which is most)."""
+        if self.fmt == "jsonl":
+            try:
+                return _loads(raw)
+            except ValueError:  # JSONDecodeError, UnicodeDecodeError
+                pass
+        return self.parse(line, raw)  # raises with the line number
 
     def parse(self, line: int, raw: Any) -> Any:
         if self.fmt == "jsonl":
@@ -106,10 +110,15 @@ class RecordHandler:
             return None
 
 
-def error_record(line: int, ident: Any, type_name: str, message: str, traceback: str, attempts: int) -> bytes:
+def error_record(
+    line: int, ident: Any, type_name: str, message: str, traceback: str, attempts: int, stage: Stage | None = None
+) -> bytes:
     """The output line of a record that failed for good (never raises: text that is
-    not valid Unicode is escaped, an id that is not JSON becomes null)."""
-    error = {"type": type_name, "message": message, "traceback": traceback, "attempts": attempts}
+    not valid Unicode is escaped, an id that is not JSON becomes null). A chain of
+    stages adds `"stage": {"index", "function"}` to the error: where the record failed."""
+    error: dict[str, Any] = {"type": type_name, "message": message, "traceback": traceback, "attempts": attempts}
+    if stage is not None:
+        error["stage"] = {"index": stage[0], "function": stage[1]}
     text = f'{{"line": {line}, "id": {_ident_json(ident)}, "ok": false, "error": {json.dumps(error)}}}\n'
     return text.encode("utf-8", "backslashreplace")
 
@@ -124,7 +133,9 @@ def _ident_json(ident: Any) -> str:
     return text
 
 
-def failure_record(line: int, raw: Any, exc: BaseException, handler: RecordHandler) -> tuple[bytes, str, str]:
+def failure_record(
+    line: int, raw: Any, exc: BaseException, handler: RecordHandler, stage: Stage | None = None
+) -> tuple[bytes, str, str]:
     """The error record of the record on `line` that failed for good with `exc`, as the
     pool's map gives it (the handler's own exception, its `__cause__` a `TaskFailed`; a
     `WorkerCrashed`, `TaskTimeout`, `SerializationError`), with the type and message the
@@ -135,10 +146,11 @@ def failure_record(line: int, raw: Any, exc: BaseException, handler: RecordHandl
         task_id = task_id_of(exc)
         if task_id is not None:  # the user thinks in lines, not in procqueue's task ids
             message = message.replace(f"task {task_id}", f"the record on line {line}")
-        return error_record(line, handler.ident_of_raw(raw), type_name, message, tb, attempts), type_name, message
+        record = error_record(line, handler.ident_of_raw(raw), type_name, message, tb, attempts, stage)
+        return record, type_name, message
     except Exception as bug:
         kind = type(exc).__name__
-        return error_record(line, None, kind, f"{_safe_repr(exc)} ({_safe_repr(bug)})", "", attempts), kind, ""
+        return error_record(line, None, kind, f"{_safe_repr(exc)} ({_safe_repr(bug)})", "", attempts, stage), kind, ""
 
 
 def _safe_repr(obj: object) -> str:

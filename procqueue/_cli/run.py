@@ -145,77 +145,24 @@ class Run:
         self.shown: list[tuple[int, str]] = []  # heap of (-line, text): the failures of the lowest lines
         self.skipped = 0
         self.check_files()
-        with self.quiet_stdout():
+        with quiet_stdout(self.to_stdout):
             self.fn = r.load_callable(s.target, "handler")
-            if s.initializer:
-                r.load_callable(s.initializer, "--initializer")  # the workers load it again, by name
-        self.done = r.Done(bytearray())
-        if s.resume:
-            for path in (s.output, s.errors):
-                if path:
-                    r.scan_done(path, self.done)
+        self.done = load_and_scan(s, self.to_stdout)
 
     def quiet_stdout(self) -> contextlib.AbstractContextManager[Any]:
-        """When the records go to stdout, what user code prints goes to stderr."""
-        return contextlib.redirect_stdout(sys.stderr) if self.to_stdout else contextlib.nullcontext()
+        return quiet_stdout(self.to_stdout)
 
     def check_files(self) -> None:
-        s = self.s
-        if s.input is not None:
-            if os.path.isdir(s.input):
-                raise UsageError(f"the input {s.input!r} is a directory; give a file")
-            if not os.access(s.input, os.R_OK):
-                raise UsageError(f"cannot read the input {s.input!r}")
-        if s.resume and s.output is None:
-            raise UsageError("--resume needs the output file of the earlier run: add -o FILE")
-        if s.resume and s.overwrite:
-            raise UsageError("--resume and --overwrite contradict each other: pick one")
-        outputs = [p for p in (s.output, s.errors) if p]
-        if s.output and s.errors and _same_path(s.output, s.errors):
-            raise UsageError("-o and --errors name the same file; leave out --errors to keep failures in the output")
-        if s.input is not None and any(_same_path(s.input, p) for p in outputs):
-            raise UsageError("the output would overwrite the input: choose another -o / --errors file")
-        for path in outputs:
-            if os.path.isdir(path):
-                raise UsageError(f"{path!r} is a directory; give a file name for the records")
-            if not os.access(os.path.dirname(os.path.abspath(path)), os.W_OK):
-                raise UsageError(f"cannot write {path!r}: its directory is missing or not writable")
-            if not pq.FileOutput.wait_released(path, LOCK_WAIT):
-                raise UsageError(
-                    f"another procqueue run is still writing {path!r}; wait for it to end, or stop it first"
-                )
-            if not s.resume and not s.overwrite and os.path.exists(path) and os.path.getsize(path) > 0:
-                raise UsageError(
-                    f"{path!r} already holds records; add --resume to finish that run, or --overwrite to start over"
-                )
+        check_files(self.s)
 
     # --- the run ------------------------------------------------------------------
 
     def execute(self) -> Summary:
-        s = self.s
-        t0 = time.perf_counter()
-        stream: IO[bytes] = open(s.input, "rb") if s.input is not None else sys.stdin.buffer  # noqa: SIM115
-        try:
-            return self._execute(stream, t0)
-        finally:
-            if s.input is not None:
-                stream.close()
+        return on_input(self.s, self._execute)
 
     def _execute(self, stream: IO[bytes], t0: float) -> Summary:
         s = self.s
-        csv_in = r.CsvInput(stream) if s.fmt == "csv" else None
-        header = csv_in.header if csv_in is not None else None
-        if header is not None:
-            for name, what in ((s.priority_field, "--priority-field"), (s.id_field, "--id-field")):
-                if name is not None and name not in header and (what != "--id-field" or name != "id"):
-                    raise UsageError(f"{what} {name!r} is not a column of the CSV; its header is {header}")
-        if s.input is None and sys.stdin.isatty():
-            print("procqueue run: reading records from the terminal; end with Ctrl-D, or give -i FILE", file=sys.stderr)
-        if s.overwrite:  # every check has passed: only now is anything touched
-            for path in (s.output, s.errors):
-                if path:
-                    with contextlib.suppress(FileNotFoundError):
-                        os.truncate(path, 0)
+        csv_in, header = open_records(s, stream)
         self.handler = r.RecordHandler(self.fn, s.fmt, s.id_field, header)
         ordered = s.ordered if s.ordered is not None else s.priority_field is None
         output = pq.FileOutput(s.output, s.errors, ordered, sys.stdout.fileno() if self.to_stdout else None)
@@ -270,14 +217,7 @@ class Run:
         return sm
 
     def view(self, pool: pq.Pool) -> contextlib.AbstractContextManager[Any]:
-        s = self.s
-        live = s.live if s.live is not None else sys.stderr.isatty()
-        if not live:
-            return contextlib.nullcontext()
-        total = None
-        if s.input is not None and s.fmt != "csv" and stat.S_ISREG(os.stat(s.input).st_mode):
-            total = max(0, r.count_lines(s.input) - self.done.records)  # a pipe cannot be read twice
-        return pool.live(total=total, title=f"run {s.target}")
+        return live_view(self.s, self.done, lambda total: pool.live(total=total, title=f"run {self.s.target}"))
 
     def items(self, source: Iterator[tuple[int, Any]], header: list[str] | None) -> Iterator[Any]:
         """The records to run: `(seq, line, raw)`, each also put in `handed` (to pair
@@ -436,6 +376,99 @@ def _run_group(opts: pq.Options, handler: r.RecordHandler, records: list[Any], c
     # (a list it also cuts in four per worker, to even its tail: here, 3x as many batches for
     # trivial records). A group is at most `capacity` records: the map pulls it all at once.
     return opts.map(handler, iter(records), chunksize=chunksize, return_exceptions=True)
+
+
+def check_files(s: RunSettings) -> None:
+    """UsageError if the input, the output or the errors file cannot be used as `s` asks
+    (nothing is touched)."""
+    if s.input is not None:
+        if os.path.isdir(s.input):
+            raise UsageError(f"the input {s.input!r} is a directory; give a file")
+        if not os.access(s.input, os.R_OK):
+            raise UsageError(f"cannot read the input {s.input!r}")
+    if s.resume and s.output is None:
+        raise UsageError("--resume needs the output file of the earlier run: add -o FILE")
+    if s.resume and s.overwrite:
+        raise UsageError("--resume and --overwrite contradict each other: pick one")
+    outputs = [p for p in (s.output, s.errors) if p]
+    if s.output and s.errors and _same_path(s.output, s.errors):
+        raise UsageError("-o and --errors name the same file; leave out --errors to keep failures in the output")
+    if s.input is not None and any(_same_path(s.input, p) for p in outputs):
+        raise UsageError("the output would overwrite the input: choose another -o / --errors file")
+    for path in outputs:
+        if os.path.isdir(path):
+            raise UsageError(f"{path!r} is a directory; give a file name for the records")
+        if not os.access(os.path.dirname(os.path.abspath(path)), os.W_OK):
+            raise UsageError(f"cannot write {path!r}: its directory is missing or not writable")
+        if not pq.FileOutput.wait_released(path, LOCK_WAIT):
+            raise UsageError(f"another procqueue run is still writing {path!r}; wait for it to end, or stop it first")
+        if not s.resume and not s.overwrite and os.path.exists(path) and os.path.getsize(path) > 0:
+            raise UsageError(
+                f"{path!r} already holds records; add --resume to finish that run, or --overwrite to start over"
+            )
+
+
+def quiet_stdout(to_stdout: bool) -> contextlib.AbstractContextManager[Any]:
+    """When the records go to stdout, what user code prints goes to stderr."""
+    return contextlib.redirect_stdout(sys.stderr) if to_stdout else contextlib.nullcontext()
+
+
+def load_and_scan(s: RunSettings, to_stdout: bool) -> r.Done:
+    """Check that --initializer loads (the workers load it again, by name), then, with
+    --resume, which input lines the output files hold a record of already."""
+    if s.initializer:
+        with quiet_stdout(to_stdout):
+            r.load_callable(s.initializer, "--initializer")
+    done = r.Done(bytearray())
+    if s.resume:
+        for path in (s.output, s.errors):
+            if path:
+                r.scan_done(path, done)
+    return done
+
+
+def live_view(
+    s: RunSettings, done: r.Done, make: Callable[[int | None], contextlib.AbstractContextManager[Any]]
+) -> contextlib.AbstractContextManager[Any]:
+    """`make(total)`, the live view, with --live (default: when stderr is a terminal); the
+    total is the lines of a regular input file not done yet (a pipe cannot be read twice)."""
+    live = s.live if s.live is not None else sys.stderr.isatty()
+    if not live:
+        return contextlib.nullcontext()
+    total = None
+    if s.input is not None and s.fmt != "csv" and stat.S_ISREG(os.stat(s.input).st_mode):
+        total = max(0, r.count_lines(s.input) - done.records)
+    return make(total)
+
+
+def on_input(s: RunSettings, execute: Callable[[IO[bytes], float], Summary]) -> Summary:
+    """`execute(stream, started)` on the input file (or stdin), closed after."""
+    t0 = time.perf_counter()
+    stream: IO[bytes] = open(s.input, "rb") if s.input is not None else sys.stdin.buffer  # noqa: SIM115
+    try:
+        return execute(stream, t0)
+    finally:
+        if s.input is not None:
+            stream.close()
+
+
+def open_records(s: RunSettings, stream: IO[bytes]) -> tuple[r.CsvInput | None, list[str] | None]:
+    """The CSV reader (and its header) or None for lines; checks the fields named exist,
+    then empties the output files with --overwrite (only now is anything touched)."""
+    csv_in = r.CsvInput(stream) if s.fmt == "csv" else None
+    header = csv_in.header if csv_in is not None else None
+    if header is not None:
+        for name, what in ((s.priority_field, "--priority-field"), (s.id_field, "--id-field")):
+            if name is not None and name not in header and (what != "--id-field" or name != "id"):
+                raise UsageError(f"{what} {name!r} is not a column of the CSV; its header is {header}")
+    if s.input is None and sys.stdin.isatty():
+        print("procqueue run: reading records from the terminal; end with Ctrl-D, or give -i FILE", file=sys.stderr)
+    if s.overwrite:
+        for path in (s.output, s.errors):
+            if path:
+                with contextlib.suppress(FileNotFoundError):
+                    os.truncate(path, 0)
+    return csv_in, header
 
 
 def backend_options(s: RunSettings) -> dict[str, Any]:
