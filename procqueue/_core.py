@@ -170,6 +170,12 @@ class Core:
         """How many items an iterator map's reader should pull now (lock held)."""
         return self.scheduler.feeds.want(feed)
 
+    def feed_span(self, feed: Feed) -> int:
+        """Items a map needs in hand to keep every worker busy: a batch running and one
+        ready per worker (lock held)."""
+        feeds = self.scheduler.feeds
+        return 2 * feeds.t.policy.workers * feeds.batch_size(feed)
+
     def wait_until(self, ready: Callable[[], bool], deadline: float | None) -> None:
         """Sleep until `ready()` (checked under the lock) or the deadline (TimeoutError)."""
         with self.cv:

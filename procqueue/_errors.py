@@ -77,6 +77,16 @@ class TaskFailed(ProcQueueError):
     remote_message: str | None = None  # its str(), as the worker read it
 
 
+class StageFailed(ProcQueueError):
+    """Where in a `Pipeline` an item failed: in the `__cause__` chain of its error.
+    Fields: `stage` (its index, from 0), `function` (the stage's name), `item`
+    (the item's index in the input)."""
+
+    stage: int
+    function: str
+    item: int
+
+
 class WorkerCrashed(ProcQueueError):
     """The worker process died while running the task.
 

@@ -83,12 +83,14 @@ class Feeder:
         self.seq: Any = source if self.managed else []
         self.source: Iterator[Any] = iter(()) if self.managed else iter(source)
         self.pos = 0
+        self.cut = 0  # items cut into runs so far
         self.input_done = self.managed  # nothing more will be added to seq
         self.order = 0  # arrival order among equal priorities
 
     def make_run(self, items: list[Any], first_id: int) -> Run:
         """A chunk of the map and the run that fills it (caller holds the pool's lock)."""
         chunk = Chunk(self.stream, len(items), first_id)
+        chunk.start, self.cut = self.cut, self.cut + len(items)
         self.stream.outstanding += len(items)
         if self.ordered:
             self.window.append(chunk)
@@ -154,7 +156,7 @@ class Feeder:
         """Something to do for the consumer (called under the pool's lock)."""
         if self.window and self.window[0].done if self.ordered else self.stream.finished:
             return True
-        if self.exhausted and self.consumed >= self.fed:
+        if self.finished:
             return True
         return not self.input_done and not self.pushed and self.core.feed_want(self) > 0
 
@@ -189,14 +191,8 @@ class Feeder:
                 if not self.managed:
                     self.feed()
                 with core.lock:
-                    chunk = self._next_done()
-                    if chunk is not None:
-                        self.consumed += 1
-                        self.stream.outstanding -= chunk.size
-                        # The window moved: the manager may cut more, from the list or from
-                        # what the buffer already holds (feed() wakes it only when it adds).
-                        core.wake()
-                    finished = self.exhausted and self.consumed >= self.fed
+                    chunk = self.take_done()
+                    finished = self.finished
                 if chunk is not None:
                     chunk.materialize()  # values unpickled here, in the consumer's thread
                     last = chunk.size
@@ -225,6 +221,22 @@ class Feeder:
                     bar.close()
             if not self.exhausted or self.consumed < self.fed:
                 core.abandon(self.stream)
+
+    def take_done(self) -> Chunk | None:
+        """The next finished chunk for the reader, if any (lock held)."""
+        chunk = self._next_done()
+        if chunk is not None:
+            self.consumed += 1
+            self.stream.outstanding -= chunk.size
+            # The window moved: the manager may cut more, from the list or from
+            # what the buffer already holds (feed() wakes it only when it adds).
+            self.core.wake()
+        return chunk
+
+    @property
+    def finished(self) -> bool:
+        """Every chunk was cut and handed to the reader (lock held)."""
+        return self.exhausted and self.consumed >= self.fed
 
     def _stop(self) -> None:
         """End the map (its results generator), as after a failed task."""
