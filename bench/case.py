@@ -23,7 +23,7 @@ from typing import Any
 import psutil
 
 from . import workloads as w
-from .peers import Peer, by_name
+from .peers import Chain, Peer, by_name
 
 Spec = dict[str, Any]
 
@@ -317,12 +317,63 @@ async def _async_calls(peer: Peer, spec: Spec) -> dict[str, Any]:
     return {"n": per * conc, "times": times, "max_gap": gaps}
 
 
+def pipeline(peer: Peer, spec: Spec) -> dict[str, Any]:
+    """Three stages, `per_stage` workers each, over a generator: tiny ones (`part` "tiny":
+    x + 1, 2x, -x over `n` items) or ~1 ms ones (`part` "ms": `relay` over `ms_n` items).
+    Before each timed "ms" run, serial time: the three stages in this process on every
+    eighth item (`serial_s`, per item). The parent's peak RSS growth over each run
+    (`rss_growth`), and its peak after the first fifth of the results were read over
+    its RSS then (`rss_late`: a parent that holds items as it goes grows there)."""
+    assert isinstance(peer, Chain), f"{peer.name} is not a chain of stages"
+    cs, loops, tiny_part = spec.get("chunksize"), spec["loops_per_ms"], spec["part"] == "tiny"
+    fns: list[Callable[[Any], Any]] = [w.tiny, w.double, w.negate] if tiny_part else [w.relay] * 3
+    n, warm = (spec["n"], 20_000) if tiny_part else (spec["ms_n"], 20 * spec["per_stage"])
+
+    def items(k: int) -> Iterator[int]:
+        return w.numbers(k) if tiny_part else w.repeated(loops, k)
+
+    def last_of(k: int) -> int:  # the last result of a run over items(k)
+        return -2 * k if tiny_part else loops
+
+    me = psutil.Process()
+    out: dict[str, Any] = {"part": spec["part"], "n": n, "per_stage": spec["per_stage"],
+                           "cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+                           "times": [], "serial_s": [], "rss_growth": [], "rss_late": []}  # fmt: skip
+    peer.open(fns, spec["per_stage"])
+    try:
+        got = list(peer.run(items(min(n, warm)), cs))  # warm: workers up, handlers known, batch sizes measured
+        assert got[-1] == last_of(min(n, warm)), f"{peer.name}: {got[-1]!r} last of the warm-up"
+        for _ in range(spec["repeats"]):
+            if not tiny_part:
+                k = max(1, n // 8)
+                t = time.perf_counter()
+                for x in w.repeated(loops, k):
+                    fns[2](fns[1](fns[0](x)))
+                out["serial_s"].append((time.perf_counter() - t) / k)
+            count, last, fifth, at_fifth = 0, None, max(1, n // 5), 0  # (last: the last result)
+            with peak_rss() as grew:
+                base = me.memory_info().rss
+                t = time.perf_counter()
+                for y in peer.run(items(n), cs):
+                    count += 1
+                    last = y
+                    if count == fifth:
+                        at_fifth = me.memory_info().rss
+                out["times"].append(time.perf_counter() - t)
+            out["rss_growth"] += grew
+            out["rss_late"].append(max(0, base + grew[0] - at_fifth))
+            assert count == n and last == last_of(n), f"{peer.name}: {count} results of {n}, the last {last!r}"
+    finally:
+        peer.close()
+    return out
+
+
 WORKLOADS: dict[str, Callable[[Peer, Spec], dict[str, Any]]] = {
     "tiny": tiny, "cpu": cpu, "skewed": skewed, "payload-in": payload_in, "payload-out": payload_out, "stream": stream,
     "startup": startup, "faults": faults, "priority": priority, "durations": durations, "dask": dask,
-    "async": async_calls,
+    "async": async_calls, "pipeline": pipeline,
 }  # fmt: skip
-STARTS_ITS_OWN = {"startup", "dask", "async"}
+STARTS_ITS_OWN = {"startup", "dask", "async", "pipeline"}
 
 
 def main() -> None:

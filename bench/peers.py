@@ -374,9 +374,92 @@ class AioMultiprocess(Peer):
         await self.pool.join()
 
 
+class Chain(Peer):
+    """The pipeline workload's peers: three stages, `per_stage` worker processes each.
+    `open` starts them for the stage functions, `run` maps an iterable through all three
+    lazily, `close` ends them. They run only the workload that names them."""
+
+    general = False
+
+    def open(self, fns: list[Callable[[Any], Any]], per_stage: int) -> None:
+        raise NotImplementedError
+
+    def run(self, items: Iterable[Any], chunksize: int | None) -> Iterator[Any]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+class PqPipeline(Chain):
+    """`pq.Pipeline(pq.Stage(f1, workers=k), ..., capacity=1024)` and its `map`."""
+
+    name = "procqueue Pipeline"
+    package = "procqueue"
+
+    def open(self, fns: list[Callable[[Any], Any]], per_stage: int) -> None:
+        import procqueue as pq
+
+        self.pipe = pq.Pipeline(*(pq.Stage(f, workers=per_stage) for f in fns), capacity=1024)
+
+    def run(self, items: Iterable[Any], chunksize: int | None) -> Iterator[Any]:
+        return self.pipe.map(items)
+
+    def stats(self) -> list[dict[str, Any]]:
+        return [{"completed": s.completed, "failed": s.failed, "workers": len(s.workers)} for s in self.pipe.stats()]
+
+    def close(self) -> None:
+        self.pipe.shutdown()
+
+
+class PqChained(Chain):
+    """Three `pq.Pool(k)`, chained by hand: `p3.map(f3, p2.map(f2, p1.map(f1, xs)))`."""
+
+    name = "procqueue pools chained"
+    package = "procqueue"
+
+    def open(self, fns: list[Callable[[Any], Any]], per_stage: int) -> None:
+        import procqueue as pq
+
+        self.fns, self.pools = fns, []
+        for _ in fns:
+            self.pools.append(pq.Pool(per_stage))
+
+    def run(self, items: Iterable[Any], chunksize: int | None) -> Iterator[Any]:
+        for fn, pool in zip(self.fns, self.pools, strict=True):
+            items = pool.map(fn, items, chunksize=chunksize or "auto")
+        return iter(items)
+
+    def close(self) -> None:
+        for pool in self.pools:
+            pool.shutdown()
+
+
+class MpChained(Chain):
+    """Three `multiprocessing.Pool(k)`, chained by hand: `p3.imap(f3, p2.imap(f2, p1.imap(f1, xs, cs), cs), cs)`."""
+
+    name = "multiprocessing.Pool chained"
+
+    def open(self, fns: list[Callable[[Any], Any]], per_stage: int) -> None:
+        self.fns, self.pools = fns, []
+        for _ in fns:
+            self.pools.append(mp.Pool(per_stage))
+
+    def run(self, items: Iterable[Any], chunksize: int | None) -> Iterator[Any]:
+        for fn, pool in zip(self.fns, self.pools, strict=True):
+            items = pool.imap(fn, items, chunksize or 1)
+        return iter(items)
+
+    def close(self) -> None:
+        for pool in self.pools:
+            pool.close()
+        for pool in self.pools:
+            pool.join()
+
+
 PEERS: list[Peer] = [
     Procqueue(), Serial(), Limit(), Executor(), MpPool(), Loky(), Mpire(), Joblib(), Pebble(),
-    DaskPool(), DaskSubmit(), DaskMap(), AioMultiprocess(),
+    DaskPool(), DaskSubmit(), DaskMap(), AioMultiprocess(), PqPipeline(), PqChained(), MpChained(),
 ]  # fmt: skip
 
 

@@ -12,6 +12,12 @@ procqueue's Dask backend on a LocalCluster against raw client.submit, client.map
 and the local backend, and checks the Dask backend's goals (issue 12); its cases
 run interleaved (one repeat each per round, the order reversed every other round),
 each in a fresh process that starts its own cluster outside the timed maps.
+
+The pipeline workload (issue 15) maps three stages over a generator with
+`pq.Pipeline`, with three procqueue pools chained by hand and with three
+multiprocessing.Pools chained by hand (`p3.imap(f3, p2.imap(f2, p1.imap(f1, xs)))`,
+at each chunk size of a sweep), the same worker processes a stage on every side,
+and checks its goals (see `pipelines.py`); its cases run interleaved too.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ from typing import Any
 
 import psutil
 
+from . import pipelines
 from . import workloads as w
 from .peers import PEERS, Peer
 
@@ -99,6 +106,11 @@ WORKLOADS = [
              quick_limit=90.0, needs="distributed", install="pip install 'procqueue[dask]'",
              extra={"ms": 1.0, "ms_n": 2000, "per_task_n": 5000}, quick_extra={"ms_n": 1000, "per_task_n": 2000},
              peers=("dask client.submit", "dask client.map", "procqueue (dask)", "procqueue"), interleave=True),
+    Workload("pipeline", "3 stages over a generator: {n:,} items of tiny stages, {ms_n:,} of ~1 ms stages",
+             "items/s, share of ceiling", True, 500_000, 100_000, (100, 1000, 10_000), (1000, 10_000), limit=120.0,
+             quick_limit=60.0, extra={"ms_n": 4000, "per_stage": [1, 2], "ms_sweep": [1, 10]},
+             quick_extra={"ms_n": 1000, "per_stage": [1], "ms_sweep": [10]},
+             peers=(pipelines.PIPELINE, "procqueue pools chained", pipelines.MP), interleave=True),
 ]  # fmt: skip
 BY_NAME = {wl.name: wl for wl in WORKLOADS}
 
@@ -183,6 +195,8 @@ def settings(wl: Workload, peer: Peer, quick: bool) -> list[dict[str, Any]]:
     """The settings a peer runs a workload with: its defaults, then each chunk size of the sweep."""
     if wl.name == "faults" and peer.name == "procqueue":
         return [{"label": "defaults"}, {"label": "max_retries=1", "options": {"max_retries": 1}}]
+    if wl.name == "pipeline":
+        return pipelines.settings(wl, peer, quick)
     if wl.name == "dask":  # procqueue's defaults either way; raw Dask's pure=False, as procqueue's own tasks
         return [{"label": {"procqueue": "backend=local", "procqueue (dask)": "client=c"}.get(peer.name, "pure=False")}]
     if peer.name in ("serial", "limit (bare fork)"):
@@ -228,6 +242,8 @@ def figures(wl: Workload, result: dict[str, Any], workers: int) -> list[float]:
         return [t / i for t, i in zip(times, ideal, strict=True)]
     if wl.name.startswith("payload"):
         return [n * result["mb"] / t for t in times]
+    if wl.name == "pipeline":
+        return pipelines.figures(result)
     return list(times)
 
 
@@ -257,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so a killed suite still ends the case it runs
     todo = [BY_NAME[n] for n in args.workload] if args.workload else WORKLOADS
     named = {name for wl in todo for name in wl.peers or ()}
-    always = ("procqueue", "procqueue (dask)")
+    always = ("procqueue", "procqueue (dask)", pipelines.PIPELINE)
     chosen = [p for p in PEERS if args.peer is None or p.name in args.peer or p.name in always]
     chosen = [p for p in chosen if p.general or p.name in named]
     notes = [f"{p.name} is not installed: skipped ({p.install})" for p in chosen if not p.available()]
@@ -294,6 +310,7 @@ def main(argv: list[str] | None = None) -> int:
                 "repeats": 1 if wl.interleave or wl.name == "faults" else repeats,
                 "workers": args.workers, "loops_per_ms": lpm, "budget": 3.0 if quick else 8.0,
                 "seconds": 0.3 if quick else 1.0, **wl.spec_extra(quick), **({"rounds": rounds} if wl.interleave else {}),
+                **setting.get("spec", {}),
             }  # fmt: skip
             specs.append(spec)
         for r in range(rounds):
@@ -324,6 +341,8 @@ def main(argv: list[str] | None = None) -> int:
             "loops_per_ms": lpm, "notes": notes, "cases": cases}  # fmt: skip
     if "dask" in summary:
         data["dask_goals"] = dask_goals(summary["dask"])
+    if "pipeline" in summary:
+        data["pipeline_goals"] = pipelines.goals(summary["pipeline"])
     (out_dir / "results.json").write_text(json.dumps(data, indent=1))
     (out_dir / "table.txt").write_text(table)
     print(f"raw figures: {out_dir / 'results.json'}; table: {out_dir / 'table.txt'}")
@@ -445,12 +464,17 @@ def dask_table(wl: Workload, rows: list[dict[str, Any]]) -> list[str]:
             f"{fmt(med['tiny_rate'], 'tasks/s'):>10s} | {med['ms_rate']:7,.0f} {ms_range:15s} {med['ms_ideal']:9.2f} "
             f"{med['ms_over_us']:10,.0f} | {starts}"
         )
-    goals = dask_goals(rows)
+    return lines + goal_lines(dask_goals(rows), 4)
+
+
+def goal_lines(goals: dict[str, dict[str, Any]], digits: int) -> list[str]:
+    """The table's lines of a workload's goals: each ratio against its goal, and per round."""
+    lines = []
     for key, g in goals.items():
-        rounds = ", ".join(f"{x:.4g}" for x in g["rounds"])
+        rounds = ", ".join(f"{x:.{digits}g}" for x in g["rounds"])
         verdict = "met" if g["met"] else "MISSED"
         lines.append(
-            f"  goal {key}: {g['what']}: {g['ratio']:.4g} (goal {g['goal']}): {verdict}  [per round: {rounds}]"
+            f"  goal {key}: {g['what']}: {g['ratio']:.{digits}g} (goal {g['goal']}): {verdict}  [per round: {rounds}]"
         )
     if not goals:
         lines.append("  goals: not judged (a case failed, or its peer did not run)")
@@ -458,6 +482,8 @@ def dask_table(wl: Workload, rows: list[dict[str, Any]]) -> list[str]:
 
 
 def describe(wl: Workload, row: dict[str, Any]) -> str:
+    if wl.name == "pipeline":
+        return pipelines.describe(row)
     r = row["result"]
     head = f"{row['peer']:22s} {row['setting']:16s}"
     if r.get("hang"):
@@ -514,6 +540,9 @@ def report(summary: dict[str, list[dict[str, Any]]], quick: bool) -> str:
         )
         if name == "dask":
             lines.extend(dask_table(wl, rows))
+            continue
+        if name == "pipeline":
+            lines.extend(pipelines.table(rows))
             continue
         if name in ("faults", "durations"):
             lines.extend("  " + describe(wl, row) for row in rows)

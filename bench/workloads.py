@@ -63,6 +63,27 @@ def numbers(n: int) -> Iterator[int]:
     yield from range(n)
 
 
+def double(x: int) -> int:
+    """The pipeline workload's second tiny stage (`tiny` is its first, `negate` its third)."""
+    return 2 * x
+
+
+def negate(x: int) -> int:
+    return -x
+
+
+def relay(loops: int) -> int:
+    """The pipeline workload's ~1 ms stage: `burn(loops)`, then `loops` on to the next stage."""
+    burn(loops)
+    return loops
+
+
+def repeated(x: int, n: int) -> Iterator[int]:
+    """`x`, `n` times, from a generator (the pipeline workload's ~1 ms input)."""
+    for _ in range(n):
+        yield x
+
+
 def crash_once(x: int, marker_dir: str, kill_at: int, segv_at: int) -> int:
     """Faults workload: task `kill_at` exits its worker and task `segv_at` segfaults
     it, each on its first attempt only (a marker file remembers, across workers)."""
