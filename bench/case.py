@@ -320,8 +320,8 @@ async def _async_calls(peer: Peer, spec: Spec) -> dict[str, Any]:
 def pipeline(peer: Peer, spec: Spec) -> dict[str, Any]:
     """Three stages, `per_stage` workers each, over a generator: tiny ones (`part` "tiny":
     x + 1, 2x, -x over `n` items) or ~1 ms ones (`part` "ms": `relay` over `ms_n` items).
-    Before each timed "ms" run, serial time: the three stages in this process on every
-    eighth item (`serial_s`, per item). The parent's peak RSS growth over each run
+    Before each timed "ms" run, the machine's ceiling: the three stages' work on every
+    eighth item split over bare forked processes, one a usable CPU (`ceiling_s`, per item). The parent's peak RSS growth over each run
     (`rss_growth`), and its peak after the first fifth of the results were read over
     its RSS then (`rss_late`: a parent that holds items as it goes grows there)."""
     assert isinstance(peer, Chain), f"{peer.name} is not a chain of stages"
@@ -338,18 +338,16 @@ def pipeline(peer: Peer, spec: Spec) -> dict[str, Any]:
     me = psutil.Process()
     out: dict[str, Any] = {"part": spec["part"], "n": n, "per_stage": spec["per_stage"],
                            "cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-                           "times": [], "serial_s": [], "rss_growth": [], "rss_late": []}  # fmt: skip
+                           "times": [], "ceiling_s": [], "rss_growth": [], "rss_late": []}  # fmt: skip
     peer.open(fns, spec["per_stage"])
     try:
         got = list(peer.run(items(min(n, warm)), cs))  # warm: workers up, handlers known, batch sizes measured
         assert got[-1] == last_of(min(n, warm)), f"{peer.name}: {got[-1]!r} last of the warm-up"
         for _ in range(spec["repeats"]):
             if not tiny_part:
-                k = max(1, n // 8)
-                t = time.perf_counter()
-                for x in w.repeated(loops, k):
-                    fns[2](fns[1](fns[0](x)))
-                out["serial_s"].append((time.perf_counter() - t) / k)
+                out["ceiling_s"].append(
+                    _bare_fork_probe(fns, loops, max(1, n // 8), min(out["cpus"], 3 * spec["per_stage"]))
+                )
             count, last, fifth, at_fifth = 0, None, max(1, n // 5), 0  # (last: the last result)
             with peak_rss() as grew:
                 base = me.memory_info().rss
@@ -366,6 +364,25 @@ def pipeline(peer: Peer, spec: Spec) -> dict[str, Any]:
     finally:
         peer.close()
     return out
+
+
+def _bare_fork_probe(fns: list[Callable[[Any], Any]], loops: int, k: int, procs: int) -> float:
+    """Seconds per item when `k` items' three stages run in `procs` forked processes
+    that split them, as fast as this machine runs that work right now."""
+    t = time.perf_counter()
+    pids = []
+    for p in range(procs):
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child
+            try:
+                for x in w.repeated(loops, len(range(p, k, procs))):
+                    fns[2](fns[1](fns[0](x)))
+            finally:
+                os._exit(0)
+        pids.append(pid)
+    for pid in pids:
+        os.waitpid(pid, 0)
+    return (time.perf_counter() - t) / k
 
 
 WORKLOADS: dict[str, Callable[[Peer, Spec], dict[str, Any]]] = {

@@ -8,9 +8,9 @@ lines and goals. Its cases (`case.pipeline`) map three stages over a generator w
   p1.imap(f1, xs, cs), cs), cs)` at each chunk size of a sweep (its best is the reference).
 
 Part "tiny": x + 1, 2x, -x over 500,000 items, in items/s. Part "ms": three ~1 ms stages
-over 4,000 items, as a share of the ceiling: the three stages' serial time (probed in the
-case just before each run) over min(usable CPUs, worker processes), or the slowest
-stage's time over its workers if that is longer. Every side has 3k worker processes;
+over 4,000 items, as a share of the ceiling: the time bare forked processes, one a usable
+CPU (at most one a worker), take for the same work, probed on every eighth item just
+before each run (so a machine shared with other jobs lowers the ceiling with the run). Every side has 3k worker processes;
 procqueue's pools also run a collector process each, which the count leaves out.
 
 k is 1 and 2 (`per_stage`; --quick: 1), not `--workers`: the stages are alike, so one
@@ -50,18 +50,17 @@ def settings(wl: Workload, peer: Peer, quick: bool) -> list[dict[str, Any]]:
     return out
 
 
-def ideal_s(result: dict[str, Any], serial_s: float) -> float:
-    """The ceiling's time for a run: all stages' work spread over the usable CPUs (at most
-    one a worker), or the slowest stage on its own workers (the stages are alike here)."""
-    k = result["per_stage"]
-    return float(result["n"] * max(serial_s / min(result["cpus"], 3 * k), serial_s / 3 / k))
+def ideal_s(result: dict[str, Any], ceiling_s: float) -> float:
+    """The ceiling's time for a run: the same work in bare forked processes, one a usable
+    CPU (at most one a worker), as fast as the machine ran it just before."""
+    return float(result["n"] * ceiling_s)
 
 
 def figures(result: dict[str, Any]) -> list[float]:
     """Per run: items/s (tiny stages), or the share of the ceiling (~1 ms stages)."""
     if result["part"] == "tiny":
         return [result["n"] / t for t in result["times"]]
-    return [ideal_s(result, s) / t for t, s in zip(result["times"], result["serial_s"], strict=True)]
+    return [ideal_s(result, s) / t for t, s in zip(result["times"], result["ceiling_s"], strict=True)]
 
 
 def describe(row: dict[str, Any]) -> str:
