@@ -38,7 +38,7 @@ class Values:
     """A batch's pickled values, unpickled once by the first thread that asks:
     never the manager's."""
 
-    __slots__ = ("_body", "_error", "_lock", "_shared", "_values", "bad", "recount")
+    __slots__ = ("_body", "_error", "_lock", "_shared", "_values", "bad", "nbytes", "recount")
 
     def __init__(
         self,
@@ -48,6 +48,7 @@ class Values:
     ) -> None:
         self.recount = recount  # moves n tasks from completed to failed in the books
         self._body: memoryview | None = body
+        self.nbytes = len(body) + sum(getattr(seg, "nbytes", 0) for seg in (shared if isinstance(shared, list) else ()))
         self._values: list[Any] | None = None
         self._error: BaseException | None = None
         self.bad: dict[int, BaseException] = {}  # values that would not unpickle, by index: why
@@ -290,6 +291,10 @@ class Chunk:
             self.errors = {}
         self.errors[index] = make
         self._settled(1)
+
+    def body_bytes(self) -> int:
+        """Pickled bytes its values take (all of each batch they came in), before `materialize`."""
+        return sum(values.nbytes for _, values, _, _ in self.pieces)
 
     def materialize(self) -> None:
         """Unpickle the values and build the errors (in the consumer's thread)."""

@@ -83,3 +83,29 @@ def hostile_at(x: int) -> Any:
     if x == 11:
         return {"deep": [(x, hostile.SetstateExits())]}
     return x
+
+
+def fail_every_fifth(x: int) -> int:
+    if x % 5 == 4:
+        raise Bad(f"no {x}")
+    return x
+
+
+def _interrupt() -> None:
+    raise KeyboardInterrupt
+
+
+class InterruptsOnLoad:
+    """Pickles fine; unpickling it raises KeyboardInterrupt (in whoever loads it)."""
+
+    def __reduce__(self) -> Any:
+        return (_interrupt, ())
+
+
+def interrupts_at_5(x: int) -> Any:
+    return InterruptsOnLoad() if x == 5 else x
+
+
+class Unpicklable:
+    def __reduce__(self) -> Any:
+        raise TypeError("this one does not pickle")

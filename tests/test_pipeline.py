@@ -11,6 +11,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
+from concurrent.futures import CancelledError
 from functools import partial
 from pathlib import Path
 
@@ -315,3 +316,95 @@ def test_a_pipeline_on_dask() -> None:
     assert isinstance(got[12], h.Bad) and stage_of(got[12]).stage == 1
     assert [g for i, g in enumerate(got) if i != 12] == [expected(i) for i in range(300) if i != 12]
     assert [s.completed for s in stats] == [300, 299, 299]
+
+
+@pytest.mark.parametrize("return_exceptions", [True, False])
+def test_ordered_errors_waiting_for_their_turn_do_not_stall_the_last_stage(return_exceptions: bool) -> None:
+    """Errors of an early stage wait in the outbox for the items before them, which are
+    still in a slow later stage: they must not take the room that stage needs."""
+    with pq.Pipeline(
+        pq.Stage(h.fail_every_fifth, workers=1), pq.Stage(h.slow, workers=1, chunksize=1), capacity=4
+    ) as pipe:
+        got: list[object] = []
+        it = pipe.map(range(400), return_exceptions=return_exceptions)
+        if return_exceptions:
+            got = list(it)
+            assert len(got) == 400
+            assert [i for i, g in enumerate(got) if isinstance(g, h.Bad)] == list(range(4, 400, 5))
+        else:
+            with pytest.raises(h.Bad):
+                got.extend(it)
+            assert got == [0, 1, 2, 3]
+    at_rest(pipe)
+
+
+@pytest.mark.parametrize("how", ["cancel", "terminate", "shutdown"])
+def test_ending_the_pipeline_under_a_reader_tells_the_reader(how: str) -> None:
+    pipe = pq.Pipeline(pq.Stage(h.inc, workers=1), pq.Stage(h.slow, workers=1, chunksize=1))
+    got: list[object] = []
+    ended: list[BaseException] = []
+    started = threading.Event()
+
+    def read() -> None:
+        try:
+            for y in pipe.map(range(100_000)):
+                got.append(y)
+                started.set()
+        except BaseException as exc:
+            ended.append(exc)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    assert started.wait(30)
+    if how == "cancel":
+        pipe.shutdown(cancel_futures=True)
+    elif how == "terminate":
+        pipe.terminate()
+    else:
+        pipe.shutdown()  # returns, though the map was not read to its end
+    reader.join(30)
+    assert not reader.is_alive()
+    expected_type = CancelledError if how == "cancel" else pq.PoolClosed
+    assert len(ended) == 1 and isinstance(ended[0], expected_type), ended
+    assert 0 < len(got) < 100_000
+    if how != "terminate":
+        at_rest(pipe)
+
+
+def test_an_unread_map_does_not_hold_up_shutdown() -> None:
+    pipe = pq.Pipeline(pq.Stage(h.inc, workers=1), pq.Stage(h.double, workers=1), capacity=8)
+    it = pipe.map(iter(range(1_000_000)))
+    assert next(it) == 2
+    pipe.shutdown()
+    with pytest.raises(pq.PoolClosed):
+        list(it)
+    at_rest(pipe)
+
+
+def test_a_value_that_interrupts_on_unpickling_fails_alone() -> None:
+    """Off the main thread only a value can raise KeyboardInterrupt: it is that value's failure."""
+    with pq.Pipeline(pq.Stage(h.interrupts_at_5, workers=1), pq.Stage(h.inc, workers=1)) as pipe:
+        got = list(pipe.map(range(10), return_exceptions=True))
+        at_rest(pipe)
+    assert isinstance(got[5], pq.SerializationError)
+    assert [g for i, g in enumerate(got) if i != 5] == [i + 1 for i in range(10) if i != 5]
+
+
+def test_an_item_that_will_not_pickle_fails_alone_in_a_batch() -> None:
+    """The rest of its batch goes back to the queue, and is sent again (it once waited there)."""
+    with pq.Pool(1) as pool:
+        got = list(pool.map(h.inc, [1, 2, h.Unpicklable(), 4], chunksize=4, return_exceptions=True))
+    assert got[:2] == [2, 3] and got[3] == 5 and isinstance(got[2], pq.SerializationError)
+    with pq.Pipeline(pq.Stage(h.double, workers=1), pq.Stage(h.inc, workers=1)) as pipe:
+        for _ in range(2):  # the second map's batches are larger
+            got = list(pipe.map([1, 2, h.Unpicklable(), 4] * 50, return_exceptions=True))
+            assert sum(isinstance(g, pq.SerializationError) for g in got) == 50
+            assert [g for g in got if not isinstance(g, BaseException)] == [3, 5, 9] * 50
+        at_rest(pipe)
+
+
+def test_a_capacity_must_be_a_number() -> None:
+    with pytest.raises(ValueError, match="capacity"):
+        pq.Stage(h.inc, capacity=True)
+    with pytest.raises(ValueError, match="capacity"):
+        pq.Pipeline(pq.Stage(h.inc), capacity=True)

@@ -232,6 +232,7 @@ class Loop:
                     continue
                 if rejected:
                     core.apply(s.unsendable(batch, rejected), later)
+                    core.wake()  # the rest of the batch is back in the heap: dispatch it again
                     continue
             body = b"".join(parts)
             # A second batch for the seat waits on the first inside Dask (not on a round trip

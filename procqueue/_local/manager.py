@@ -134,6 +134,7 @@ class Manager:
                     continue  # settled meanwhile (the pool broke, the worker died)
                 if rejected:
                     core.apply(s.unsendable(batch, rejected), later)
+                    core.wake()  # the rest of the batch is back in the heap: dispatch it again
                     continue
                 slot = self.sup.slots[batch.seat]
                 timed = any(r.receiver.timed_each for r, _, _ in batch.segments)

@@ -18,7 +18,7 @@ import threading
 from collections.abc import Callable, Generator, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from procqueue._errors import StageFailed
+from procqueue._errors import PoolClosed, StageFailed
 from procqueue._map import Feeder, Pushed
 from procqueue._pipeline.routes import Indices, Outbox, Positions
 from procqueue._protocol import messages as m
@@ -28,6 +28,8 @@ if TYPE_CHECKING:
     from procqueue._pool import Pool
 
 SAFETY_WAKE = 1.0  # seconds: a pump blocked on a stage re-checks that its map is still read
+BYTES = 32 << 20  # a stage holds more than `capacity` items only while they take less than this
+LEAVE_WITHIN = 5.0  # seconds a pump may take to leave once its map ended (it may be in user code)
 
 
 class Lane:
@@ -46,13 +48,20 @@ class Lane:
         self.capacity = capacity
         self.span = capacity  # the room it gets: capacity, or a batch in hand and one ready per worker
         self.held = 0  # pushed to this stage and not yet taken out by its pump
+        self.item_bytes = 0.0  # pickled bytes an item of it takes, in or out, as last seen
 
     def measure(self) -> None:
         """Bring `span` up to date (takes the stage pool's lock: never call it under the flow's).
-        Tiny items travel in batches of thousands; a room of `capacity` alone would starve them."""
+        Tiny items travel in batches of thousands; a room of `capacity` alone would starve
+        them. Beyond `capacity` it grows only while the items it holds stay under BYTES."""
         core = self.feeder.core
         with core.lock:
-            self.span = max(self.capacity, core.feed_span(self.feeder))
+            busy = core.feed_span(self.feeder)
+        self.span = max(self.capacity, min(busy, int(BYTES / max(self.item_bytes, 1.0))))
+
+    def saw(self, nbytes: float) -> None:
+        """Items of about `nbytes` pickled bytes each came into or out of this stage."""
+        self.item_bytes = max(nbytes, 0.5 * self.item_bytes)  # a jump up counts at once
 
     def room(self) -> int:
         return self.span - self.held
@@ -141,7 +150,7 @@ class Flow:
     def _room_after(self, lane: Lane) -> bool:
         if lane.index + 1 < len(self.lanes):
             return self.lanes[lane.index + 1].room() > 0
-        return self.outbox.held < self.out_capacity
+        return self.outbox.ready < self.out_capacity  # not errors waiting for their turn
 
     def _pump(self, lane: Lane) -> None:
         try:
@@ -185,6 +194,11 @@ class Flow:
                     self.ended = True
                     self.cv.notify_all()
             return False
+        if chunk.size:
+            per_item = chunk.body_bytes() / chunk.size
+            lane.saw(per_item)
+            if after is not None:
+                after.saw(per_item)
         chunk.materialize()  # unpickled here, not on the pool's manager thread
         values = chunk.values
         errors = chunk.errors
@@ -221,6 +235,8 @@ class Flow:
                             break
                         if self.failure is not None:
                             raise self.failure
+                        if self.closed:  # ended from outside (shutdown, terminate)
+                            raise PoolClosed("the pipeline was shut down while this map was being read")
                         if self.ended:
                             if self.input_error is not None:
                                 raise self.input_error
@@ -237,15 +253,18 @@ class Flow:
             self.close()
 
     def join(self) -> None:
-        """Wait for the pumps to leave (not for the input's reader: it may be stuck in
-        the input's own code, and is a daemon thread)."""
+        """Wait for the pumps to leave, a while: one may be stuck in a value's own unpickling
+        code, and the input's reader in the input's (both are daemon threads)."""
         for t in self.threads[1:]:
             if t is not threading.current_thread():
-                t.join()
+                t.join(LEAVE_WITHIN)
 
-    def close(self) -> None:
-        """End the map: what did not start is cancelled, the threads leave. Safe from a
-        finalizer on any thread: a flag, lock-free wakes of the pools, this map's own lock."""
+    def close(self, why: BaseException | None = None) -> None:
+        """End the map: what did not start is cancelled, the threads leave; its reader, if
+        still reading, gets `why`. Safe from a finalizer on any thread: a flag, lock-free
+        wakes of the pools, this map's own lock."""
+        if why is not None and self.failure is None:
+            self.failure = why
         self.closed = True
         for lane in self.lanes:
             if not lane.feeder.finished:

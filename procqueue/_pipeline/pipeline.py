@@ -5,9 +5,11 @@ from __future__ import annotations
 import itertools
 import weakref
 from collections.abc import Generator, Iterable
+from concurrent.futures import CancelledError
 from types import TracebackType
 from typing import IO, TYPE_CHECKING, Any, Literal, cast
 
+from procqueue._errors import PoolClosed
 from procqueue._pipeline.flow import Flow
 from procqueue._pipeline.stage import Stage
 
@@ -55,7 +57,7 @@ class Pipeline:
                     f"Pipeline takes pq.Stage objects; argument {i} is a {type(stage).__name__}: "
                     "wrap a function as pq.Stage(fn)"
                 )
-        if not isinstance(capacity, int) or capacity < 1:
+        if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
             raise ValueError(f"capacity must be an int >= 1, got {capacity!r}")
         from procqueue._pool import Pool
 
@@ -126,9 +128,9 @@ class Pipeline:
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """End every stage: maps in progress end (their unread items are cancelled with
         `cancel_futures`); with `wait`, return once every process exited."""
-        for flow in list(self._flows):
-            if cancel_futures:
-                flow.close()
+        why = CancelledError("the pipeline was shut down with cancel_futures=True") if cancel_futures else None
+        for flow in list(self._flows):  # maps not read to the end end here, their readers told
+            flow.close(why or PoolClosed("the pipeline was shut down while this map was being read"))
         for pool in self._pools:
             pool.shutdown(wait=False, cancel_futures=cancel_futures)
         if wait:
@@ -140,7 +142,7 @@ class Pipeline:
     def terminate(self) -> None:
         """Kill every stage's workers now."""
         for flow in list(self._flows):
-            flow.close()
+            flow.close(PoolClosed("the pipeline was terminated"))
         for pool in self._pools:
             pool.terminate()
 
@@ -153,9 +155,7 @@ class Pipeline:
         if exc_type is not None and not issubclass(exc_type, Exception):
             self.terminate()
         else:
-            for flow in list(self._flows):  # maps not read to the end are released
-                flow.close()
-            self.shutdown(wait=True)
+            self.shutdown(wait=True)  # maps not read to the end are released
         return False
 
 

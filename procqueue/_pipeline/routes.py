@@ -101,6 +101,12 @@ class Outbox:
             self._pieces.append((indices, values, None))
             self.held += len(indices)
 
+    @property
+    def ready(self) -> int:
+        """Items in here the reader can take now: not counting errors that wait for
+        their turn (they wait for items still in the stages, which need this room)."""
+        return self.held - len(self._errors)
+
     def fail(self, index: int, error: BaseException) -> None:
         """An item that ended with an error at some stage."""
         if self.ordered:

@@ -41,7 +41,7 @@ class Stage:
     ) -> None:
         if not callable(fn):
             raise TypeError(f"Stage needs a callable, got {type(fn).__name__}")
-        if capacity is not None and (not isinstance(capacity, int) or capacity < 1):
+        if capacity is not None and (isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1):
             raise ValueError(f"a stage's capacity must be an int >= 1, got {capacity!r}")
         if chunksize != "auto" and (not isinstance(chunksize, int) or chunksize < 1):
             raise ValueError(f"chunksize must be an int >= 1 or 'auto', got {chunksize!r}")

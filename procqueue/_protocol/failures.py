@@ -41,7 +41,10 @@ def remote_error(info: m.ErrorInfo, task_id: int, attempts: int, pid: int, mater
         )
         if exc is None:
             return failed
-        exc.__cause__ = failed
+        try:
+            exc.__cause__ = failed
+        except BaseException:  # a type that will not take a cause: the TaskFailed carries it
+            return failed
         return exc
     stage, advice = {
         m.Fault.RESULT_PICKLE: ("result", "return a value plain pickle or cloudpickle can handle"),

@@ -42,9 +42,7 @@ def _guarded(load: Callable[[Any], None], operands: int) -> Callable[[Any], None
         depth = len(self.stack)
         try:
             load(self)
-        except KeyboardInterrupt:
-            raise
-        except BaseException as exc:  # the point: any failure becomes a marker
+        except BaseException as exc:  # KeyboardInterrupt too: off the main thread, only a value raises it  # the point: any failure becomes a marker
             if operands >= 0:  # its operands (popped or not) go, the marker takes their place
                 del self.stack[max(depth - operands, 0) :]
             self.stack.append(Broken(exc))  # (-1: it ends a mark, which put the stack back already)
@@ -74,8 +72,6 @@ def salvage(data: Any, buffers: Sequence[Any] = ()) -> tuple[list[Any], dict[int
     None when the failure cannot be pinned on single values."""
     try:
         values = _Tolerant(io.BytesIO(bytes(data)), buffers=list(buffers)).load()
-    except KeyboardInterrupt:
-        raise
     except BaseException:  # broken past a single object: the whole batch fails
         return None
     if not isinstance(values, list):
