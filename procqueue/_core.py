@@ -32,7 +32,7 @@ from procqueue._scheduler.feeds import Feed
 from procqueue._scheduler.scheduler import Scheduler
 from procqueue._scheduler.states import InvalidTransition
 from procqueue._scheduler.tables import Policy
-from procqueue._scheduler.tasks import Run
+from procqueue._scheduler.tasks import Batch, Run
 from procqueue._settings import Config
 from procqueue._stats import Counts, Stats
 
@@ -158,6 +158,12 @@ class Core:
         with self.cv:
             self.check_open()
             self.apply(self.scheduler.reject(run, exc, time.monotonic()), later)
+
+    def unsendable(self, batch: Batch, rejected: list[tuple[Run, int, BaseException]], later: Later) -> None:
+        """Items of a booked batch would not pickle: they fail, the rest go back to the heap
+        and the backend looks again (lock held)."""
+        self.apply(self.scheduler.unsendable(batch, rejected), later)
+        self.wake()
 
     def add_feed(self, feed: Feed) -> None:
         """A map whose batches the scheduler cuts from its input as room frees."""

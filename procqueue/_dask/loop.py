@@ -231,8 +231,7 @@ class Loop:
                 if not s.holds(batch):
                     continue
                 if rejected:
-                    core.apply(s.unsendable(batch, rejected), later)
-                    core.wake()  # the rest of the batch is back in the heap: dispatch it again
+                    core.unsendable(batch, rejected, later)
                     continue
             body = b"".join(parts)
             # A second batch for the seat waits on the first inside Dask (not on a round trip

@@ -133,8 +133,7 @@ class Manager:
                 if not s.holds(batch):
                     continue  # settled meanwhile (the pool broke, the worker died)
                 if rejected:
-                    core.apply(s.unsendable(batch, rejected), later)
-                    core.wake()  # the rest of the batch is back in the heap: dispatch it again
+                    core.unsendable(batch, rejected, later)
                     continue
                 slot = self.sup.slots[batch.seat]
                 timed = any(r.receiver.timed_each for r, _, _ in batch.segments)
