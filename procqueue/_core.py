@@ -133,7 +133,8 @@ class Core:
                     self.flow.blocked += time.monotonic() - began
             s.accept(run, time.monotonic())
             self.flow.check(s.queue.pending)
-            self.wake()
+            if s.wants_work():  # else the end of a batch brings the next dispatch round
+                self.wake()
 
     def _fits(self, n: int) -> bool:
         """Whether `n` tasks may join the queue now: room, or an empty queue (a run larger
@@ -150,7 +151,8 @@ class Core:
                 return False
             s.accept(run, time.monotonic())
             self.flow.check(s.queue.pending)
-            self.wake()
+            if s.wants_work():  # else the end of a batch brings the next dispatch round
+                self.wake()
             return True
 
     def reject_new(self, run: Run, exc: BaseException, later: Later) -> None:
