@@ -52,11 +52,13 @@ class Tables:
         if 0 <= batch.seat < len(self.seats):
             self.seats[batch.seat].batches.pop(batch.batch_id, None)
 
-    def share(self) -> tuple[int, int]:
+    def share(self, taking: int | None = None) -> tuple[int, int]:
         """Tasks outstanding (waiting or out with a worker), and the workers taking work."""
-        return self.queue.pending + self.books.in_flight, sum(1 for s in self.seats if s.takes_work)
+        if taking is None:
+            taking = sum(1 for s in self.seats if s.takes_work)
+        return self.queue.pending + self.books.in_flight, taking
 
-    def gathering(self) -> bool:
+    def gathering(self, taking: int | None = None) -> bool:
         """Whether what waits is less than a full batch (`Sizing.heap_size`) of the run on
         top: a busy worker then gets no further batch yet, so that submits arriving one by
         one travel together; an idle worker takes what there is. Not for a run with an
@@ -64,7 +66,7 @@ class Tables:
         top = self.queue.heap[0][-1]
         if top.chunksize is not None or top.bucket is not None:
             return False
-        return self.queue.pending < self.policy.sizing.heap_size(top, self.share())
+        return self.queue.pending < self.policy.sizing.heap_size(top, self.share(taking))
 
     def wants_work(self) -> bool:
         """After a submit: whether the backend should look at the queue now. Yes when a
@@ -72,8 +74,16 @@ class Tables:
         would get a full one. Otherwise submits gather in the queue until the end of a
         batch (or a start, a death) brings the next round: a wake-up for each of a stream
         of single submits (closed-loop `arun`s, each result bringing the next call) would
-        cut them into batches of one or two."""
-        taking = [s for s in self.seats if s.takes_work]
-        if not self.queue.heap or not taking or any(not s.batches for s in taking):
+        cut them into batches of one or two. Once per submit: kept cheap."""
+        held = self.policy.sizing.max_held
+        taking, room = 0, False
+        for seat in self.seats:
+            if seat.open and not seat.retiring:  # takes_work
+                n = len(seat.batches)
+                if n == 0:
+                    return True
+                taking += 1
+                room = room or n < held
+        if not taking or not self.queue.heap:
             return True
-        return any(len(s.batches) < self.policy.sizing.max_held for s in taking) and not self.gathering()
+        return room and not self.gathering(taking)
