@@ -144,7 +144,7 @@ class Core:
 
     def try_enqueue(self, run: Run) -> bool:
         """Accept a run if it fits now (as "block" would let it in); False when it does not."""
-        with self.cv:
+        with self.lock:  # the condition's own lock, without its Python-level wrapper (once per arun)
             self.check_open()
             s = self.scheduler
             if not self._fits(len(run.items)):

@@ -34,6 +34,20 @@ if TYPE_CHECKING:
     from procqueue._monitor.view import LiveView
 
 T = TypeVar("T")
+_PLAIN = frozenset({int, float, bool, type(None)})
+_SHORT = frozenset({str, bytes})
+
+
+def _plain(args: tuple[Any, ...]) -> bool:
+    """Arguments of builtin types only (strings and bytes short): pickling them runs no
+    user code and takes no time, so they are pickled with their batch, not one by one."""
+    for a in args:
+        t = type(a)
+        if t not in _PLAIN and not (t in _SHORT and len(a) <= 1024):
+            return False
+    return True
+
+
 R = TypeVar("R", bound=Receiver)
 Chunksize = int | Literal["auto"] | None
 
@@ -166,8 +180,9 @@ class Options:
         # Pickled here, in the caller's thread: a __reduce__ that blocks or raises costs this call only.
         try:
             handler.wire()
-            run.items[0] = pickle_arguments(item)
-            run.packed = True
+            if not (kwargs or _plain(args)):  # plain values run no code of the user's when pickled
+                run.items[0] = pickle_arguments(item)  # with their batch, at C speed
+                run.packed = True
         except ProcQueueError as exc:  # the handler would not pickle
             core.reject_new(run, exc, later)
         except KeyboardInterrupt:  # Ctrl-C while pickling is the user's, not the task's
