@@ -470,7 +470,11 @@ class Pool(concurrent.futures.Executor):
         coroutine cancels a task that has not started; a running one runs to its end
         and its outcome is dropped (it counts as completed or failed, not cancelled).
         """
-        return await self._default.arun(fn, *args, **kwargs)
+        from procqueue._async import arun, awaited
+
+        opts = self._default  # as `opts.arun`, one coroutine fewer on each call's way
+        receiver, run = opts._prepare_run(fn, args, kwargs, awaited)
+        return await arun(self._core, receiver, run, opts.block_timeout)  # type: ignore[no-any-return]
 
     def amap(
         self,
