@@ -8,60 +8,137 @@ chunk at a time (at most two chunks ahead of the consumer)."""
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import threading
 import weakref
 from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from procqueue._errors import QueueFull
 from procqueue._map import Pushed
-from procqueue._results import Later, run_all
+from procqueue._results import Later, MakeError, Values, error_of, run_all, value_of
 
 if TYPE_CHECKING:
     from procqueue._core import Core
     from procqueue._map import Feeder, MapIterator
-    from procqueue._results import Future
     from procqueue._scheduler.tasks import Run
 
 AHEAD = 2  # chunks of results a map's thread may hold for the loop before it waits
 
 
-async def arun(core: Core, fut: Future, run: Run | None, block_timeout: float | None) -> Any:
-    """Queue `run` (None: its task failed already) and await its future: the waits for
-    room (under "block") and for the outcome are suspensions, never blocking the loop."""
+def awaited(task_id: int) -> Awaited:
+    """The receiver of an `arun`'s task, with its waiter on the running loop."""
     loop = asyncio.get_running_loop()
+    return Awaited(task_id, _inbox_of(loop), loop.create_future())
+
+
+async def arun(core: Core, receiver: Awaited, run: Run | None, block_timeout: float | None) -> Any:
+    """Queue `run` (None: its task failed already) and await its outcome: the waits for
+    room (under "block") and for the outcome are suspensions, never blocking the loop."""
     if run is not None and not (core.cfg.backpressure == "block" and core.try_enqueue(run)):
         await enqueue(core, run, block_timeout)
-    waiter = loop.create_future()
-    inbox = _inbox_of(loop)
-    fut.add_done_callback(lambda done: inbox.put(waiter, done))
     try:
-        return await waiter
+        return await receiver.waiter
     except asyncio.CancelledError:
         # A task that has not started never runs; a running one runs to its end
         # and its outcome is dropped.
-        fut.cancel()
+        with core.lock:
+            receiver.withdraw()
         raise
 
 
+class Awaited:
+    """The one task of an `arun` (a `Receiver`, `procqueue/_scheduler/tasks.py`): no
+    concurrent future and no done-callback. Once settled it goes straight to its loop's
+    inbox from the thread that settled it (the manager's, after the pool's lock:
+    `_Inbox.put` runs no user code), and its value is unpickled on the loop's thread.
+    `claim` and every cancel run under the pool's lock: a task runs or is cancelled."""
+
+    __slots__ = ("_cancelled", "_claimed", "_outcome", "inbox", "task_id", "waiter")
+    partial = False  # cancelled whole or not at all
+    timed_each = False  # nobody reads its duration: tiny tasks may run unmarked
+
+    def __init__(self, task_id: int, inbox: _Inbox, waiter: asyncio.Future[Any]) -> None:
+        self.task_id = task_id
+        self.inbox = inbox
+        self.waiter = waiter
+        self._claimed = False
+        self._cancelled = False
+        self._outcome: tuple[bool, Any, int] | None = None  # (ok, values or error maker, index)
+
+    def claim(self) -> bool:
+        if self._cancelled:
+            return False
+        self._claimed = True
+        return True
+
+    def withdraw(self) -> bool:
+        """The awaiting coroutine was cancelled: the task is, if it has not started (lock held)."""
+        if self._claimed or self._cancelled:
+            return False
+        self._cancelled = True
+        return True
+
+    def cancel(self) -> bool:
+        """Cancelled by the pool (a shutdown with cancel_futures): the waiter is too."""
+        if not self.withdraw():
+            return False
+        self.inbox.put(self)
+        return True
+
+    def still_read(self) -> bool:
+        return True
+
+    def ok(
+        self, index: int, values: Values | None, lo: int, hi: int, meta: tuple[int, int, Any, int], later: Later
+    ) -> None:
+        self._outcome = (True, values, lo)
+        later.append(partial(self.inbox.put, self))
+
+    def fail(self, index: int, make: BaseException | MakeError, attempts: int, pid: int | None, later: Later) -> None:
+        self._claimed = True  # it may have failed before it ever ran (it did not pickle)
+        self._outcome = (False, make, 0)
+        later.append(partial(self.inbox.put, self))
+
+    def settle(self) -> None:
+        """Hand the outcome to the waiter (on the loop's thread): the value is unpickled here."""
+        waiter = self.waiter
+        if waiter.done():  # the coroutine was cancelled meanwhile
+            return
+        outcome = self._outcome
+        if outcome is None:
+            waiter.cancel()
+            return
+        ok, what, lo = outcome
+        value: Any = None
+        if not ok:
+            ok, value = error_of(what)
+        elif what is not None:  # None: nothing comes back (a FileOutput took it)
+            ok, value = value_of(what, lo, self.task_id)
+        if ok:
+            waiter.set_result(value)
+        elif isinstance(value, StopIteration):  # which a coroutine may not raise
+            waiter.set_exception(RuntimeError(f"the task raised StopIteration: {value!r}"))
+        else:
+            waiter.set_exception(value)
+
+
 class _Inbox:
-    """Outcomes for one event loop: futures settled on the pool's threads are handed
-    over in bulk, one wake-up of the loop (`call_soon_threadsafe`) per bunch, not per
-    future; the values are unpickled on the loop's thread, as `result()` does."""
+    """Outcomes for one event loop: tasks settled on the pool's threads are handed over
+    in bulk, one wake-up of the loop (`call_soon_threadsafe`) per bunch, not per task."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = weakref.ref(loop)  # weakly: the inboxes are keyed by their loop, weakly too
         self.lock = threading.Lock()
-        self.items: list[tuple[asyncio.Future[Any], concurrent.futures.Future[Any]]] = []
+        self.items: list[Awaited] = []
         self.scheduled = False
 
-    def put(self, waiter: asyncio.Future[Any], done: concurrent.futures.Future[Any]) -> None:
+    def put(self, item: Awaited) -> None:
         """From any thread."""
         with self.lock:
-            self.items.append((waiter, done))
+            self.items.append(item)
             if self.scheduled:
                 return
             self.scheduled = True
@@ -79,18 +156,8 @@ class _Inbox:
         with self.lock:
             items, self.items = self.items, []
             self.scheduled = False
-        for waiter, done in items:
-            if waiter.done():  # cancelled meanwhile
-                continue
-            if done.cancelled():
-                waiter.cancel()
-                continue
-            try:
-                waiter.set_result(done.result())
-            except StopIteration as exc:  # which a coroutine may not raise
-                waiter.set_exception(RuntimeError(f"the task raised StopIteration: {exc!r}"))
-            except BaseException as exc:  # the task's error, or a value that would not unpickle
-                waiter.set_exception(exc)
+        for item in items:
+            item.settle()
 
 
 _inboxes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Inbox] = weakref.WeakKeyDictionary()

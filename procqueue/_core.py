@@ -133,7 +133,8 @@ class Core:
                     self.flow.blocked += time.monotonic() - began
             s.accept(run, time.monotonic())
             self.flow.check(s.queue.pending)
-            self.wake()
+            if s.wants_work():  # else the end of a batch brings the next dispatch round
+                self.wake()
 
     def _fits(self, n: int) -> bool:
         """Whether `n` tasks may join the queue now: room, or an empty queue (a run larger
@@ -143,14 +144,15 @@ class Core:
 
     def try_enqueue(self, run: Run) -> bool:
         """Accept a run if it fits now (as "block" would let it in); False when it does not."""
-        with self.cv:
+        with self.lock:  # the condition's own lock, without its Python-level wrapper (once per arun)
             self.check_open()
             s = self.scheduler
             if not self._fits(len(run.items)):
                 return False
             s.accept(run, time.monotonic())
             self.flow.check(s.queue.pending)
-            self.wake()
+            if s.wants_work():  # else the end of a batch brings the next dispatch round
+                self.wake()
             return True
 
     def reject_new(self, run: Run, exc: BaseException, later: Later) -> None:

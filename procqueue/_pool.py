@@ -26,7 +26,7 @@ from procqueue._protocol.pickling import pickle_arguments
 from procqueue._results import Chunk, FutureReceiver, Later, Stream, run_all
 from procqueue._results import Future as Future
 from procqueue._scheduler.rate import Bucket, parse_rate
-from procqueue._scheduler.tasks import Run
+from procqueue._scheduler.tasks import Receiver, Run
 from procqueue._settings import BACKPRESSURE, Config, default_start_method, default_workers
 from procqueue._stats import Stats
 
@@ -34,6 +34,21 @@ if TYPE_CHECKING:
     from procqueue._monitor.view import LiveView
 
 T = TypeVar("T")
+_PLAIN = frozenset({int, float, bool, type(None)})
+_SHORT = frozenset({str, bytes})
+
+
+def _plain(args: tuple[Any, ...]) -> bool:
+    """Arguments of builtin types only (strings and bytes short): pickling them runs no
+    user code and takes no time, so they are pickled with their batch, not one by one."""
+    for a in args:
+        t = type(a)
+        if t not in _PLAIN and not (t in _SHORT and len(a) <= 1024):
+            return False
+    return True
+
+
+R = TypeVar("R", bound=Receiver)
 Chunksize = int | Literal["auto"] | None
 
 
@@ -104,10 +119,10 @@ class Options:
 
     async def arun(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
         """`await` the value of `fn(*args, **kwargs)` run in the pool (see `Pool.arun`)."""
-        from procqueue._async import arun
+        from procqueue._async import arun, awaited
 
-        fut, run = self._prepare(fn, args, kwargs)
-        return await arun(self._pool._core, fut, run, self.block_timeout)  # type: ignore[no-any-return]
+        receiver, run = self._prepare_run(fn, args, kwargs, awaited)
+        return await arun(self._pool._core, receiver, run, self.block_timeout)  # type: ignore[no-any-return]
 
     def amap(
         self,
@@ -130,22 +145,31 @@ class Options:
     def _prepare(
         self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> tuple[Future, Run | None]:
-        """A submit's future and its run, pickled here in the caller's thread; the run is
-        None when the task failed already (its arguments or handler would not pickle)."""
+        """A submit's future and its run (see `_prepare_run`)."""
+        runner = self._pool._core.runner
+        receiver, run = self._prepare_run(fn, args, kwargs, lambda task_id: FutureReceiver(Future(task_id, runner)))
+        return receiver.future, run
+
+    def _prepare_run(
+        self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], receiver: Callable[[int], R]
+    ) -> tuple[R, Run | None]:
+        """A submit's receiver (made for its task id) and its run, pickled here in the caller's
+        thread; the run is None when the task failed already (its arguments or handler would
+        not pickle)."""
         pool = self._pool
         core = pool._core
         core.check_open()
         with core.lock:  # one lock round per submit: the handler and the task id
             handler = core.scheduler.handlers.get(fn)
             task_id = core.scheduler.new_ids(1)
-        fut = Future(task_id, core.runner)
+        rec = receiver(task_id)
         item: Any = (args, kwargs) if kwargs else args
         call = m.Call.FULL if kwargs else m.Call.STAR
         run = Run(
             handler,
             [item],
             call,
-            FutureReceiver(fut),
+            rec,
             task_id,
             self.priority,
             retries=self.retries,
@@ -156,8 +180,9 @@ class Options:
         # Pickled here, in the caller's thread: a __reduce__ that blocks or raises costs this call only.
         try:
             handler.wire()
-            run.items[0] = pickle_arguments(item)
-            run.packed = True
+            if not (kwargs or _plain(args)):  # plain values run no code of the user's when pickled
+                run.items[0] = pickle_arguments(item)  # with their batch, at C speed
+                run.packed = True
         except ProcQueueError as exc:  # the handler would not pickle
             core.reject_new(run, exc, later)
         except KeyboardInterrupt:  # Ctrl-C while pickling is the user's, not the task's
@@ -165,9 +190,9 @@ class Options:
         except BaseException:  # a __reduce__ may raise anything, SystemExit too: this task's failure
             core.reject_new(run, argument_error(task_id, call, item), later)
         else:
-            return fut, run
+            return rec, run
         run_all(later)
-        return fut, None
+        return rec, None
 
     def _submit_items(self, fn: Callable[..., Any], items: list[Any]) -> Chunk:
         """`fn(item)` for each item, as one entry of the heap at these options'
@@ -445,7 +470,11 @@ class Pool(concurrent.futures.Executor):
         coroutine cancels a task that has not started; a running one runs to its end
         and its outcome is dropped (it counts as completed or failed, not cancelled).
         """
-        return await self._default.arun(fn, *args, **kwargs)
+        from procqueue._async import arun, awaited
+
+        opts = self._default  # as `opts.arun`, one coroutine fewer on each call's way
+        receiver, run = opts._prepare_run(fn, args, kwargs, awaited)
+        return await arun(self._core, receiver, run, opts.block_timeout)  # type: ignore[no-any-return]
 
     def amap(
         self,

@@ -170,7 +170,7 @@ class Future(concurrent.futures.Future):  # type: ignore[type-arg]
             invoke()
 
 
-def _value_of(values: Values, index: int, task_id: int) -> tuple[bool, Any]:
+def value_of(values: Values, index: int, task_id: int) -> tuple[bool, Any]:
     try:
         got = values.get()
         cause = values.bad.get(index)
@@ -183,7 +183,7 @@ def _value_of(values: Values, index: int, task_id: int) -> tuple[bool, Any]:
     return False, unloadable_error(cause, task_id)
 
 
-def _error_of(make: BaseException | MakeError) -> tuple[bool, Any]:
+def error_of(make: BaseException | MakeError) -> tuple[bool, Any]:
     return False, make if isinstance(make, BaseException) else make()
 
 
@@ -219,7 +219,7 @@ class FutureReceiver:
         fut.attempts, fut.worker_pid, durations, offset = meta
         fut.duration_ms = durations[offset] / 1e6 if durations else None
         if values is not None:
-            fut._lazy = partial(_value_of, values, lo, fut.task_id)
+            fut._lazy = partial(value_of, values, lo, fut.task_id)
         later.append(partial(fut.set_result, None))
 
     def fail(self, index: int, make: BaseException | MakeError, attempts: int, pid: int | None, later: Later) -> None:
@@ -228,7 +228,7 @@ class FutureReceiver:
         if not fut._claimed:  # failed before it ever ran (did not pickle)
             fut._claimed = True
             fut.set_running_or_notify_cancel()
-        fut._lazy = partial(_error_of, make)
+        fut._lazy = partial(error_of, make)
         later.append(partial(fut.set_exception, _PENDING))
 
 

@@ -165,6 +165,28 @@ def test_cancelling_arun_cancels_a_task_that_has_not_started(make_pool: MakePool
     assert s.completed == 1 + ran and s.cancelled == 20 - ran and balanced(s), (ran, s)
 
 
+def test_shutdown_with_cancel_futures_cancels_the_awaits_of_tasks_not_started(
+    make_pool: MakePool, tmp_path: Path
+) -> None:
+    """The pool cancels what has not started (shutdown with cancel_futures): their awaits
+    raise CancelledError; the running task's await gets its value."""
+    running = str(tmp_path / "running")
+
+    async def main() -> tuple[object, list[object]]:
+        pool = make_pool(workers=1)
+        first = asyncio.ensure_future(pool.arun(touch_then, running, 0.5))
+        rest = [asyncio.ensure_future(pool.arun(h.square, i)) for i in range(5)]
+        deadline = time.monotonic() + 30
+        while not os.path.exists(running + ".started") and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        pool.shutdown(wait=False, cancel_futures=True)
+        return await first, await asyncio.gather(*rest, return_exceptions=True)
+
+    value, outcomes = asyncio.run(main())
+    assert value == running
+    assert all(isinstance(o, asyncio.CancelledError) for o in outcomes), outcomes
+
+
 # --- amap ---------------------------------------------------------------------------------
 
 

@@ -107,9 +107,14 @@ class PendingQueue:
         self.throttled_due.clear()
 
     def take(
-        self, limit: int | None, on_cancel: Callable[[Run, int, int], None], now: float = 0.0
+        self,
+        limit: int | None,
+        on_cancel: Callable[[Run, int, int], None],
+        now: float = 0.0,
+        share: tuple[int, int] | None = None,
     ) -> list[tuple[Run, int, int]]:
-        """Cut the next batch off the top of the heap: at most `limit` items.
+        """Cut the next batch off the top of the heap: at most `limit` items; with `share`
+        (tasks outstanding, workers taking work) a short queue is spread (`heap_size`).
 
         Runs whose receiver was cancelled are dropped here (`on_cancel`); runs whose
         rate has no token are held back (`throttled`), and the next one is looked at.
@@ -139,7 +144,7 @@ class PendingQueue:
                 on_cancel(run, run.pos, n)
                 continue
             if not segments:
-                want = self.sizing.size_for(run)
+                want = self.sizing.heap_size(run, share)
                 if limit is not None:
                     want = min(want, limit)
                 key = run.key()

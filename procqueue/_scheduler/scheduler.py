@@ -81,6 +81,10 @@ class Scheduler:
         t = self.t
         return not (t.queue.heap or t.queue.delayed or t.queue.throttled or t.batches or t.lost or self.feeds.feeds)
 
+    def wants_work(self) -> bool:
+        """After a submit: whether the backend should look at the queue now (`Tables.wants_work`)."""
+        return self.t.wants_work()
+
     def next_due(self) -> float | None:
         """When the earliest backoff ends, or a held-back rate has a token again."""
         return self.t.queue.next_due()
@@ -205,7 +209,9 @@ class Scheduler:
                 return self._reserve(seat, [(run, 0, len(run.items))])
         heap = t.queue.heap
         if heap and self.t.policy.sizing.may_hold_more(seat.batches.values(), heap[0][-1].handler.est_ns):
-            segments = t.queue.take(limit, self.settlement.cancelled, now)
+            if seat.batches and t.gathering():
+                return None  # a busy worker's next batch waits until a full one has gathered
+            segments = t.queue.take(limit, self.settlement.cancelled, now, t.share())
             if segments:
                 return self._reserve(seat, segments)
         return None

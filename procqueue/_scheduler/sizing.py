@@ -59,6 +59,21 @@ class Sizing:
         # Batches of ~20 ms bound the tail imbalance to about one batch.
         return max(1, min(self.per_batch(est), MAX_BATCH))
 
+    def heap_size(self, run: Run, share: tuple[int, int] | None) -> int:
+        """Items of a batch taken from the heap: `size_for`, but when the tasks outstanding
+        (`share`: waiting or out with a worker, and the workers taking work) are fewer than
+        a full batch for every batch the workers may hold, as closed-loop submits are (each
+        result brings the next task), they are spread over those batches: every worker has
+        work, and a second batch to run while the first's results travel. Not below `min_ns`
+        of work."""
+        size = self.size_for(run)
+        est = run.handler.est_ns
+        if share is None or run.chunksize is not None or est is None or size <= 1:
+            return size
+        outstanding, workers = share
+        spread = -(-outstanding // (self.max_held * max(workers, 1)))
+        return max(1, min(size, max(spread, int(self.min_ns / max(est, 1.0)))))
+
     def direct_size(self, handler: Handler, total: int, left: int, workers: int, timed: bool = False) -> int:
         """A batch cut straight from a sequence of `total` items, `left` of them not
         cut yet: ~20 ms of work, but at least four batches per worker, and

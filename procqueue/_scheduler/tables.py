@@ -51,3 +51,39 @@ class Tables:
         self.batches.pop(batch.batch_id, None)
         if 0 <= batch.seat < len(self.seats):
             self.seats[batch.seat].batches.pop(batch.batch_id, None)
+
+    def share(self, taking: int | None = None) -> tuple[int, int]:
+        """Tasks outstanding (waiting or out with a worker), and the workers taking work."""
+        if taking is None:
+            taking = sum(1 for s in self.seats if s.takes_work)
+        return self.queue.pending + self.books.in_flight, taking
+
+    def gathering(self, taking: int | None = None) -> bool:
+        """Whether what waits is less than a full batch (`Sizing.heap_size`) of the run on
+        top: a busy worker then gets no further batch yet, so that submits arriving one by
+        one travel together; an idle worker takes what there is. Not for a run with an
+        explicit chunksize, nor one with a rate (it goes a token at a time)."""
+        top = self.queue.heap[0][-1]
+        if top.chunksize is not None or top.bucket is not None:
+            return False
+        return self.queue.pending < self.policy.sizing.heap_size(top, self.share(taking))
+
+    def wants_work(self) -> bool:
+        """After a submit: whether the backend should look at the queue now. Yes when a
+        worker that takes work holds nothing, or when one with room for another batch
+        would get a full one. Otherwise submits gather in the queue until the end of a
+        batch (or a start, a death) brings the next round: a wake-up for each of a stream
+        of single submits (closed-loop `arun`s, each result bringing the next call) would
+        cut them into batches of one or two. Once per submit: kept cheap."""
+        held = self.policy.sizing.max_held
+        taking, room = 0, False
+        for seat in self.seats:
+            if seat.open and not seat.retiring:  # takes_work
+                n = len(seat.batches)
+                if n == 0:
+                    return True
+                taking += 1
+                room = room or n < held
+        if not taking or not self.queue.heap:
+            return True
+        return room and not self.gathering(taking)

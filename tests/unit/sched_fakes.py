@@ -137,6 +137,9 @@ class FakeFeed:
 # The sizing the unit tests were written with (batches of ~5 ms for tasks over 100 us):
 # they test how batch sizes follow the measured cost and the prefetch rule, not the constant.
 FIVE_MS = Sizing(long_ns=5_000_000)
+# For tests of what happens inside one batch: a few measured tasks stay one batch (no batch is
+# cut below 20 ms of work, so a short queue is not spread over the batches workers may hold).
+WHOLE = Sizing(min_ns=20_000_000)
 
 
 def make_scheduler(workers: int = 2, *, start: bool = True, seed: int = 0, **policy: Any) -> Scheduler:

@@ -11,6 +11,7 @@ import pytest
 from sched_fakes import (
     FIVE_MS,
     PID0,
+    WHOLE,
     FakeFeed,
     Front,
     brief,
@@ -153,6 +154,29 @@ def test_batch_size_tracks_the_measured_cost() -> None:
     assert sizing.size_for(make_run(s, h2, [0])) == 500
 
 
+def test_a_short_queue_is_spread_and_single_submits_gather() -> None:
+    """Closed-loop submits (200 coroutines awaiting `arun`): what is outstanding is spread
+    over the batches the workers may hold, and a busy worker's next batch waits until a
+    full one has gathered, while an idle worker takes what there is."""
+    s = make_scheduler(2)
+    h = s.handlers.get(len)
+    measure(h, 100_000)  # 0.1 ms: 200 would make one 20 ms batch
+    submit(s, h, 40)
+    first = sends(s.dispatch(0.0))
+    assert [(b.seat, b.count) for b in first] == [(0, 10), (1, 10), (0, 10), (1, 10)]  # 40 over 4 batches
+    complete(s, first[0], ns=100_000)  # worker 0 still holds one batch
+    submit(s, h, 9)
+    assert not s.wants_work() and s.dispatch(1.0) == []  # 9 < a batch of 10 (1 ms of work): they gather
+    submit(s, h, 1)
+    assert s.wants_work()
+    assert [(b.seat, b.count) for b in sends(s.dispatch(1.0))] == [(0, 10)]
+    complete(s, first[1], ns=100_000)
+    complete(s, first[3], ns=100_000)  # worker 1 is idle: a single submit goes at once
+    submit(s, h, 1)
+    assert s.wants_work()
+    assert [(b.seat, b.count) for b in sends(s.dispatch(1.0))] == [(1, 1)]
+
+
 def test_chunksize_is_respected() -> None:
     s = make_scheduler(2)
     h = s.handlers.get(len)
@@ -216,7 +240,7 @@ def test_prefetch_counts_only_what_is_not_reported_yet() -> None:
 
 
 def test_task_limit_retires_the_worker() -> None:
-    s = make_scheduler(1, max_tasks_per_worker=3)
+    s = make_scheduler(1, max_tasks_per_worker=3, sizing=WHOLE)
     h = s.handlers.get(len)
     measure(h, 1_000)
     submit(s, h, 5)
@@ -375,7 +399,7 @@ def test_args_unpickle_of_a_lone_submit_in_a_merged_batch_goes_by_value_at_once(
 
 def dying_batch_of_5(retries: int = 0, timeout: float | None = None) -> tuple[Scheduler, Front, Run, Batch]:
     """One worker holding a batch of five items of one map run, items 0 and 1 reported."""
-    s = make_scheduler(1)
+    s = make_scheduler(1, sizing=WHOLE)
     front = Front(s)
     h = s.handlers.get(len)
     measure(h, 1_000)
@@ -553,7 +577,7 @@ def test_worker_gone_twice_or_for_a_stranger_does_nothing() -> None:
 
 
 def test_task_at_names_the_marked_item() -> None:
-    s = make_scheduler(1)
+    s = make_scheduler(1, sizing=WHOLE)
     h = s.handlers.get(len)
     measure(h, 1 * MS)
     run = submit_map(s, h, 5)
@@ -1023,7 +1047,7 @@ def test_idle_workers_have_no_limit() -> None:
 
 
 def test_break_pool_fails_everything_outstanding_exactly_once() -> None:
-    s = make_scheduler(2, backoff=1.0, sizing=FIVE_MS)
+    s = make_scheduler(2, backoff=1.0, sizing=sizing.Sizing(long_ns=5_000_000, min_ns=5_000_000))
     front = Front(s)
     h = s.handlers.get(len)
     (retrying,) = submit(s, h, 1, retries=1)
@@ -1093,7 +1117,7 @@ def test_reject_fails_tasks_that_would_not_pickle() -> None:
 
 
 def test_unsendable_items_fail_and_the_rest_go_back() -> None:
-    s = make_scheduler(1)
+    s = make_scheduler(1, sizing=WHOLE)
     h = s.handlers.get(len)
     measure(h, 1 * MS)
     run = submit_map(s, h, 3)
@@ -1158,7 +1182,7 @@ def test_invalid_transition_carries_the_task_and_its_history() -> None:
 
 
 def test_the_scheduler_refuses_an_outcome_reported_twice() -> None:
-    s = make_scheduler(1)
+    s = make_scheduler(1, sizing=WHOLE)
     h = s.handlers.get(len)
     measure(h, 1 * MS)
     run = submit_map(s, h, 3)
