@@ -78,6 +78,7 @@ class Feeder:
         self.limit = WINDOW * core.cfg.capacity
         self.managed = type(source) in (list, tuple, range)
         self.pushed = isinstance(source, Pushed)  # its items come through `push` (an async iterable's)
+        self.pulls = not self.managed and not self.pushed  # its reader pulls input as batches are cut
         # The manager cuts batches from seq[pos:]: the whole sequence, or for other
         # input a buffer the consumer's thread refills from the iterator.
         self.seq: Any = source if self.managed else []

@@ -73,8 +73,12 @@ class Flow:
     def __init__(
         self, stages: list[tuple[Stage, Pool, int]], capacity: int, ordered: bool, return_exceptions: bool
     ) -> None:
-        self.cv = threading.Condition(threading.RLock())  # reentrant: close() may run in a finalizer
+        lock = threading.RLock()  # reentrant: close() may run in a finalizer
+        self.cv = threading.Condition(lock)  # the reader of the results waits here
         self.lanes = [Lane(i, stage, pool, cap, ordered) for i, (stage, pool, cap) in enumerate(stages)]
+        # room[k]: lane k (the outbox for k == len(lanes)) has room: only who pushes there waits
+        # on it, so a change wakes one thread, not every thread of the map.
+        self.room = [threading.Condition(lock) for _ in range(len(self.lanes) + 1)]
         self.outbox = Outbox(ordered)
         self.out_capacity = capacity
         self.return_exceptions = return_exceptions
@@ -120,7 +124,7 @@ class Flow:
                     each.measure()
                 with self.cv:
                     while not self.closed and self._room_in() <= 0:
-                        self.cv.wait()
+                        self.room[0].wait()
                     if self.closed:
                         return
                     room = self._room_in()
@@ -168,7 +172,7 @@ class Flow:
             self.lanes[lane.index + 1].measure()
         with self.cv:  # first room after it: holding a chunk the next stage cannot take helps no one
             while not self.closed and not self._room_after(lane):
-                self.cv.wait()
+                self.room[lane.index + 1].wait()
             if self.closed:
                 return False
         feeder = lane.feeder
@@ -216,7 +220,9 @@ class Flow:
             else:
                 after.positions.add(indices)
                 after.held += len(indices)
-            self.cv.notify_all()
+            self.room[lane.index].notify()  # who pushes into this stage: it has room again
+            if after is None or errors:
+                self.cv.notify()  # the reader of the results: something to hand out
         # False: the next stage takes no more, the map is ending
         return after is None or not values or after.feeder.push(values, False)
 
@@ -231,7 +237,8 @@ class Flow:
                         got = self.outbox.take()
                         if got is not None:
                             self.handed += len(got[0])
-                            self.cv.notify_all()
+                            self.room[-1].notify()  # the last pump: the outbox has room
+                            self.room[0].notify()  # the input's reader: fewer items inside
                             break
                         if self.failure is not None:
                             raise self.failure
@@ -269,8 +276,13 @@ class Flow:
         for lane in self.lanes:
             if not lane.feeder.finished:
                 lane.feeder.core.abandon(lane.feeder.stream)
+        self._wake_all()
+
+    def _wake_all(self) -> None:
         with self.cv:
             self.cv.notify_all()
+            for room in self.room:
+                room.notify_all()
 
 
 def _tag(exc: BaseException, lane: Lane, index: int) -> BaseException:

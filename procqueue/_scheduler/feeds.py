@@ -41,6 +41,7 @@ class Feed(Protocol):
     exhausted: bool  # set here: the scheduler is done with it
     error: BaseException | None  # raised to its reader after the results: why its input stopped
     managed: bool  # `seq` is the whole input (a list, tuple or range)
+    pulls: bool  # its reader pulls more input as batches are cut (an iterator's map)
     size: int | None  # chunksize, or None for automatic
     limit: int  # the least window of unread results
     order: int  # its place in line among equal priorities

@@ -204,7 +204,7 @@ class Scheduler:
             run = self.feeds.cut(f, limit, self.new_ids, self.closed, now)
             if run is not None:
                 self._account(run, 0, now)
-                if not f.managed:
+                if f.pulls:
                     t.out.append(NOTIFY)  # its reader may pull more input
                 return self._reserve(seat, [(run, 0, len(run.items))])
         heap = t.queue.heap

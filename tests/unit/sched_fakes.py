@@ -110,6 +110,7 @@ class FakeFeed:
         self.exhausted = False
         self.error: BaseException | None = None
         self.managed = managed
+        self.pulls = not managed
         self.size = size
         self.limit = limit
         self.order = 0
