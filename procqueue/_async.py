@@ -13,7 +13,6 @@ import threading
 import weakref
 from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable
-from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from procqueue._errors import QueueFull
@@ -95,12 +94,12 @@ class Awaited:
         self, index: int, values: Values | None, lo: int, hi: int, meta: tuple[int, int, Any, int], later: Later
     ) -> None:
         self._outcome = (True, values, lo)
-        later.append(partial(self.inbox.put, self))
+        self.inbox.stage(self, later)
 
     def fail(self, index: int, make: BaseException | MakeError, attempts: int, pid: int | None, later: Later) -> None:
         self._claimed = True  # it may have failed before it ever ran (it did not pickle)
         self._outcome = (False, make, 0)
-        later.append(partial(self.inbox.put, self))
+        self.inbox.stage(self, later)
 
     def settle(self) -> None:
         """Hand the outcome to the waiter (on the loop's thread): the value is unpickled here."""
@@ -137,11 +136,22 @@ class _Inbox:
 
     def put(self, item: Awaited) -> None:
         """From any thread."""
+        later: Later = []
+        self.stage(item, later)
+        run_all(later)
+
+    def stage(self, item: Awaited, later: Later) -> None:
+        """From any thread, the pool's lock held or not: `item` joins the inbox now, and
+        the loop is woken after the lock (through `later`), once for all that joins
+        before it drains (a batch's outcomes: one lock round each, one wake-up)."""
         with self.lock:
             self.items.append(item)
             if self.scheduled:
                 return
             self.scheduled = True
+        later.append(self.wake)
+
+    def wake(self) -> None:
         loop = self.loop()
         try:
             if loop is None:
@@ -164,11 +174,19 @@ _inboxes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Inbox] = weakref
 _inboxes_lock = threading.Lock()
 
 
+_last: _Inbox | None = None  # the inbox asked for last: most programs have one loop
+
+
 def _inbox_of(loop: asyncio.AbstractEventLoop) -> _Inbox:
+    global _last
+    inbox = _last
+    if inbox is not None and inbox.loop() is loop:
+        return inbox
     inbox = _inboxes.get(loop)
     if inbox is None:
         with _inboxes_lock:
             inbox = _inboxes.setdefault(loop, _Inbox(loop))
+    _last = inbox
     return inbox
 
 

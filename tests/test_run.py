@@ -165,6 +165,7 @@ def test_jsonl_in_order_with_bad_lines_and_raising_records(work: Path, tag: str)
     bad = rows[101]
     assert bad["ok"] is False and bad["error"]["type"] == "InvalidRecord"
     assert "line 101 is not valid JSON" in bad["error"]["message"]
+    assert bad["error"]["attempts"] == 0  # the handler never ran on it
     raised = [rec for rec in out if not rec["ok"] and rec["error"]["type"] == "ValueError"]
     assert [rec["id"] for rec in raised] == [f"r{i}" for i in range(300) if i % 50 == 7]
     err = raised[0]["error"]

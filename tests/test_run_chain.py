@@ -77,7 +77,7 @@ def test_three_stages_values_and_an_error_at_stage_1_naming_it(stages: Path, tag
             assert rec == {"line": i + 1, "id": f"r{i}", "ok": True, "value": {"score": i * 10 + 2}}
     torn = rows[n + 1]["error"]
     assert torn["type"] == "InvalidRecord" and torn["stage"] == {"index": 0, "function": "decode"}
-    assert f"line {n + 1} is not valid JSON" in torn["message"]
+    assert f"line {n + 1} is not valid JSON" in torn["message"] and torn["attempts"] == 0
     assert len(bad) == n // 10 + 1
     assert f"{n + 1} records in" in got.stderr and f"{n - n // 10} ok, {n // 10 + 1} failed" in got.stderr
     assert "line 4, stage 1 (score): ValueError: score refuses 3" in got.stderr

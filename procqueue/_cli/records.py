@@ -33,7 +33,11 @@ _loads = json.loads
 class InvalidRecord(ValueError):
     """An input record that cannot be read, or a value that is not JSON: never retried."""
 
-    procqueue_final = True  # the worker reports it as final (see `_worker._fault`)
+    procqueue_final = True  # the worker reports it as final (`procqueue/_protocol/failures.py::fault_of`)
+
+
+class UnreadRecord(InvalidRecord):
+    """A record the worker could not parse: the handler never ran on it (0 attempts)."""
 
 
 @dataclass(frozen=True)
@@ -88,12 +92,12 @@ class RecordHandler:
             try:
                 return _loads(raw)
             except ValueError as exc:
-                raise InvalidRecord(f"line {line} is not valid JSON: {exc}") from None
+                raise UnreadRecord(f"line {line} is not valid JSON: {exc}") from None
         if self.fmt == "lines":
             try:
                 return raw.decode()
             except UnicodeDecodeError as exc:
-                raise InvalidRecord(f"line {line} is not valid UTF-8: {exc}") from None
+                raise UnreadRecord(f"line {line} is not valid UTF-8: {exc}") from None
         assert self.header is not None
         return dict(zip(self.header, raw, strict=True))
 
@@ -140,7 +144,7 @@ def failure_record(
     pool's map gives it (the handler's own exception, its `__cause__` a `TaskFailed`; a
     `WorkerCrashed`, `TaskTimeout`, `SerializationError`), with the type and message the
     summary shows. Never raises: an exception whose str() raises still gets its record."""
-    attempts = attempts_of(exc)
+    attempts = 0 if isinstance(exc, UnreadRecord) else attempts_of(exc)
     try:
         type_name, message, tb = describe_failure(exc)
         task_id = task_id_of(exc)

@@ -39,7 +39,6 @@ class PendingQueue:
     sizing: Sizing = LOCAL
     seq: Iterator[int] = field(default_factory=itertools.count)
     pushes: Iterator[int] = field(default_factory=itertools.count)
-    batch_ids: Iterator[int] = field(default_factory=lambda: itertools.count(1))
 
     def room(self) -> int:
         return self.capacity - self.pending
