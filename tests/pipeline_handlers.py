@@ -54,6 +54,10 @@ def hang_at_13(x: int) -> int:
     return x * 2
 
 
+def same(x: Any) -> Any:
+    return x
+
+
 def slow(x: Any) -> Any:
     time.sleep(0.002)
     return x

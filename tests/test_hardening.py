@@ -293,6 +293,22 @@ def test_item8_an_argument_that_kills_its_worker_while_unpickling_fails_alone() 
     assert (s.failed, s.completed) == (6, 8), s
 
 
+@pytest.mark.timeout(60)
+def test_an_argument_that_exits_while_unpickling_in_the_worker_is_named_in_the_error() -> None:
+    """An argument whose unpickling raises SystemExit(3) in the worker fails its task with a
+    message that names the exception ("SystemExit: 3"), not a bare "3"."""
+    pool = pq.Pool(workers=1)
+    try:
+        err = pool.submit(h.identity, x.ExitsOnLoad()).exception(timeout=30)
+        assert isinstance(err, pq.SerializationError) and err.stage == "argument", f"{type(err).__name__}: {err}"
+        assert "SystemExit: 3 (in worker pid" in str(err), str(err)
+        assert pool.submit(h.square, 3).result(timeout=30) == 9
+    finally:
+        _close(pool)
+    s = _at_rest(pool)
+    assert (s.failed, s.completed) == (1, 1), s
+
+
 # --- item 9 ------------------------------------------------------------------------------
 
 

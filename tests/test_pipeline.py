@@ -19,6 +19,7 @@ import psutil
 import pytest
 
 import procqueue as pq
+from procqueue._pipeline import flow
 from tests import pipeline_handlers as h
 from tests.conftest import balanced, leftover_children
 
@@ -170,6 +171,26 @@ def test_a_slow_last_stage_bounds_what_is_read_ahead() -> None:
     assert stats[0].submitted < 1000
 
 
+def test_large_items_stay_near_capacity_with_default_batches() -> None:
+    """200 kB items through quick stages with automatic batches, a slow one last: before a
+    stage is timed its batches are unknown, so its room stays `capacity`; after, what the
+    stages hold beyond their capacities stays under the pipeline's byte budget."""
+    size, caps, pulled = 200_000, 4, [0]
+
+    def source() -> Iterator[bytes]:
+        for _ in range(1_000):
+            pulled[0] += 1
+            yield bytes(size)
+
+    with pq.Pipeline(
+        pq.Stage(h.same, workers=1), pq.Stage(h.same, workers=1), pq.Stage(h.slow, workers=1), capacity=caps
+    ) as pipe:
+        ahead = [pulled[0] - n for n, _ in enumerate(itertools.islice(pipe.map(source()), 400), 1)]
+    # the capacities (three stages and the outbox), the byte budget, a batch in each pump's hands
+    bound = 4 * caps + flow.BYTES // size + 3 * 8
+    assert max(ahead) <= bound, (max(ahead), bound)
+
+
 def test_leaving_early_releases_every_stage() -> None:
     with three() as pipe:
         for n, _ in enumerate(pipe.map(range(20, 100_000))):
@@ -223,7 +244,7 @@ def test_bad_arguments_say_what_to_do() -> None:
     assert not leftover_children()  # the first stage's pool was ended
     with pq.Pipeline(pq.Stage(h.inc, workers=1)) as pipe, pytest.raises(TypeError):
         pipe.map(3)  # type: ignore[arg-type]
-    with pytest.raises(pq.PoolClosed):
+    with pytest.raises(pq.PoolClosed, match="this pipeline was shut down; create a new Pipeline"):
         pipe.map(range(3))  # after the block
 
 
@@ -241,6 +262,22 @@ def test_an_image_like_job_and_its_live_view() -> None:
     assert [s.completed for s in stats] == [60, 60, 60]
     text = out.getvalue()
     assert "stage 1 blur" in text and "pipeline 60/60" in text
+
+
+def test_a_second_maps_live_view_counts_its_own_items_and_an_ended_map_holds_none() -> None:
+    with pq.Pipeline(pq.Stage(h.inc, workers=1), pq.Stage(h.slow, workers=1), capacity=8) as pipe:
+        assert list(pipe.map(range(30))) == [i + 1 for i in range(30)]
+        out = io.StringIO()
+        with pipe.live(total=20, file=out, interval=0.05):
+            assert list(pipe.map(range(20))) == [i + 1 for i in range(20)]
+        assert "pipeline 20/20 100%" in out.getvalue(), out.getvalue()[-300:]
+        unread = pipe.map(range(10_000))
+        assert next(iter(unread)) == 1
+        assert sum(pipe.depths()) > 0
+        pipe.shutdown()
+        assert pipe.depths() == [0, 0]  # the ended map is still referenced, and holds nothing
+        with pytest.raises(pq.PoolClosed):
+            list(unread)
 
 
 def test_two_maps_at_once_and_from_threads() -> None:

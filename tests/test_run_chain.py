@@ -25,7 +25,24 @@ __all__ = ["tag", "work"]  # fixtures, from tests/test_run.py
 pytestmark = pytest.mark.timeout(120)
 
 STAGES = """
+import collections
+import sys
 import time
+
+Pair = collections.namedtuple("Pair", "a b")
+
+
+class ExitsOnLoad:
+    def __reduce__(self):
+        return (sys.exit, (3,))
+
+
+def unloadable(v):
+    if v["x"] == 5:
+        return Pair(5, ExitsOnLoad())  # the failure hides inside a namedtuple
+    if v["x"] == 6:
+        return ExitsOnLoad()
+    return v["x"]
 
 def decode(rec):
     return {"x": rec["x"], "tag": rec.get("tag", "")}
@@ -81,6 +98,26 @@ def test_three_stages_values_and_an_error_at_stage_1_naming_it(stages: Path, tag
     assert len(bad) == n // 10 + 1
     assert f"{n + 1} records in" in got.stderr and f"{n - n // 10} ok, {n // 10 + 1} failed" in got.stderr
     assert "line 4, stage 1 (score): ValueError: score refuses 3" in got.stderr
+
+
+def test_a_result_that_will_not_unpickle_fails_its_record_alone(stages: Path, tag: str) -> None:
+    """In one batch of 10, two values of stage 1 fail to unpickle in the parent (one hidden
+    in a namedtuple): their records fail, naming the stage, after one attempt; the
+    other eight go on to stage 2."""
+    write_jsonl(stages / "in.jsonl", [{"x": i} for i in range(10)])
+    args = ["run", "st:decode", "st:unloadable", "st:write", "-i", "in.jsonl", "--chunksize", "10"]
+    got = cli(args, stages, tag)
+    assert got.returncode == 1, got.stderr
+    rows = by_line([json.loads(line) for line in got.stdout.splitlines()])
+    assert sorted(rows) == list(range(1, 11))
+    for x in range(10):
+        rec = rows[x + 1]
+        if x in (5, 6):
+            err = rec["error"]
+            assert err["type"] == "SerializationError" and "could not be unpickled in the parent" in err["message"]
+            assert err["attempts"] == 1 and err["stage"] == {"index": 1, "function": "unloadable"}
+        else:
+            assert rec["ok"] is True and rec["value"] == {"score": x}, rec
 
 
 def test_one_target_still_takes_one_worker_count(stages: Path, tag: str) -> None:

@@ -187,8 +187,9 @@ def describe_failure(exc: BaseException) -> tuple[str, str, str]:
 def attempts_of(exc: BaseException) -> int:
     """How many times the handler ran on a record whose final error is `exc`: the
     `attempts` of its `TaskFailed` cause, or of the error itself (`WorkerCrashed`,
-    `TaskTimeout`); a `SerializationError` without one ran once in a worker, or
-    never when the parent could not pickle the record."""
+    `TaskTimeout`); a `SerializationError` without one ran once in a worker (the
+    result would not pickle there, or unpickle here), or never when the parent could
+    not pickle the record."""
     cause = exc.__cause__
     if isinstance(cause, TaskFailed):
         return int(cause.attempts)
@@ -196,7 +197,8 @@ def attempts_of(exc: BaseException) -> int:
     if isinstance(attempts, int):
         return attempts
     if isinstance(exc, SerializationError):
-        return 1 if "(in worker pid " in exc.message else 0
+        ran = "(in worker pid " in exc.message or getattr(exc, "stage", None) == "result"
+        return 1 if ran else 0
     return 0
 
 

@@ -29,6 +29,11 @@ def _row(i: int, name: str, s: Stats, held: int) -> tuple[str, ...]:
     )  # fmt: skip
 
 
+def _out(stats: list[Stats]) -> int:
+    """Items out of the pipeline: through the last stage, or failed at any."""
+    return stats[-1].completed + sum(s.failed for s in stats)
+
+
 COLUMNS = ("stage", "function", "busy", "waiting", "in flight", "done", "failed", "retried", "items/s", "cpu %", "rss")
 
 
@@ -50,6 +55,7 @@ class StagesView:
         self._names = names
         self._stats = stats
         self._depths = depths
+        self._before = _out(stats())  # what came out before the view: `total` counts this map's items
         self._show = Redraw(file, interval, self._render, self.plain)
         self.fancy = self._show.fancy
 
@@ -60,7 +66,7 @@ class StagesView:
         return [_row(i, name, s, h) for i, (name, s, h) in enumerate(zip(self._names, stats, held, strict=True))]
 
     def _head(self, stats: list[Stats]) -> str:
-        done = stats[-1].completed + sum(s.failed for s in stats)
+        done = _out(stats) - self._before
         elapsed = max((s.elapsed for s in stats), default=0.0)
         goal = f"/{self.total:,} {_pct(done, self.total)}" if self.total else ""
         return f"pipeline {done:,}{goal} items out | elapsed {_duration(elapsed)}"

@@ -28,14 +28,14 @@ if TYPE_CHECKING:
     from procqueue._pool import Pool
 
 SAFETY_WAKE = 1.0  # seconds: a pump blocked on a stage re-checks that its map is still read
-BYTES = 32 << 20  # a stage holds more than `capacity` items only while they take less than this
+BYTES = 32 << 20  # the stages hold more than their `capacity` only while it takes less than this in all
 LEAVE_WITHIN = 5.0  # seconds a pump may take to leave once its map ended (it may be in user code)
 
 
 class Lane:
     """One stage as one map sees it: its feeder and the items it holds."""
 
-    def __init__(self, index: int, stage: Stage, pool: Pool, capacity: int, ordered: bool) -> None:
+    def __init__(self, index: int, stage: Stage, pool: Pool, capacity: int, ordered: bool, budget: int) -> None:
         self.index = index
         self.stage = stage
         core = pool._core
@@ -43,21 +43,28 @@ class Lane:
         with core.lock:
             handler = core.scheduler.handlers.get(stage.fn)
         size = None if stage.chunksize == "auto" else stage.chunksize
+        self.handler = handler
         self.feeder = Feeder(core, pool.options(), handler, Pushed(), m.Call.ONE, size, ordered, True)
         self.positions = Positions()
         self.capacity = capacity
         self.span = capacity  # the room it gets: capacity, or a batch in hand and one ready per worker
         self.held = 0  # pushed to this stage and not yet taken out by its pump
-        self.item_bytes = 0.0  # pickled bytes an item of it takes, in or out, as last seen
+        self.item_bytes = 0.0  # pickled bytes an item of it takes, in or out, as last seen (0: not yet)
+        self.budget = budget  # bytes its items may take beyond `capacity`
 
     def measure(self) -> None:
         """Bring `span` up to date (takes the stage pool's lock: never call it under the flow's).
         Tiny items travel in batches of thousands; a room of `capacity` alone would starve
-        them. Beyond `capacity` it grows only while the items it holds stay under BYTES."""
+        them. Beyond `capacity` it grows only while the items it holds stay under its share
+        of BYTES, and only once both the items' size and the stage's pace are measured
+        (before that, an untimed stage would ask for a huge batch)."""
+        if not self.item_bytes or self.handler.est_ns is None:
+            self.span = self.capacity
+            return
         core = self.feeder.core
         with core.lock:
             busy = core.feed_span(self.feeder)
-        self.span = max(self.capacity, min(busy, int(BYTES / max(self.item_bytes, 1.0))))
+        self.span = max(self.capacity, min(busy, int(self.budget / self.item_bytes)))
 
     def saw(self, nbytes: float) -> None:
         """Items of about `nbytes` pickled bytes each came into or out of this stage."""
@@ -75,7 +82,8 @@ class Flow:
     ) -> None:
         lock = threading.RLock()  # reentrant: close() may run in a finalizer
         self.cv = threading.Condition(lock)  # the reader of the results waits here
-        self.lanes = [Lane(i, stage, pool, cap, ordered) for i, (stage, pool, cap) in enumerate(stages)]
+        budget = BYTES // len(stages)
+        self.lanes = [Lane(i, stage, pool, cap, ordered, budget) for i, (stage, pool, cap) in enumerate(stages)]
         # room[k]: lane k (the outbox for k == len(lanes)) has room: only who pushes there waits
         # on it, so a change wakes one thread, not every thread of the map.
         self.room = [threading.Condition(lock) for _ in range(len(self.lanes) + 1)]

@@ -65,6 +65,7 @@ class Pipeline:
         self.capacity = capacity
         self._flows: weakref.WeakSet[Flow] = weakref.WeakSet()
         self._pools: list[Pool] = []
+        self._ended: str | None = None  # how it ended: shut down or terminated
         try:
             for s in stages:
                 pool = Pool(
@@ -92,6 +93,8 @@ class Pipeline:
         stage in its cause chain) and ends the map, or with
         `return_exceptions=True` takes its place as a value and the map goes on.
         Leaving the loop early cancels what had not started."""
+        if self._ended is not None:
+            raise PoolClosed(f"this pipeline was {self._ended}; create a new Pipeline")
         source = iter(items)  # not iterable: TypeError here, in the caller's thread
         stages = [(s, p, s.capacity or self.capacity) for s, p in zip(self.stages, self._pools, strict=True)]
         flow = Flow(stages, self.capacity, ordered, return_exceptions)
@@ -110,6 +113,8 @@ class Pipeline:
         """Items each stage holds now (waiting or running), over the maps in progress."""
         out = [0] * len(self._pools)
         for flow in list(self._flows):
+            if flow.closed:  # ended (its iterator may still be referenced): it holds nothing
+                continue
             for lane in flow.lanes:
                 out[lane.index] += lane.held
         return out
@@ -128,6 +133,7 @@ class Pipeline:
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """End every stage: maps in progress end (their unread items are cancelled with
         `cancel_futures`); with `wait`, return once every process exited."""
+        self._ended = self._ended or "shut down"
         why = CancelledError("the pipeline was shut down with cancel_futures=True") if cancel_futures else None
         for flow in list(self._flows):  # maps not read to the end end here, their readers told
             flow.close(why or PoolClosed("the pipeline was shut down while this map was being read"))
@@ -141,6 +147,7 @@ class Pipeline:
 
     def terminate(self) -> None:
         """Kill every stage's workers now."""
+        self._ended = self._ended or "terminated"
         for flow in list(self._flows):
             flow.close(PoolClosed("the pipeline was terminated"))
         for pool in self._pools:

@@ -51,8 +51,12 @@ def remote_error(info: m.ErrorInfo, task_id: int, attempts: int, pid: int, mater
         m.Fault.ARGS_UNPICKLE: ("argument", "make sure the worker can import what the arguments refer to"),
         m.Fault.HANDLER_UNPICKLE: ("handler", "make sure the worker can import the handler's module"),
     }[m.Fault(fault)]
+    text = info.message
+    name = (info.type_name or "").removeprefix("builtins.")
+    if name and name != "SerializationError" and not text.startswith(name):
+        text = f"{name}: {text}"  # "SystemExit: 9", not a bare "9"
     return SerializationError(
-        f"task {task_id}: {info.message} (in worker pid {pid}); {advice}",
+        f"task {task_id}: {text} (in worker pid {pid}); {advice}",
         stage=stage,
         what=info.type_name,
         task_id=task_id,

@@ -10,9 +10,12 @@ only after the fast load failed, and runs the same code the fast load ran.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import pickle
+from collections import deque
 from collections.abc import Callable, Sequence
+from types import GetSetDescriptorType, MemberDescriptorType
 from typing import Any, ClassVar
 
 MAX_DEPTH = 64  # how deep into a value to look for a marker
@@ -40,12 +43,20 @@ def _guarded(load: Callable[[Any], None], operands: int) -> Callable[[Any], None
 
     def guarded(self: Any) -> None:
         depth = len(self.stack)
+        # What the opcode consumes: a marker among it is replaced by the new one (-1: the
+        # items since the mark, which are the stack's whole current frame).
+        taken = list(self.stack) if operands < 0 else self.stack[max(depth - operands, 0) :]
         try:
             load(self)
-        except BaseException as exc:  # KeyboardInterrupt too: off the main thread, only a value raises it  # the point: any failure becomes a marker
+        except BaseException as exc:  # any failure becomes a marker, KeyboardInterrupt too (a value may raise it)
             if operands >= 0:  # its operands (popped or not) go, the marker takes their place
                 del self.stack[max(depth - operands, 0) :]
-            self.stack.append(Broken(exc))  # (-1: it ends a mark, which put the stack back already)
+            marker = Broken(exc)
+            self.stack.append(marker)  # (-1: it ends a mark, which put the stack back already)
+            for old in taken:
+                if type(old) is Broken:
+                    self.markers.pop(id(old), None)
+            self.markers[id(marker)] = marker
 
     return guarded
 
@@ -66,43 +77,93 @@ _DISPATCH = {
 class _Tolerant(pickle._Unpickler):  # type: ignore[name-defined,misc]
     dispatch: ClassVar[dict[int, Callable[[Any], None]]] = _DISPATCH
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.markers: dict[int, Broken] = {}  # every marker that stands for a failure, by id
+
 
 def salvage(data: Any, buffers: Sequence[Any] = ()) -> tuple[list[Any], dict[int, BaseException]] | None:
     """The batch's values with the failed ones found: `(values, {index: error})`, or
-    None when the failure cannot be pinned on single values."""
+    None when the failure cannot be pinned on single values: every marker the load
+    made must be found inside some value, else one may hide where the search does not
+    look (an object's C-level state, past MAX_DEPTH) and pass for a good value."""
+    unpickler = _Tolerant(io.BytesIO(bytes(data)), buffers=list(buffers))
     try:
-        values = _Tolerant(io.BytesIO(bytes(data)), buffers=list(buffers)).load()
+        values = unpickler.load()
     except BaseException:  # broken past a single object: the whole batch fails
         return None
-    if not isinstance(values, list):
+    if not isinstance(values, list) or not unpickler.markers:
         return None
     bad: dict[int, BaseException] = {}
+    found: set[int] = set()
     for i, value in enumerate(values):
-        marker = _find(value, MAX_DEPTH, set())
-        if marker is not None:
-            bad[i] = marker.error
-    return (values, bad) if bad else None
-
-
-def _find(obj: Any, depth: int, seen: set[int]) -> Broken | None:
-    """The first marker inside `obj` (containers and instance dicts), if any."""
-    if type(obj) is Broken:
-        return obj
-    if depth <= 0 or id(obj) in seen:
+        markers = _markers(value)
+        if markers:
+            bad[i] = markers[0].error
+            found.update(id(marker) for marker in markers)
+    if found != set(unpickler.markers):
         return None
-    seen.add(id(obj))
+    return values, bad
+
+
+def _markers(obj: Any) -> list[Broken]:
+    """Every marker inside `obj`: containers (subclasses too, read with their base
+    class's own methods, so no code of the value's runs), instance dicts and slots."""
+    out: list[Broken] = []
+    seen: set[int] = set()
+    todo = [(obj, MAX_DEPTH)]
+    while todo:
+        item, depth = todo.pop()
+        if type(item) is Broken:
+            if id(item) not in seen:
+                seen.add(id(item))
+                out.append(item)
+            continue
+        if depth <= 0 or id(item) in seen:
+            continue
+        seen.add(id(item))
+        todo.extend((inner, depth - 1) for inner in _inside(item))
+    return out
+
+
+def _inside(obj: Any) -> list[Any]:
+    """What `obj` holds, read without calling anything it defines (no `__iter__`,
+    `__class__` or `__dict__` of its own: only the base types' C-level readers)."""
     kind = type(obj)
-    if kind in (list, tuple, set, frozenset):
-        items: Any = obj
-    elif kind is dict:
-        items = [*obj.keys(), *obj.values()]
-    else:
-        state = getattr(obj, "__dict__", None)
-        if type(state) is not dict:
-            return None
-        items = state.values()
-    for item in items:
-        found = _find(item, depth - 1, seen)
-        if found is not None:
-            return found
-    return None
+    if kind in _ATOMS:
+        return []
+    inner: list[Any] = []
+    for base, read in _READERS:
+        if issubclass(kind, base):
+            inner += read(obj)
+            break
+    for cls in kind.__mro__:
+        found = cls.__dict__.get("__dict__")
+        if type(found) is GetSetDescriptorType:  # the instance dict, not a property of that name
+            state = found.__get__(obj, cls)
+            if type(state) is dict:
+                inner += dict.values(state)
+            break
+    for cls in kind.__mro__:
+        for name in _slots(cls):
+            slot = cls.__dict__.get(name)
+            if type(slot) is MemberDescriptorType:
+                with contextlib.suppress(AttributeError):  # an empty slot
+                    inner.append(slot.__get__(obj, cls))
+    return inner
+
+
+_ATOMS = frozenset({str, bytes, bytearray, int, float, complex, bool, type(None)})
+_READERS: tuple[tuple[type, Callable[[Any], list[Any]]], ...] = (
+    (list, lambda obj: list(list.__iter__(obj))),
+    (tuple, lambda obj: list(tuple.__iter__(obj))),
+    (deque, lambda obj: list(deque.__iter__(obj))),
+    (set, lambda obj: list(set.__iter__(obj))),
+    (frozenset, lambda obj: list(frozenset.__iter__(obj))),
+    (dict, lambda obj: [*dict.keys(obj), *dict.values(obj)]),
+)
+
+
+def _slots(cls: type) -> tuple[str, ...]:
+    slots = cls.__dict__.get("__slots__", ())
+    return (slots,) if isinstance(slots, str) else tuple(slots) if isinstance(slots, (tuple, list)) else ()

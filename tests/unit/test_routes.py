@@ -118,23 +118,3 @@ def test_every_item_comes_out_once(n: int, stages: int, seed: int, ordered: bool
     else:
         assert len(as_ints) == n
         assert sum(isinstance(g, KeyError) for g in got) == len(failed_at)
-
-
-def test_salvage_finds_the_values_that_would_not_unpickle() -> None:
-    import pickle
-
-    from procqueue._protocol.salvage import salvage
-    from tests import hostile
-
-    values = [1, hostile.ExitsOnLoad(), (3, hostile.SetstateExits()), {"a": [hostile.ExitsOnLoad()]}, "x" * 10]
-    data = pickle.dumps(values, protocol=5)
-    with pytest.raises(SystemExit):
-        pickle.loads(data)
-    saved = salvage(data)
-    assert saved is not None
-    got, bad = saved
-    assert sorted(bad) == [1, 2, 3]
-    assert all(isinstance(e, SystemExit) for e in bad.values())
-    assert got[0] == 1 and got[4] == "x" * 10
-    assert salvage(b"not a pickle") is None
-    assert salvage(pickle.dumps([1, 2])) is None  # nothing wrong: nothing to salvage
