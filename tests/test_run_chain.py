@@ -216,6 +216,29 @@ def test_sigkill_of_the_parent_then_resume_gives_each_record_once(stages: Path, 
 # --- pieces --------------------------------------------------------------------------------
 
 
+def test_sigterm_to_the_process_group_stops_a_chain_quietly(stages: Path, tag: str) -> None:
+    """`kill -TERM -PGID` (as `timeout` or a job scheduler sends): the chain stops as on
+    Ctrl-C, without restarting a collector on its way out, and `--resume` finishes."""
+    n = 3000
+    write_jsonl(stages / "in.jsonl", [{"x": i} for i in range(n)])
+    out = stages / "out.jsonl"
+    env = {**os.environ, "PROCQUEUE_TEST_TAG": tag}
+    args = [SCRIPT, "run", "st:decode", "st:slow_score", "-i", "in.jsonl", "-o", "out.jsonl", "--workers", "1,2"]
+    proc = subprocess.Popen(args, cwd=stages, env=env, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + 60
+    while (not out.exists() or out.stat().st_size < 2000) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGTERM)  # the whole group: parent, fork servers, collectors, workers
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "terminated (SIGTERM); run again with --resume" in err
+    assert "collector" not in err, err
+    assert not _settled(lambda: _tagged(tag), 10.0)
+    got = cli([*args[1:], "--resume"], stages, tag)
+    assert got.returncode == 1, got.stderr  # slow_score refuses every 50th
+    assert sorted(by_line(read_records(out))) == list(range(1, n + 1))
+
+
 def test_steps_carry_the_line_and_id_to_the_output_record() -> None:
     first = c.FirstStep(r.RecordHandler(lambda rec: rec["x"] + 1, "jsonl", "id", None))
     middle = c.MiddleStep(lambda v: v * 2)

@@ -169,7 +169,11 @@ class Writer:
         self.closing = False
         self.written = 0  # records (lines) written
         self.error: OSError | None = None
+        # Started by `start()`, once the pools are: a process that is still single-threaded
+        # when its first pool starts gets the quicker forked fork server.
         self.thread = threading.Thread(target=self._loop, name="procqueue-run-writer", daemon=True)
+
+    def start(self) -> None:
         self.thread.start()
 
     def _open(self, path: str) -> int:
@@ -223,7 +227,10 @@ class Writer:
         with self.cv:
             self.closing = True
             self.cv.notify_all()
-        self.thread.join()
+        if self.thread.ident is not None:  # started
+            self.thread.join()
+        else:
+            self._loop()  # never started (no pool came up): writes what waits, in this thread
         self._close_fds()
 
     def _close_fds(self) -> None:
@@ -283,6 +290,7 @@ class Chain:
         pipe: pq.Pipeline | None = None
         try:
             pipe = pq.Pipeline(*self.stages(header), capacity=s.capacity, **backend_options(s))
+            writer.start()
             with pipe, self.view(pipe):
                 results = pipe.map(self.items(source), ordered=self.ordered, return_exceptions=True)
                 self.drain(results, writer)

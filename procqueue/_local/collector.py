@@ -245,7 +245,11 @@ def main(pdeathsig: bool, *args: Any) -> None:
         from procqueue._local.worker import die_with_parent
 
         die_with_parent()
+    # Ctrl-C and a SIGTERM to the process group (`timeout`, a job scheduler) are the
+    # parent's to act on: it ends the pool, and this process with it (by SIGKILL, or
+    # PDEATHSIG if the parent dies). Dying here first would only restart a collector.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # past a file size limit: an error to report, not death
     collector = Collector(*args)
     try:
