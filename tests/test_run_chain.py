@@ -218,7 +218,7 @@ def test_sigkill_of_the_parent_then_resume_gives_each_record_once(stages: Path, 
 
 def test_sigterm_to_the_process_group_stops_a_chain_quietly(stages: Path, tag: str) -> None:
     """`kill -TERM -PGID` (as `timeout` or a job scheduler sends): the chain stops as on
-    Ctrl-C, without restarting a collector on its way out, and `--resume` finishes."""
+    Ctrl-C, leaves no process, and `--resume` finishes with each record once."""
     n = 3000
     write_jsonl(stages / "in.jsonl", [{"x": i} for i in range(n)])
     out = stages / "out.jsonl"
@@ -232,7 +232,6 @@ def test_sigterm_to_the_process_group_stops_a_chain_quietly(stages: Path, tag: s
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == 128 + signal.SIGTERM, err
     assert "terminated (SIGTERM); run again with --resume" in err
-    assert "collector" not in err, err
     assert not _settled(lambda: _tagged(tag), 10.0)
     got = cli([*args[1:], "--resume"], stages, tag)
     assert got.returncode == 1, got.stderr  # slow_score refuses every 50th

@@ -248,6 +248,8 @@ def main(pdeathsig: bool, *args: Any) -> None:
     # Ctrl-C and a SIGTERM to the process group (`timeout`, a job scheduler) are the
     # parent's to act on: it ends the pool, and this process with it (by SIGKILL, or
     # PDEATHSIG if the parent dies). Dying here first would only restart a collector.
+    # (The fork server is multiprocessing's, shared with the user's own processes: it
+    # keeps SIGTERM's default, and its death still looks like its children's.)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # past a file size limit: an error to report, not death

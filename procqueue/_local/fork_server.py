@@ -199,11 +199,6 @@ def _fork_server_locked(server: Any, authkey: bool) -> Outcome:
 
         def serve() -> None:
             server._lock = threading.Lock()  # held by the parent as it forked: a fresh one, as a new server has
-            # A SIGTERM to the process group is the parent's to act on (the stdlib's resource
-            # tracker ignores it too): the server ends when the parent closes `alive` or dies.
-            # Dying first would make every process it started look dead to the pool.
-            # Its children get SIGTERM's default back (`procqueue/_local/worker.py::main`).
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)
             if authkey:
                 _any(forkserver).main(fd, alive_r, [], authkey_r=key_r)
             else:

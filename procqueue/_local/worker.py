@@ -308,7 +308,6 @@ def main(
     if pdeathsig:
         die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C belongs to the parent
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the fork server ignores it; a worker does not
     os.set_blocking(fault_conn.fileno(), False)  # a full pipe must not hang a dying worker
     faulthandler.enable(file=fault_conn.fileno(), all_threads=True)
     _watch_parent()

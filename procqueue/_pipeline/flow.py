@@ -49,7 +49,8 @@ class Lane:
         self.capacity = capacity
         self.span = capacity  # the room it gets: capacity, or a batch in hand and one ready per worker
         self.held = 0  # pushed to this stage and not yet taken out by its pump
-        self.item_bytes = 0.0  # pickled bytes an item of it takes, in or out, as last seen (0: not yet)
+        self.item_bytes = 0.0  # pickled bytes an item of it takes, in or out, as last seen
+        self.sized = False  # item_bytes was measured (a chunk of errors only measures 0)
         self.budget = budget  # bytes its items may take beyond `capacity`
 
     def measure(self) -> None:
@@ -58,17 +59,18 @@ class Lane:
         them. Beyond `capacity` it grows only while the items it holds stay under its share
         of BYTES, and only once both the items' size and the stage's pace are measured
         (before that, an untimed stage would ask for a huge batch)."""
-        if not self.item_bytes or self.handler.est_ns is None:
+        if not self.sized or self.handler.est_ns is None:
             self.span = self.capacity
             return
         core = self.feeder.core
         with core.lock:
             busy = core.feed_span(self.feeder)
-        self.span = max(self.capacity, min(busy, int(self.budget / self.item_bytes)))
+        self.span = max(self.capacity, min(busy, int(self.budget / max(self.item_bytes, 1.0))))
 
     def saw(self, nbytes: float) -> None:
         """Items of about `nbytes` pickled bytes each came into or out of this stage."""
         self.item_bytes = max(nbytes, 0.5 * self.item_bytes)  # a jump up counts at once
+        self.sized = True
 
     def room(self) -> int:
         return self.span - self.held
