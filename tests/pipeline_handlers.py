@@ -54,6 +54,10 @@ def hang_at_13(x: int) -> int:
     return x * 2
 
 
+def refuse(x: int) -> int:
+    raise ValueError(f"refused {x}")
+
+
 def same(x: Any) -> Any:
     return x
 

@@ -191,6 +191,20 @@ def test_large_items_stay_near_capacity_with_default_batches() -> None:
     assert max(ahead) <= bound, (max(ahead), bound)
 
 
+def test_a_stage_whose_every_item_fails_still_gets_wider_room() -> None:
+    """Its chunks carry only errors (no value bytes): its pace and item size still count
+    as measured, so its room grows past `capacity`, as any quick stage's does."""
+    with pq.Pipeline(pq.Stage(h.refuse, workers=1), pq.Stage(h.same, workers=1), capacity=1) as pipe:
+        it = pipe.map(range(5_000), return_exceptions=True)
+        spans: list[int] = []
+        for n, got in enumerate(it):
+            assert isinstance(got, ValueError) and str(got) == f"refused {n}"
+            if n == 2_000:
+                spans = [flow.lanes[0].span for flow in list(pipe._flows)]
+        assert n == 4_999
+    assert spans and max(spans) > 1, spans
+
+
 def test_leaving_early_releases_every_stage() -> None:
     with three() as pipe:
         for n, _ in enumerate(pipe.map(range(20, 100_000))):
