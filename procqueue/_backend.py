@@ -35,6 +35,7 @@ class WorkerRow(NamedTuple):
     task_id: int | None
     cpu: float | None = None  # percent, when the backend reads it itself (else psutil, by pid)
     rss: int | None = None  # bytes, likewise
+    deaths: int = 0
 
 
 class Backend(Protocol):

@@ -29,7 +29,11 @@ class WorkerStats:
       replacement worker takes over its predecessor's slot;
     - `recycled`: how many workers of this slot were replaced for a limit;
     - `task_id`: the task it runs (`Future.task_id`); None between tasks and
-      inside a batch of tiny tasks (they are not marked one by one).
+      inside a batch of tiny tasks (they are not marked one by one);
+    - `deaths`: how many workers of this slot died without the pool asking (a
+      crash, a signal from outside such as the OOM killer's, `os._exit`),
+      counted even when no task was charged for it (a batch of tiny tasks
+      runs again, marked); timeouts are in `Stats.timed_out`.
     """
 
     pid: int
@@ -40,6 +44,7 @@ class WorkerStats:
     slot: int = 0
     recycled: int = 0
     task_id: int | None = None
+    deaths: int = 0
 
 
 @dataclass(frozen=True)

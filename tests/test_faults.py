@@ -97,6 +97,39 @@ def test_sigkill_from_outside(tmp_path: Any, retries: int) -> None:
         assert len({w.pid for w in pool.stats().workers} - {victim}) == 2  # replaced
     s = pool.stats()
     assert balanced(s) and s.crashed == 1 and s.retried == retries
+    assert sum(w.deaths for w in s.workers) == 1
+
+
+def test_a_worker_killed_inside_a_tiny_batch_costs_nothing_but_shows(tmp_path: Any) -> None:
+    """SIGKILL (as the OOM killer sends) inside a batch of tiny tasks: nobody is charged
+    (the batch runs again, marked one by one), every result is right, and the worker's
+    death shows in its slot's `deaths`."""
+    with pq.Pool(workers=2) as pool:
+        killed: list[int] = []
+
+        def kill_one() -> None:
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                running = [  # inside a batch of tiny tasks: running, no task of its own marked
+                    w.pid for w in pool.stats().workers if w.state == "running" and w.task_id is None and w.pid > 0
+                ]
+                if running:
+                    killed.append(running[0])
+                    os.kill(running[0], signal.SIGKILL)
+                    return
+                time.sleep(0.005)
+
+        assert sum(pool.map(h.square, range(1000))) == sum(i * i for i in range(1000))  # timed: tiny now
+        killer = threading.Thread(target=kill_one)
+        killer.start()
+        total = 0
+        while killer.is_alive():
+            total += sum(pool.map(h.square, range(200_000))) - sum(i * i for i in range(200_000))
+        killer.join()
+        assert total == 0 and killed
+        s = pool.stats()
+    assert balanced(s) and s.failed == 0 and s.crashed == 0
+    assert sum(w.deaths for w in s.workers) == 1, [w.deaths for w in s.workers]
 
 
 def test_raising_initializer_breaks_the_pool_clearly(start_method: str) -> None:

@@ -114,6 +114,7 @@ def test_max_tasks_per_worker_recycles() -> None:
         s = pool.stats()
     assert len(seen) >= 10
     assert sum(w.recycled for w in s.workers) >= 8
+    assert sum(w.deaths for w in s.workers) == 0  # retired when asked: not deaths
     assert s.completed == 100 and s.failed == 0 and balanced(s)
 
 

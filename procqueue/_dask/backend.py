@@ -80,7 +80,7 @@ class DaskBackend:
         for i, seat in enumerate(s.seats):
             state = "dead" if not seat.open else "running" if seat.batches else "idle"
             cpu, rss = c.metrics.get(c.addr[i] or "", (0.0, 0))
-            rows.append(WorkerRow(c.pid[i], seat.tasks_done, state, i, seat.recycled, None, cpu, rss))
+            rows.append(WorkerRow(c.pid[i], seat.tasks_done, state, i, seat.recycled, None, cpu, rss, seat.deaths))
         return rows
 
     def helper(self) -> tuple[int, int] | None:

@@ -188,7 +188,9 @@ class Wiring:
                 state = "recycling" if self.phase is Phase.RUNNING and not s.closed else "stopping"
             else:
                 state = "running" if seat.batches else "idle"
-            rows.append(WorkerRow(slot.pid, seat.tasks_done, state, slot.index, seat.recycled, task_id))
+            rows.append(
+                WorkerRow(slot.pid, seat.tasks_done, state, slot.index, seat.recycled, task_id, deaths=seat.deaths)
+            )
         return rows
 
     def helper(self) -> tuple[int, int] | None:

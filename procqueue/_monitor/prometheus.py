@@ -72,13 +72,15 @@ class _PoolCollector:
         rss = GaugeMetricFamily("procqueue_worker_rss_bytes", "resident memory of one worker", labels=["slot"])
         done = CounterMetricFamily("procqueue_worker_tasks_done", "attempts finished in a worker slot", labels=["slot"])
         recycled = CounterMetricFamily("procqueue_worker_recycled", "workers of a slot replaced for a limit", labels=["slot"])  # fmt: skip
+        deaths = CounterMetricFamily("procqueue_worker_deaths", "workers of a slot that died unasked", labels=["slot"])
         for w in s.workers:
             label = [str(w.slot)]
             cpu.add_metric(label, w.cpu_percent)
             rss.add_metric(label, w.rss)
             done.add_metric(label, w.tasks_done)
             recycled.add_metric(label, w.recycled)
-        yield from (cpu, rss, done, recycled)
+            deaths.add_metric(label, w.deaths)
+        yield from (cpu, rss, done, recycled, deaths)
         if s.collector is not None:
             yield GaugeMetricFamily("procqueue_collector_cpu_percent", "CPU of the collector", s.collector.cpu_percent)
             yield GaugeMetricFamily(

@@ -179,7 +179,9 @@ def snapshot(
     workers = []
     for row in rows:
         cpu, rss = readings.get(row.pid, (0.0, 0)) if row.cpu is None else (row.cpu, row.rss or 0)
-        workers.append(WorkerStats(row.pid, cpu, rss, row.tasks_done, row.state, row.seat, row.recycled, row.task_id))
+        workers.append(
+            WorkerStats(row.pid, cpu, rss, row.tasks_done, row.state, row.seat, row.recycled, row.task_id, row.deaths)
+        )
     collector = None
     if helper is not None and helper[0] in readings:
         cpu, rss = readings[helper[0]]

@@ -159,7 +159,9 @@ def plain_line(s: Stats, total: int | None = None, title: str = "procqueue", bas
     v = _Since(s, base or Stats(), total)
     eta = f" | ETA {_duration(v.eta)}" if total is not None else ""
     workers = ", ".join(
-        f"w{w.slot} {w.state} {w.cpu_percent:.0f}% {_bytes(w.rss)}" + (f" recycled {w.recycled}" if w.recycled else "")
+        f"w{w.slot} {w.state} {w.cpu_percent:.0f}% {_bytes(w.rss)}"
+        + (f" recycled {w.recycled}" if w.recycled else "")
+        + (f" died {w.deaths}" if w.deaths else "")
         for w in s.workers
     )
     return (
@@ -203,19 +205,19 @@ def render(
         ("  timed out ", "dim"), f"{v.timed_out:,}",
     )  # fmt: skip
     table = Table(box=None, padding=(0, 1), header_style="dim", show_edge=False)
-    for name in ("worker", "pid", "state", "task", "cpu %", "rss", "done", "recycled"):
+    for name in ("worker", "pid", "state", "task", "cpu %", "rss", "done", "recycled", "died"):
         table.add_column(name, justify="left" if name in ("state", "worker") else "right")
     style = {"running": "green", "idle": "dim", "recycling": "yellow", "stopping": "dim", "dead": "red"}
     for w in s.workers:
         table.add_row(
             str(w.slot), str(w.pid) if w.pid > 0 else "-", Text(w.state, style=style.get(w.state, "")),
             "" if w.task_id is None else str(w.task_id), f"{w.cpu_percent:.0f}", _bytes(w.rss),
-            f"{w.tasks_done:,}", str(w.recycled),
+            f"{w.tasks_done:,}", str(w.recycled), str(w.deaths),
         )  # fmt: skip
     if s.collector is not None:
         c = s.collector
         table.add_row(
-            "collector", str(c.pid), c.state, "", f"{c.cpu_percent:.0f}", _bytes(c.rss), f"{c.tasks_done:,}", ""
+            "collector", str(c.pid), c.state, "", f"{c.cpu_percent:.0f}", _bytes(c.rss), f"{c.tasks_done:,}", "", ""
         )
     return Group(head, queue, table)
 

@@ -41,6 +41,7 @@ class Seat:
     tasks_done: int = 0  # attempts finished in this seat, its predecessors' included
     productive: bool = False  # this worker has reported at least one outcome
     recycled: int = 0  # workers of this seat replaced for a limit
+    deaths: int = 0  # workers of this seat that died unasked (a crash, a signal from outside, os._exit)
     idle_since: float | None = None  # holding batches, seen running none of them since
 
     @property

@@ -47,6 +47,11 @@ def worker_died(t: Tables, death: Death, accepting: bool) -> None:
     )  # fmt: skip
     seat.batches = {}
     seat.open = False
+    # Counted even when nothing is charged (an unmarked batch runs again): a worker the
+    # OOM killer took must show somewhere. Not when the pool asked (timeout, stall,
+    # shutdown) or the worker left because its collector had gone.
+    if death.reason is None and not seat.retiring and death.exitcode != layout.EXIT_ORPHANED:
+        seat.deaths += 1
     init_failed = death.exitcode == layout.EXIT_INIT_FAILED and seat.tasks_sent == 0
     # Dying outside any task, before any outcome, is the worker's own fault (imports,
     # start-up); a task that kills its worker is charged to the task instead.
