@@ -290,8 +290,8 @@ class Chain:
         pipe: pq.Pipeline | None = None
         try:
             pipe = pq.Pipeline(*self.stages(header), capacity=s.capacity, **backend_options(s))
-            writer.start()
             with pipe, self.view(pipe):
+                writer.start()
                 results = pipe.map(self.items(source), ordered=self.ordered, return_exceptions=True)
                 self.drain(results, writer)
         except KeyboardInterrupt:
