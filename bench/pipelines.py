@@ -63,13 +63,12 @@ def figures(result: dict[str, Any]) -> list[float]:
     return [ideal_s(result, s) / t for t, s in zip(result["times"], result["ceiling_s"], strict=True)]
 
 
-def describe(row: dict[str, Any]) -> str:
+HEAD = (28, 20)  # widths of the peer and setting columns: peer names are long here
+
+
+def describe(head: str, row: dict[str, Any]) -> str:
+    """The figures of a case that ran (`head`: its peer and setting, see `suite.describe`)."""
     r = row["result"]
-    head = f"{row['peer']:28s} {row['setting']:20s}"
-    if r.get("hang"):
-        return f"{head} HANG: no result within {r['limit']:.0f} s (killed)"
-    if "error" in r:
-        return f"{head} ERROR: {r['error'].splitlines()[0][:100]}"
     if r["part"] == "tiny":
         what = f"{_rate(row['median'])} items/s ({_rate(row['low'])}-{_rate(row['high'])})"
     else:
@@ -122,6 +121,7 @@ def goals(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 def table(rows: list[dict[str, Any]]) -> list[str]:
     """The workload's lines of the table: every case (medians, min-max of the rounds), then the goals."""
-    from .suite import goal_lines
+    from .suite import BY_NAME, goal_lines
+    from .suite import describe as line  # its head, and a hang or an error, as for any workload
 
-    return ["  " + describe(row) for row in rows] + goal_lines(goals(rows), 3)
+    return ["  " + line(BY_NAME["pipeline"], row) for row in rows] + goal_lines(goals(rows), 3)

@@ -482,14 +482,15 @@ def goal_lines(goals: dict[str, dict[str, Any]], digits: int) -> list[str]:
 
 
 def describe(wl: Workload, row: dict[str, Any]) -> str:
-    if wl.name == "pipeline":
-        return pipelines.describe(row)
     r = row["result"]
-    head = f"{row['peer']:22s} {row['setting']:16s}"
+    peer_w, setting_w = pipelines.HEAD if wl.name == "pipeline" else (22, 16)
+    head = f"{row['peer']:{peer_w}s} {row['setting']:{setting_w}s}"
     if r.get("hang"):
         return f"{head} HANG: no result within {r['limit']:.0f} s (killed)"
     if "error" in r:
         return f"{head} ERROR: {r['error'].splitlines()[0][:100]}"
+    if wl.name == "pipeline":
+        return pipelines.describe(head, row)
     if wl.name == "faults":
         return f"{head} {r['outcome']} in {r['times'][0]:.2f} s"
     if wl.name == "durations":

@@ -55,8 +55,10 @@ from procqueue._cli.run import (
     live_view,
     load_and_scan,
     on_input,
+    on_sigterm,
     open_records,
     quiet_stdout,
+    with_status,
 )
 
 FLUSH_EVERY = 0.1  # seconds a finished record waits in the parent, at most, before it is written
@@ -286,7 +288,7 @@ class Chain:
         writer = Writer(s.output, s.errors)
         main_thread = threading.current_thread() is threading.main_thread()
         if main_thread:
-            old = signal.signal(signal.SIGTERM, _terminated)  # stop as on Ctrl-C: what is written stays
+            old = signal.signal(signal.SIGTERM, on_sigterm)  # stop as on Ctrl-C: what is written stays
         pipe: pq.Pipeline | None = None
         try:
             pipe = pq.Pipeline(*self.stages(header), capacity=s.capacity, **backend_options(s))
@@ -433,14 +435,7 @@ def stage_of(exc: BaseException) -> pq.StageFailed | None:
     return None
 
 
-def _terminated(signum: int, frame: object) -> None:
-    raise Terminated
-
-
 def run_chain(settings: ChainSettings) -> tuple[Summary, int]:
     """Run it: the summary and the exit status (0 all ok, 1 some failed, now or in
     the run resumed). Raises `UsageError` before starting anything if the settings cannot work."""
-    summary = Chain(settings).execute()
-    if not summary.status and (summary.failed or summary.skipped_failed or summary.interrupted):
-        summary.status = 1
-    return summary, summary.status
+    return with_status(Chain(settings).execute())

@@ -179,7 +179,7 @@ class Run:
         sm = self.summary
         main_thread = threading.current_thread() is threading.main_thread()
         if main_thread:
-            old = signal.signal(signal.SIGTERM, _terminated)  # stop as on Ctrl-C: what is written stays
+            old = signal.signal(signal.SIGTERM, on_sigterm)  # stop as on Ctrl-C: what is written stays
         try:
             with pool, self.view(pool):
                 if s.priority_field is None:
@@ -513,7 +513,8 @@ def _one_line(text: str, width: int) -> str:
     return first
 
 
-def _terminated(signum: int, frame: object) -> None:
+def on_sigterm(signum: int, frame: object) -> None:
+    """The SIGTERM handler of a run (one stage or several): stop as on Ctrl-C."""
     raise Terminated
 
 
@@ -529,7 +530,12 @@ def _same_path(a: str, b: str) -> bool:
 def run(settings: RunSettings) -> tuple[Summary, int]:
     """Run it: the summary and the exit status (0 all ok, 1 some failed, now or in
     the run resumed). Raises `UsageError` before starting anything if the settings cannot work."""
-    summary = Run(settings).execute()
+    return with_status(Run(settings).execute())
+
+
+def with_status(summary: Summary) -> tuple[Summary, int]:
+    """The summary and the run's exit status: 1 when a record failed (now or in the run
+    resumed) or the run stopped early, unless a signal's status was set already."""
     if not summary.status and (summary.failed or summary.skipped_failed or summary.interrupted):
         summary.status = 1
     return summary, summary.status

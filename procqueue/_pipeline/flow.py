@@ -43,7 +43,6 @@ class Lane:
         with core.lock:
             handler = core.scheduler.handlers.get(stage.fn)
         size = None if stage.chunksize == "auto" else stage.chunksize
-        self.handler = handler
         self.feeder = Feeder(core, pool.options(), handler, Pushed(), m.Call.ONE, size, ordered, True)
         self.positions = Positions()
         self.capacity = capacity
@@ -59,7 +58,7 @@ class Lane:
         them. Beyond `capacity` it grows only while the items it holds stay under its share
         of BYTES, and only once both the items' size and the stage's pace are measured
         (before that, an untimed stage would ask for a huge batch)."""
-        if not self.sized or self.handler.est_ns is None:
+        if not self.sized or self.feeder.handler.est_ns is None:
             self.span = self.capacity
             return
         core = self.feeder.core
@@ -154,10 +153,7 @@ class Flow:
                 if not lane.feeder.push(batch, done) or done:
                     return
         except BaseException as exc:  # procqueue's own failure: the map ends with it
-            with self.cv:
-                self.failure = self.failure or exc
-                self.cv.notify_all()
-            self.close()
+            self._fail(exc)
 
     # --- a stage's pump --------------------------------------------------------------------
 
@@ -171,10 +167,14 @@ class Flow:
             while self._pump_one(lane):
                 pass
         except BaseException as exc:  # a stage's pool broke, or was shut down under the map
-            with self.cv:
-                self.failure = self.failure or exc
-                self.cv.notify_all()
-            self.close()
+            self._fail(exc)
+
+    def _fail(self, exc: BaseException) -> None:
+        """A thread of the map failed: the map ends, its reader gets `exc` (the first such)."""
+        with self.cv:
+            self.failure = self.failure or exc
+            self.cv.notify_all()
+        self.close()
 
     def _pump_one(self, lane: Lane) -> bool:
         """Move one finished chunk of `lane` on; False once the stage is through."""
