@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from procqueue._callbacks import on_internal_thread
 from procqueue._protocol import messages as m
+from procqueue._protocol.relay import Forwarded
 from procqueue._results import Chunk, Stream
 from procqueue._scheduler.rate import Bucket
 from procqueue._scheduler.tasks import Handler, Run
@@ -45,7 +46,8 @@ class Feeder:
     (slicing one runs no user code), straight to the workers; any other
     iterable is pulled by the consuming thread into the heap, so a slow or
     blocking generator never stalls the manager. Chunk bookkeeping is shared
-    with the scheduler: touch it under the pool's lock.
+    with the scheduler: touch it under the pool's lock. With `blocks` its
+    pushed input may hold values still pickled (a pipeline's, `Blocks`).
     """
 
     def __init__(
@@ -58,6 +60,7 @@ class Feeder:
         size: int | None,
         ordered: bool,
         return_exceptions: bool = False,
+        blocks: bool = False,
     ) -> None:
         self.opts = opts
         self.return_exceptions = return_exceptions
@@ -81,14 +84,25 @@ class Feeder:
         self.pulls = not self.managed and not self.pushed  # its reader pulls input as batches are cut
         # The manager cuts batches from seq[pos:]: the whole sequence, or for other
         # input a buffer the consumer's thread refills from the iterator.
-        self.seq: Any = source if self.managed else []
+        self.seq: Any = source if self.managed else Blocks() if blocks else []
         self.source: Iterator[Any] = iter(()) if self.managed else iter(source)
         self.pos = 0
         self.cut = 0  # items cut into runs so far
         self.input_done = self.managed  # nothing more will be added to seq
         self.order = 0  # arrival order among equal priorities
 
-    def make_run(self, items: list[Any], first_id: int) -> Run:
+    def clip(self, n: int) -> int:
+        """At most `n` of the next items in one run: forwarded ones within their body (lock held)."""
+        return self.seq.clip(self.pos, n) if type(self.seq) is Blocks else n
+
+    def take(self, n: int) -> list[Any] | Forwarded:
+        """The next `n` items, cut into a run (lock held)."""
+        seq = self.seq
+        items = seq.take(self.pos, n) if type(seq) is Blocks else list(seq[self.pos : self.pos + n])
+        self.pos += n
+        return items
+
+    def make_run(self, items: list[Any] | Forwarded, first_id: int) -> Run:
         """A chunk of the map and the run that fills it (caller holds the pool's lock)."""
         chunk = Chunk(self.stream, len(items), first_id)
         chunk.start, self.cut = self.cut, self.cut + len(items)
@@ -100,16 +114,18 @@ class Feeder:
         return Run(
             self.handler, items, self.call, chunk, first_id, opts.priority,
             retries=opts.retries, timeout=opts.timeout, chunksize=self.size, bucket=self.bucket,
+            solo=type(items) is Forwarded,  # one body to a batch
         )  # fmt: skip
 
     def start(self) -> None:
         self.core.add_feed(self)
         self.feed()
 
-    def push(self, items: list[Any], done: bool, error: BaseException | None = None) -> bool:
+    def push(self, items: list[Any] | Forwarded, done: bool, error: BaseException | None = None) -> bool:
         """Pushed input (`Pushed`): add `items` to the buffer the manager cuts from, from any
         thread; `done` (with the input's `error`, if it failed) ends the input. False once the
-        map no longer takes input (shut down, abandoned)."""
+        map no longer takes input (shut down, abandoned). `Forwarded` items only where the
+        buffer is `Blocks`."""
         core = self.core
         with core.lock:
             if self.input_done or self.stream.cancelled:
@@ -251,6 +267,70 @@ class Feeder:
             return window.popleft() if window and window[0].done else None
         finished = self.stream.finished
         return finished.popleft() if finished else None
+
+
+class Blocks:
+    """The buffer of a map whose pushed input may hold `Forwarded` items (a pipeline's
+    stage after the first): lists and forwarded runs in the order they came. The
+    manager cuts from `pos` (`Feeder.clip`, `Feeder.take`); the pusher drops what
+    was cut (`del buffer[:pos]`)."""
+
+    __slots__ = ("parts", "skip", "total")
+
+    def __init__(self) -> None:
+        self.parts: deque[list[Any] | Forwarded] = deque()
+        self.skip = 0  # items of parts[0] already dropped
+        self.total = 0  # items held (those dropped not counted)
+
+    def __len__(self) -> int:
+        return self.total
+
+    def extend(self, items: list[Any] | Forwarded) -> None:
+        if not len(items):
+            return
+        parts = self.parts
+        last = parts[-1] if parts else None
+        if isinstance(items, Forwarded):
+            parts.append(items)
+        elif isinstance(last, list):
+            last.extend(items)
+        else:
+            parts.append(list(items))  # its own: the pusher's list is not ours to extend
+        self.total += len(items)
+
+    def __delitem__(self, key: slice) -> None:
+        """Drop the first `key.stop` items (only this form)."""
+        n = key.stop
+        if key.start is not None or n is None or n < 0:
+            raise ValueError("Blocks drops only a prefix: del buffer[:n]")
+        self.total -= n
+        while n:
+            left = len(self.parts[0]) - self.skip
+            if n < left:
+                self.skip += n
+                return
+            self.parts.popleft()
+            self.skip = 0
+            n -= left
+
+    def _at(self, pos: int) -> tuple[list[Any] | Forwarded, int]:
+        """The part holding item `pos`, and where in it."""
+        pos += self.skip
+        for part in self.parts:
+            if pos < len(part):
+                return part, pos
+            pos -= len(part)
+        raise IndexError("past the end of the buffer")
+
+    def clip(self, pos: int, n: int) -> int:
+        part, at = self._at(pos)
+        return min(n, len(part) - at)
+
+    def take(self, pos: int, n: int) -> list[Any] | Forwarded:
+        part, at = self._at(pos)
+        if at + n > len(part):
+            raise IndexError("a cut across two parts of the buffer; clip it first")
+        return part[at : at + n]
 
 
 class Pushed(Iterable[Any]):

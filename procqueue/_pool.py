@@ -181,7 +181,7 @@ class Options:
         try:
             handler.wire()
             if not (kwargs or _plain(args)):  # plain values run no code of the user's when pickled
-                run.items[0] = pickle_arguments(item)  # with their batch, at C speed
+                run.items = [pickle_arguments(item)]  # with their batch, at C speed
                 run.packed = True
         except ProcQueueError as exc:  # the handler would not pickle
             core.reject_new(run, exc, later)

@@ -23,6 +23,7 @@ from procqueue._errors import (
     SerializationError,
 )
 from procqueue._protocol.pickling import loads_body, salvage_body
+from procqueue._protocol.relay import Forwarded, joined
 
 Later = list[Callable[[], Any]]
 MakeError = Callable[[], BaseException]
@@ -58,6 +59,14 @@ class Values:
         else:
             self._shared = shared
         self._lock = threading.Lock()
+
+    def pickled(self) -> memoryview | None:
+        """The values' body, to forward still pickled (`procqueue/_protocol/relay.py`); None
+        once they were unpickled, or when they would not be whole without their shared memory."""
+        with self._lock:
+            if self._values is not None or self._error is not None or self._shared:
+                return None
+            return self._body
 
     def get(self) -> list[Any]:
         """The values; raises `Unloadable` when they would not unpickle."""
@@ -321,6 +330,34 @@ class Chunk:
             self.values = out
         elif not self.values:
             self.values = [None] * self.size
+        self._build_errors()
+
+    def forward(self) -> list[tuple[list[range], Forwarded]] | None:
+        """For the next stage of a pipeline, instead of `materialize`: the values still
+        pickled, a `Forwarded` per batch they came in, each with the ranges of places
+        in this chunk its values take (in order); the errors are built. None (and
+        nothing done) when some values cannot go on as they are: `materialize` then."""
+        pieces = self.pieces
+        bodies = [values.pickled() for _, values, _, _ in pieces]
+        if any(body is None for body in bodies):
+            return None
+        self.pieces = []
+        out: list[tuple[list[range], Forwarded]] = []
+        last: Values | None = None
+        picks: list[range] = []
+        for (index, values, lo, hi), body in sorted(zip(pieces, bodies, strict=True), key=lambda p: p[0][0]):
+            assert body is not None
+            if values is not last:
+                picks = []
+                out.append(([], Forwarded(body, range(0))))
+                last = values
+            out[-1][0].append(range(index, index + hi - lo))
+            picks.append(range(lo, hi))
+            out[-1] = (out[-1][0], joined(body, picks))
+        self._build_errors()
+        return out
+
+    def _build_errors(self) -> None:
         if self.errors:
             for i, err in list(self.errors.items()):
                 if not isinstance(err, BaseException):

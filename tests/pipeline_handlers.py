@@ -117,3 +117,35 @@ def interrupts_at_5(x: int) -> Any:
 class Unpicklable:
     def __reduce__(self) -> Any:
         raise TypeError("this one does not pickle")
+
+
+def _loaded(marks: str, x: int) -> int:
+    """Unpickling a `Tracked`: note which process did it."""
+    with open(os.path.join(marks, f"loaded-{os.getpid()}"), "a") as f:
+        f.write(f"{x}\n")
+    return x
+
+
+class Tracked:
+    """A value that leaves a marker file of the process that unpickles it, and becomes `x` there."""
+
+    def __init__(self, marks: str, x: int) -> None:
+        self.marks, self.x = marks, x
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_loaded, (self.marks, self.x))
+
+
+def track(marks: str, x: int) -> Tracked:
+    return Tracked(marks, x)
+
+
+class ExitsWhenLoaded:
+    """A value whose unpickling ends the process that unpickles it."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (os._exit, (7,))
+
+
+def exits_when_loaded_at_13(x: int) -> Any:
+    return ExitsWhenLoaded() if x == 13 else x

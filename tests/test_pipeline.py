@@ -336,25 +336,81 @@ def test_leaving_the_block_with_an_unread_map_cancels_it() -> None:
     assert os.getpid() > 0
 
 
-@pytest.mark.parametrize("via", ["map", "pipeline"])
-def test_a_value_that_exits_the_parent_on_unpickling_fails_alone(via: str) -> None:
+@pytest.mark.parametrize("via", ["map", "last stage", "forwarded"])
+def test_a_value_that_exits_on_unpickling_fails_alone(via: str) -> None:
     """A batch of values travels as one pickle; one value's __reduce__ or __setstate__
-    raising SystemExit in the parent fails that value's task only, not its batch."""
+    raising SystemExit fails that value's task only, not its batch: in the parent (a
+    map's, or a pipeline's last stage's values), or in the next stage's worker (values
+    forwarded there still pickled), where it fails that stage's task and no other."""
     if via == "map":
         with pq.Pool(1) as pool:
             got = list(pool.map(h.hostile_at, range(100), return_exceptions=True, chunksize=50))
             stats = [pool.stats()]
     else:
-        with pq.Pipeline(pq.Stage(h.hostile_at, workers=1, chunksize=50), pq.Stage(h.inc, workers=1)) as pipe:
+        chain = [pq.Stage(h.same, workers=1), pq.Stage(h.hostile_at, workers=1, chunksize=50)]
+        if via == "forwarded":
+            chain = [pq.Stage(h.hostile_at, workers=1, chunksize=50), pq.Stage(h.same, workers=1, chunksize=50)]
+        with pq.Pipeline(*chain) as pipe:
             got = list(pipe.map(range(100), return_exceptions=True))
             stats = at_rest(pipe)
     bad = {i: g for i, g in enumerate(got) if isinstance(g, BaseException)}
     assert sorted(bad) == [7, 11]
-    assert all(isinstance(e, pq.SerializationError) and e.stage == "result" for e in bad.values())
-    assert isinstance(bad[7].__cause__, (SystemExit, pq.StageFailed))
-    ok = [i if via == "map" else i + 1 for i in range(100) if i not in bad]
-    assert [g for i, g in enumerate(got) if i not in bad] == ok
-    assert stats[0].failed == 2 and stats[0].completed == 98
+    assert [g for i, g in enumerate(got) if i not in bad] == [i for i in range(100) if i not in bad]
+    if via == "forwarded":
+        assert all(isinstance(e, pq.SerializationError) and e.stage == "argument" for e in bad.values())
+        assert all("the stage before made could not be unpickled" in str(e) for e in bad.values())
+        assert all(stage_of(e).stage == 1 for e in bad.values())
+        assert [(s.completed, s.failed) for s in stats] == [(100, 0), (98, 2)]
+    else:
+        assert all(isinstance(e, pq.SerializationError) and e.stage == "result" for e in bad.values())
+        assert isinstance(bad[7].__cause__, (SystemExit, pq.StageFailed))
+        assert (stats[-1].completed, stats[-1].failed) == (98, 2)
+
+
+@pytest.mark.parametrize("crash", [False, True])
+def test_values_go_on_to_the_next_stage_without_the_parent_unpickling_them(tmp_path: Path, crash: bool) -> None:
+    """Stage 0's values are unpickled only in stage 1's workers, never in the parent (the
+    unpickling leaves a marker of the process that ran it); a SIGKILLed worker of stage 1
+    costs one attempt of its item, and its batch's other items still arrive whole."""
+    marks = str(tmp_path)
+    second = pq.Stage(partial(h.kill_once_at_13, marks), workers=2, retries=1, chunksize=20) if crash else None
+    with pq.Pipeline(
+        pq.Stage(partial(h.track, marks), workers=1, chunksize=20),
+        second or pq.Stage(h.double, workers=2, chunksize=20),
+        pq.Stage(h.neg, workers=1, chunksize=20),
+    ) as pipe:
+        pids = [{w.pid for w in s.workers} for s in pipe.stats()]
+        got = list(pipe.map(range(1000)))
+        stats = at_rest(pipe)
+    assert got == [-2 * x for x in range(1000)]
+    loaded = {int(p.name.split("-")[1]): p.read_text().split() for p in tmp_path.glob("loaded-*")}
+    assert os.getpid() not in loaded
+    assert set(loaded) <= pids[1] | {w.pid for w in stats[1].workers}, (loaded.keys(), pids)
+    assert Counter(x for xs in loaded.values() for x in xs) >= Counter(str(x) for x in range(1000))
+    assert [s.completed for s in stats] == [1000] * 3
+    if crash:
+        assert (tmp_path / "killed-13").exists() and stats[1].crashed == 1 and stats[1].retried == 1
+
+
+def test_a_forwarded_value_that_kills_its_loader_fails_its_batch_once() -> None:
+    """A value of stage 0 whose unpickling calls os._exit: stage 1's worker dies loading its
+    batch. The values of one forwarded batch cannot be told apart, so that batch fails at
+    once (WorkerCrashed, naming why), with one death and no retries, not one per item;
+    every other batch goes on, and no process is left."""
+    with pq.Pipeline(
+        pq.Stage(h.exits_when_loaded_at_13, workers=1, chunksize=50),
+        pq.Stage(h.same, workers=1, chunksize=50, retries=2),
+    ) as pipe:
+        got = list(pipe.map(range(200), return_exceptions=True))
+        stats = at_rest(pipe)
+    bad = [i for i, g in enumerate(got) if isinstance(g, BaseException)]
+    assert bad == list(range(50))  # the batch of 13
+    assert all(isinstance(got[i], pq.WorkerCrashed) and stage_of(got[i]).stage == 1 for i in bad)
+    assert "the values the stage before made" in str(got[13]) and got[13].exitcode == 7
+    assert got[50:] == list(range(50, 200))
+    assert (stats[1].completed, stats[1].failed, stats[1].retried) == (150, 50, 0)
+    assert sum(w.deaths for w in stats[1].workers) == 1
+    assert not leftover_children()
 
 
 @pytest.mark.skipif(importlib.util.find_spec("distributed") is None, reason="needs procqueue[dask]")

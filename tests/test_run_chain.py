@@ -101,9 +101,9 @@ def test_three_stages_values_and_an_error_at_stage_1_naming_it(stages: Path, tag
 
 
 def test_a_result_that_will_not_unpickle_fails_its_record_alone(stages: Path, tag: str) -> None:
-    """In one batch of 10, two values of stage 1 fail to unpickle in the parent (one hidden
-    in a namedtuple): their records fail, naming the stage, after one attempt; the
-    other eight go on to stage 2."""
+    """In one batch of 10, two values of stage 1 will not unpickle (one hidden in a
+    namedtuple). They go on to stage 2 still pickled and fail in its worker: only
+    their two records fail, naming stage 2; the other eight go on."""
     write_jsonl(stages / "in.jsonl", [{"x": i} for i in range(10)])
     args = ["run", "st:decode", "st:unloadable", "st:write", "-i", "in.jsonl", "--chunksize", "10"]
     got = cli(args, stages, tag)
@@ -114,8 +114,9 @@ def test_a_result_that_will_not_unpickle_fails_its_record_alone(stages: Path, ta
         rec = rows[x + 1]
         if x in (5, 6):
             err = rec["error"]
-            assert err["type"] == "SerializationError" and "could not be unpickled in the parent" in err["message"]
-            assert err["attempts"] == 1 and err["stage"] == {"index": 1, "function": "unloadable"}
+            assert err["type"] == "SerializationError" and "SystemExit: 3" in err["message"], err
+            assert "the stage before made could not be unpickled in this stage's worker" in err["message"]
+            assert err["stage"] == {"index": 2, "function": "write"}
         else:
             assert rec["ok"] is True and rec["value"] == {"score": x}, rec
 

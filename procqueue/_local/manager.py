@@ -24,6 +24,7 @@ from procqueue._local.wiring import Phase, Tag, Wiring
 from procqueue._protocol import framing
 from procqueue._protocol import messages as m
 from procqueue._protocol.arguments import encode_batch
+from procqueue._protocol.relay import forwarded
 from procqueue._results import Later, run_all
 from procqueue._scheduler import instructions as ins
 from procqueue._scheduler import sizing
@@ -137,9 +138,11 @@ class Manager:
                     continue
                 slot = self.sup.slots[batch.seat]
                 timed = any(r.receiver.timed_each for r, _, _ in batch.segments)
+                relay = forwarded(batch.segments)
                 msg = m.RunBatch(
                     batch.batch_id, batch.count, run.handler.id, None if slot.knows(run.handler.id) else blob,
                     run.call, run.attempt, run.retries, sizing.careful(run), run.by_value, run.packed, timed,
+                    None if relay is None else relay[1],
                 )  # fmt: skip
                 self.send(slot, framing.frame_parts(msg, payload))
                 self.execute(core.apply(s.sent(batch), later))

@@ -42,9 +42,11 @@ from procqueue._protocol.pickling import (
     loads_body,
     loads_callable,
     pack_exception,
+    salvage_body,
     shm_refs,
     unpack_arguments,
 )
+from procqueue._protocol.relay import Pick, pick, unforwardable
 
 # A batch reports what it has so far at least this often, so a crash late in a
 # long batch re-runs little, and the collector's counters stay fresh.
@@ -188,7 +190,7 @@ class _Worker:
             self.fail_all(msg, m.Fault.HANDLER_UNPICKLE, exc)
             return
         try:
-            items = self.load_items(body)
+            items = self.load_items(body, msg.pick)
             if msg.packed:
                 items = unpack_arguments(items)
         except BaseException as exc:
@@ -234,9 +236,19 @@ class _Worker:
         if values or start == 0:
             self.flush(msg, start, values, durations, errors)
 
-    def load_items(self, body: memoryview) -> Any:
+    def load_items(self, body: memoryview, picks: Pick | None = None) -> Any:
         """The batch's items; its large buffers mapped from their segments, private:
-        the handler's own copy (copy on write)."""
+        the handler's own copy (copy on write). With `picks`, the body is another
+        batch's values (`procqueue/_protocol/relay.py`): the items are those picked,
+        and a value that does not unpickle fails only a batch that picks it."""
+        if picks is not None:
+            try:
+                return pick(loads_body(body), picks)
+            except BaseException as exc:
+                saved = salvage_body(body)  # None when the failure is not one value's
+                if saved is None or any(i in saved[1] for i in picks):
+                    raise unforwardable(exc) from None
+                return pick(saved[0], picks)
         refs = shm_refs(body)
         if not refs:
             return loads_body(body)

@@ -5,10 +5,14 @@ room between them.
 
 The reader pulls the input (user code, on its own thread) only while stage 0
 has room; pump k takes stage k's finished chunks in the order its map gives
-them, unpickles them on its own thread (never a pool's manager thread), sends
-the errors to the outbox and pushes the values on to stage k + 1 once that
-stage has room. So a slow stage stops the ones before it, back to the input,
-and at most the capacities' sum of items is inside at any time.
+them, sends the errors to the outbox and pushes the values on to stage k + 1
+once that stage has room. Values go on still pickled, as the body they came
+in (`procqueue/_protocol/relay.py`): the parent neither unpickles nor pickles
+them; where it must (a chunk the next stage would cut into many batches, values
+in shared memory, the last stage's for your loop), the pump unpickles them on
+its own thread, never a pool's manager thread. So a slow stage stops the ones
+before it, back to the input, and at most the capacities' sum of items is
+inside at any time.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from procqueue._errors import PoolClosed, StageFailed
 from procqueue._map import Feeder, Pushed
 from procqueue._pipeline.routes import Indices, Outbox, Positions
 from procqueue._protocol import messages as m
+from procqueue._protocol.relay import Forwarded
 
 if TYPE_CHECKING:
     from procqueue._pipeline.stage import Stage
@@ -29,13 +34,16 @@ if TYPE_CHECKING:
 
 SAFETY_WAKE = 1.0  # seconds: a pump blocked on a stage re-checks that its map is still read
 BYTES = 32 << 20  # the stages hold more than their `capacity` only while it takes less than this in all
+RELAY_SPLITS = 2  # forward a chunk still pickled only to a stage that cuts it in at most this many batches
 LEAVE_WITHIN = 5.0  # seconds a pump may take to leave once its map ended (it may be in user code)
 
 
 class Lane:
     """One stage as one map sees it: its feeder and the items it holds."""
 
-    def __init__(self, index: int, stage: Stage, pool: Pool, capacity: int, ordered: bool, budget: int) -> None:
+    def __init__(
+        self, index: int, stage: Stage, pool: Pool, capacity: int, ordered: bool, budget: int, relay: bool
+    ) -> None:
         self.index = index
         self.stage = stage
         core = pool._core
@@ -43,7 +51,9 @@ class Lane:
         with core.lock:
             handler = core.scheduler.handlers.get(stage.fn)
         size = None if stage.chunksize == "auto" else stage.chunksize
-        self.feeder = Feeder(core, pool.options(), handler, Pushed(), m.Call.ONE, size, ordered, True)
+        self.relay = relay  # it takes the stage before's values still pickled
+        self.feeder = Feeder(core, pool.options(), handler, Pushed(), m.Call.ONE, size, ordered, True, relay)
+        self.batch = 1  # items its pool puts in a batch, as last seen
         self.positions = Positions()
         self.capacity = capacity
         self.span = capacity  # the room it gets: capacity, or a batch in hand and one ready per worker
@@ -58,12 +68,13 @@ class Lane:
         them. Beyond `capacity` it grows only while the items it holds stay under its share
         of BYTES, and only once both the items' size and the stage's pace are measured
         (before that, an untimed stage would ask for a huge batch)."""
-        if not self.sized or self.feeder.handler.est_ns is None:
-            self.span = self.capacity
-            return
         core = self.feeder.core
         with core.lock:
             busy = core.feed_span(self.feeder)
+            self.batch = core.feed_batch(self.feeder)
+        if not self.sized or self.feeder.handler.est_ns is None:
+            self.span = self.capacity
+            return
         self.span = max(self.capacity, min(busy, int(self.budget / max(self.item_bytes, 1.0))))
 
     def saw(self, nbytes: float) -> None:
@@ -74,17 +85,29 @@ class Lane:
     def room(self) -> int:
         return self.span - self.held
 
+    def relays(self, n: int) -> bool:
+        """Forward `n` values to it still pickled: each batch cut from them loads them all
+        in its worker, so only where it cuts few batches of them."""
+        return self.relay and n <= RELAY_SPLITS * self.batch
+
 
 class Flow:
     """The threads and books of one `Pipeline.map`."""
 
     def __init__(
-        self, stages: list[tuple[Stage, Pool, int]], capacity: int, ordered: bool, return_exceptions: bool
+        self,
+        stages: list[tuple[Stage, Pool, int]],
+        capacity: int,
+        ordered: bool,
+        return_exceptions: bool,
+        relay: bool = True,
     ) -> None:
         lock = threading.RLock()  # reentrant: close() may run in a finalizer
         self.cv = threading.Condition(lock)  # the reader of the results waits here
         budget = BYTES // len(stages)
-        self.lanes = [Lane(i, stage, pool, cap, ordered, budget) for i, (stage, pool, cap) in enumerate(stages)]
+        self.lanes = [
+            Lane(i, stage, pool, cap, ordered, budget, relay and i > 0) for i, (stage, pool, cap) in enumerate(stages)
+        ]
         # room[k]: lane k (the outbox for k == len(lanes)) has room: only who pushes there waits
         # on it, so a change wakes one thread, not every thread of the map.
         self.room = [threading.Condition(lock) for _ in range(len(self.lanes) + 1)]
@@ -213,28 +236,42 @@ class Flow:
             lane.saw(per_item)
             if after is not None:
                 after.saw(per_item)
-        chunk.materialize()  # unpickled here, not on the pool's manager thread
+        # On to the next stage still pickled (relay.py) where it cuts batches about as big;
+        # else unpickled here, not on the pool's manager thread.
+        relayed = chunk.forward() if after is not None and after.relays(chunk.size) else None
+        if relayed is None:
+            chunk.materialize()
         values = chunk.values
         errors = chunk.errors
+        pushes: list[list[Any] | Forwarded] = []
         with self.cv:
             indices: Indices = lane.positions.take(chunk.start, chunk.size)
             lane.held -= chunk.size
             if errors:
                 for j, exc in errors.items():
                     self.outbox.fail(indices[j], _tag(exc, lane, indices[j]))
-                keep = [j for j in range(chunk.size) if j not in errors]
-                values = [values[j] for j in keep]
-                indices = [indices[j] for j in keep]
-            if after is None:
-                self.outbox.put(indices, values)
+            if relayed is not None:
+                assert after is not None
+                for places, items in relayed:
+                    after.positions.add(_at(indices, places))
+                    after.held += len(items)
+                    pushes.append(items)
             else:
-                after.positions.add(indices)
-                after.held += len(indices)
+                if errors:
+                    keep = [j for j in range(chunk.size) if j not in errors]
+                    values = [values[j] for j in keep]
+                    indices = [indices[j] for j in keep]
+                if after is None:
+                    self.outbox.put(indices, values)
+                elif values:
+                    after.positions.add(indices)
+                    after.held += len(indices)
+                    pushes.append(values)
             self.room[lane.index].notify()  # who pushes into this stage: it has room again
             if after is None or errors:
                 self.cv.notify()  # the reader of the results: something to hand out
         # False: the next stage takes no more, the map is ending
-        return after is None or not values or after.feeder.push(values, False)
+        return after is None or all(after.feeder.push(items, False) for items in pushes)
 
     # --- the reader's side -------------------------------------------------------------
 
@@ -293,6 +330,13 @@ class Flow:
             self.cv.notify_all()
             for room in self.room:
                 room.notify_all()
+
+
+def _at(indices: Indices, places: list[range]) -> Indices:
+    """The item indices at `places` of a chunk (a range stays a range where it can)."""
+    if len(places) == 1:
+        return indices[places[0].start : places[0].stop]
+    return [i for r in places for i in indices[r.start : r.stop]]
 
 
 def _tag(exc: BaseException, lane: Lane, index: int) -> BaseException:

@@ -66,6 +66,8 @@ class Pipeline:
         self._flows: weakref.WeakSet[Flow] = weakref.WeakSet()
         self._pools: list[Pool] = []
         self._ended: str | None = None  # how it ended: shut down or terminated
+        # Values go stage to stage still pickled: local workers' bodies (a Dask worker's are not forwarded)
+        self._relay = backend == "local"
         try:
             for s in stages:
                 pool = Pool(
@@ -97,7 +99,7 @@ class Pipeline:
             raise PoolClosed(f"this pipeline was {self._ended}; create a new Pipeline")
         source = iter(items)  # not iterable: TypeError here, in the caller's thread
         stages = [(s, p, s.capacity or self.capacity) for s, p in zip(self.stages, self._pools, strict=True)]
-        flow = Flow(stages, self.capacity, ordered, return_exceptions)
+        flow = Flow(stages, self.capacity, ordered, return_exceptions, relay=self._relay)
         self._flows.add(flow)
         flow.start(source)
         pieces = flow.pieces()

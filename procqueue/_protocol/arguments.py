@@ -9,6 +9,7 @@ from typing import Any, Protocol
 from procqueue._errors import ProcQueueError, SerializationError
 from procqueue._protocol import messages as m
 from procqueue._protocol.pickling import Post, _text, dumps, dumps_body, name_bad_argument
+from procqueue._protocol.relay import forwarded
 
 
 class Items(Protocol):
@@ -90,10 +91,14 @@ def encode_batch(
 ) -> tuple[bytes, list[bytes | memoryview], list[tuple[Any, int, BaseException]]]:
     """A batch as bytes: the handler's (`wire()`), the items' frames, and the items
     that would not pickle, each with its error (all of them when the handler would
-    not). Runs user code (`__reduce__`): call it without the pool's lock."""
+    not). Runs user code (`__reduce__`): call it without the pool's lock. Forwarded
+    items (`relay.py`) go as the body they came in; the batch's `pick` names them."""
     rejected: list[tuple[Any, int, BaseException]] = []
     try:
         blob = wire()
+        relay = forwarded(segments)
+        if relay is not None:  # values of another pool's batch, still pickled: sent as they came
+            return blob, [relay[0]], rejected
         parts, _ = encode_items(segments, lambda run, j, exc: rejected.append((run, j, exc)), post)
     except BaseException as exc:  # a handler that will not pickle (or a bug): its tasks fail, not the pool
         err = exc if isinstance(exc, ProcQueueError) else _batch_failure(exc)

@@ -64,23 +64,41 @@ def remote_error(info: m.ErrorInfo, task_id: int, attempts: int, pid: int, mater
 
 
 def crash_error(
-    fault: int, task_id: int, attempts: int, pid: int, exitcode: int | None, timeout: float | None, fault_text: str
+    fault: int,
+    task_id: int,
+    attempts: int,
+    pid: int,
+    exitcode: int | None,
+    timeout: float | None,
+    fault_text: str,
+    forwarded: bool = False,
 ) -> BaseException:
-    """The error for an attempt that ended with its worker: a crash or a timeout."""
+    """The error for an attempt that ended with its worker: a crash or a timeout.
+    `forwarded`: it ended while unpickling a batch of values a pipeline's stage
+    before made (`relay.py`), which fails that batch whole, without retries."""
+    whole = (
+        "; it was unpickling the values the stage before made, one of which kills or hangs the process "
+        "that unpickles it, and as they cannot be told apart, every task of that batch failed, unretried"
+        if forwarded
+        else ""
+    )
     if fault == m.Fault.TIMED_OUT:
         return TaskTimeout(
-            f"task {task_id} ran past its timeout of {timeout} s (attempt {attempts}); its worker pid {pid} was killed",
+            f"task {task_id} ran past its timeout of {timeout} s (attempt {attempts}); its worker pid {pid} "
+            f"was killed{whole}",
             task_id=task_id,
             attempts=attempts,
             timeout=timeout,
             pid=pid,
         )
     sig = -exitcode if exitcode is not None and exitcode < 0 else None
-    text = (
-        f"worker pid {pid} died with {describe_exitcode(exitcode)} while running task {task_id} "
-        f"(attempt {attempts}). A signal from outside, a crash in C code (segfault), "
-        f"os._exit or running out of memory does this; a retry budget (retries=) lets the task run again."
+    advice = (
+        f"{whole}."
+        if forwarded
+        else ". A signal from outside, a crash in C code (segfault), os._exit or running out of memory does "
+        "this; a retry budget (retries=) lets the task run again."
     )
+    text = f"worker pid {pid} died with {describe_exitcode(exitcode)} while running task {task_id} (attempt {attempts}){advice}"
     if fault_text.strip():
         text += f"\n\nfaulthandler in the worker wrote:\n{fault_text.strip()}"
     return WorkerCrashed(

@@ -75,6 +75,7 @@ class RunBatch:
     by_value: bool = False  # the items were pickled by value (a retry after they would not unpickle)
     packed: bool = False  # each item is a pickle of its own (`procqueue/_protocol/pickling.py`)
     timed: bool = False  # unmarked, but each item timed (its future reports its own duration)
+    pick: range | tuple[int, ...] | None = None  # the body is another batch's values; these are the items (relay.py)
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
+from procqueue._protocol.relay import Forwarded
 from procqueue._scheduler import sizing
 from procqueue._scheduler.instructions import NOTIFY
 from procqueue._scheduler.rate import Bucket
@@ -54,8 +55,15 @@ class Feed(Protocol):
     def stream(self) -> Stream:
         """Its reader's side."""
 
-    def make_run(self, items: list[Any], first_id: int) -> Run:
+    def make_run(self, items: list[Any] | Forwarded, first_id: int) -> Run:
         """The run of `items` (task ids from `first_id`), with a chunk to receive them."""
+
+    def clip(self, n: int) -> int:
+        """How many of the next `n` items one run may take (a pipeline's forwarded
+        values are cut within the body they came in)."""
+
+    def take(self, n: int) -> list[Any] | Forwarded:
+        """The next `n` items (at most `clip(n)`); `pos` moves past them."""
 
 
 class Feeds:
@@ -144,14 +152,14 @@ class Feeds:
         n = min(n, self.window_left(f, n, closed), len(f.seq) - f.pos)
         if limit is not None:
             n = min(n, limit)
+        n = f.clip(n)
         if f.bucket is not None:
             n = min(n, f.bucket.available(now))
         if n <= 0:
             return None
         if f.bucket is not None:
             f.bucket.spend(n)
-        items = list(f.seq[f.pos : f.pos + n])  # slicing a list, tuple or range runs no user code
-        f.pos += n
+        items = f.take(n)  # slicing a list, tuple or range runs no user code
         run = f.make_run(items, ids(n))
         run.seq = f.order  # retries and requeues keep the map's place in line
         run.pos = n

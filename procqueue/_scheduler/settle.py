@@ -17,9 +17,10 @@ from typing import Any
 from procqueue._protocol import layout
 from procqueue._protocol import messages as m
 from procqueue._protocol.failures import crash_error, remote_error
+from procqueue._protocol.relay import Forwarded
 from procqueue._scheduler.books import Lost
 from procqueue._scheduler.instructions import NOTIFY, Fail, Resolve
-from procqueue._scheduler.retry import Final, Requeue, Retry, decide
+from procqueue._scheduler.retry import Decision, Final, Requeue, Retry, decide
 from procqueue._scheduler.states import TaskState as S
 from procqueue._scheduler.tables import Tables
 from procqueue._scheduler.tasks import Batch, Run
@@ -78,14 +79,25 @@ class Settlement:
         out.append(NOTIFY)
 
     def failed_attempt(
-        self, run: Run, j: int, fault: m.Fault, count: int, make_error: Any, pid: int | None, now: float
+        self,
+        run: Run,
+        j: int,
+        fault: m.Fault,
+        count: int,
+        make_error: Any,
+        pid: int | None,
+        now: float,
+        final: bool = False,
     ) -> None:
-        """One failed attempt of item `j` of `run` (in a batch of `count`): judge it, count it, settle it."""
+        """One failed attempt of item `j` of `run` (in a batch of `count`): judge it (`final`:
+        no retry whatever its budget), count it, settle it."""
         t = self.t
         if fault in (m.Fault.CRASHED, m.Fault.TIMED_OUT):
             t.moves(run, j, 1, S.CRASHED if fault == m.Fault.CRASHED else S.TIMED_OUT)
         p = t.policy
-        decision = decide(fault, run.attempt, run.retries, count, run.by_value, p.backoff, p.backoff_max, t.rng)
+        decision: Decision = Final()
+        if not final:
+            decision = decide(fault, run.attempt, run.retries, count, run.by_value, p.backoff, p.backoff_max, t.rng)
         match decision:
             case Requeue():
                 t.moves(run, j, 1, S.PENDING)
@@ -126,10 +138,14 @@ class Settlement:
             again: list[tuple[Run, int]] = []
             suspects: list[tuple[Run, int]] = []  # it died loading (or, on Dask, running) these: one is the poison
             loading = charged and lost.running is not None and lost.running == (batch.batch_id, layout.LOADING)
+            # Values forwarded still pickled (relay.py) load all together, whichever are picked: one
+            # that kills (or hangs) its loader would do so again in every half and every retry.
+            # They cannot be told apart, so the batch fails at once: one death, not one per item.
+            whole = loading and isinstance(batch.head.items, Forwarded)
             for k in range(batch.done, batch.count):
                 run, j = batch.item(k)
                 culprit = charged and lost.running == (batch.batch_id, k)
-                if loading and batch.count - batch.done == 1:
+                if loading and (batch.count - batch.done == 1 or whole):
                     culprit = True  # it died in a batch of one: that task is the poison
                 if culprit:
                     if fault == m.Fault.CRASHED:
@@ -139,9 +155,9 @@ class Settlement:
                     t.books.attempts += 1
                     error = partial(
                         crash_error, fault, run.first_id + j, run.attempt, pid, lost.exitcode, run.timeout,
-                        lost.fault_text,
+                        lost.fault_text, whole,
                     )  # fmt: skip
-                    self.failed_attempt(run, j, fault, 1, error, pid, now)
+                    self.failed_attempt(run, j, fault, 1, error, pid, now, final=whole)
                 else:  # it never ran (or its outcome was lost with the worker): again, uncharged
                     t.moves(run, j, 1, S.PENDING)
                     (suspects if loading else again).append((run, j))

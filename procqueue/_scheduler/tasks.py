@@ -18,6 +18,7 @@ from typing import Any, Protocol
 from procqueue._errors import SerializationError
 from procqueue._protocol import messages as m
 from procqueue._protocol.pickling import _text, describe, dumps_callable, safe_repr
+from procqueue._protocol.relay import Forwarded
 from procqueue._scheduler.rate import Bucket
 
 EWMA = 0.3  # per batch, how much older measurements of a handler fade
@@ -117,7 +118,7 @@ class Run:
     """
 
     handler: Handler
-    items: list[Any]
+    items: list[Any] | Forwarded  # Forwarded: another pool's values, still pickled (a pipeline's)
     call: m.Call
     receiver: Receiver
     first_id: int
@@ -150,7 +151,7 @@ class Run:
     def single(self, j: int, attempt: int, solo: bool = False, careful: bool = False, by_value: bool = False) -> Run:
         """Item `j` alone, as a retry or a requeue keeps it: same task id, receiver slot and place in line."""
         return Run(
-            self.handler, [self.items[j]], self.call, self.receiver, self.first_id + j, self.priority,
+            self.handler, self.items[j : j + 1], self.call, self.receiver, self.first_id + j, self.priority,
             self.seq, attempt, self.retries, self.timeout, 1, self.base + j, 0, solo, careful or self.careful,
             by_value or self.by_value, self.packed, self.bucket,
         )  # fmt: skip

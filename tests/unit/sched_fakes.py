@@ -15,6 +15,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from procqueue._protocol import messages as m
+from procqueue._protocol.relay import Forwarded
 from procqueue._scheduler import instructions as ins
 from procqueue._scheduler.rate import Bucket
 from procqueue._scheduler.scheduler import Scheduler
@@ -124,7 +125,15 @@ class FakeFeed:
     def stream(self) -> FakeStream:
         return self._stream
 
-    def make_run(self, items: list[Any], first_id: int) -> Run:
+    def clip(self, n: int) -> int:
+        return n
+
+    def take(self, n: int) -> list[Any]:
+        items = list(self.seq[self.pos : self.pos + n])
+        self.pos += n
+        return items
+
+    def make_run(self, items: list[Any] | Forwarded, first_id: int) -> Run:
         chunk = FakeReceiver(partial=True, stream=self._stream)
         self._stream.outstanding += len(items)
         run = Run(
