@@ -313,24 +313,43 @@ class Blocks:
             self.skip = 0
             n -= left
 
-    def _at(self, pos: int) -> tuple[list[Any] | Forwarded, int]:
+    def _at(self, pos: int) -> tuple[int, int]:
         """The part holding item `pos`, and where in it."""
         pos += self.skip
-        for part in self.parts:
+        for k, part in enumerate(self.parts):
             if pos < len(part):
-                return part, pos
+                return k, pos
             pos -= len(part)
         raise IndexError("past the end of the buffer")
 
     def clip(self, pos: int, n: int) -> int:
-        part, at = self._at(pos)
-        return min(n, len(part) - at)
+        """At most `n` from `pos` in one run: within a list, or across forwarded runs in a row."""
+        k, at = self._at(pos)
+        parts = self.parts
+        got = len(parts[k]) - at
+        if type(parts[k]) is Forwarded:
+            for nxt in itertools.islice(parts, k + 1, None):
+                if got >= n or type(nxt) is not Forwarded:
+                    break
+                got += len(nxt)
+        return min(n, got)
 
     def take(self, pos: int, n: int) -> list[Any] | Forwarded:
-        part, at = self._at(pos)
-        if at + n > len(part):
+        k, at = self._at(pos)
+        parts = self.parts
+        first = parts[k][at : at + n]
+        if len(first) == n:
+            return first
+        if not isinstance(first, Forwarded):
             raise IndexError("a cut across two parts of the buffer; clip it first")
-        return part[at : at + n]
+        out = first
+        for nxt in itertools.islice(parts, k + 1, None):
+            if not isinstance(nxt, Forwarded):
+                raise IndexError("a cut across two parts of the buffer; clip it first")
+            out = out + nxt[: n - len(out)]
+            if len(out) == n:
+                return out
+        raise IndexError("past the end of the buffer")
 
 
 class Pushed(Iterable[Any]):

@@ -23,7 +23,7 @@ from procqueue._errors import (
     SerializationError,
 )
 from procqueue._protocol.pickling import loads_body, salvage_body
-from procqueue._protocol.relay import Forwarded, joined
+from procqueue._protocol.relay import Body, Forwarded, joined
 
 Later = list[Callable[[], Any]]
 MakeError = Callable[[], BaseException]
@@ -302,8 +302,8 @@ class Chunk:
         self._settled(1)
 
     def body_bytes(self) -> int:
-        """Pickled bytes its values take (all of each batch they came in), before `materialize`."""
-        return sum(values.nbytes for _, values, _, _ in self.pieces)
+        """Pickled bytes its values take (all of each batch they came in, once), before `materialize`."""
+        return sum({id(values): values.nbytes for _, values, _, _ in self.pieces}.values())
 
     def materialize(self) -> None:
         """Unpickle the values and build the errors (in the consumer's thread)."""
@@ -345,12 +345,15 @@ class Chunk:
         out: list[tuple[list[range], Forwarded]] = []
         last: Values | None = None
         picks: list[range] = []
-        for (index, values, lo, hi), body in sorted(zip(pieces, bodies, strict=True), key=lambda p: p[0][0]):
-            assert body is not None
+        body = None
+        for (index, values, lo, hi), data in sorted(zip(pieces, bodies, strict=True), key=lambda p: p[0][0]):
+            assert data is not None
             if values is not last:
                 picks = []
-                out.append(([], Forwarded(body, range(0))))
+                body = Body(_own(data))
+                out.append(([], joined(body, [range(0)])))
                 last = values
+            assert body is not None
             out[-1][0].append(range(index, index + hi - lo))
             picks.append(range(lo, hi))
             out[-1] = (out[-1][0], joined(body, picks))
@@ -383,3 +386,12 @@ class Chunk:
 
 
 Receiver = FutureReceiver | Chunk
+
+
+def _own(view: memoryview) -> memoryview:
+    """A body to keep a while: a copy when it is a small part of a larger read, which
+    keeping the view would keep whole (a read from the collector takes up to ~1 MB)."""
+    base = view.obj
+    if isinstance(base, bytes | bytearray) and len(base) > 2 * view.nbytes + 65536:
+        return memoryview(bytes(view))
+    return view

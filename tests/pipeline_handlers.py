@@ -119,25 +119,31 @@ class Unpicklable:
         raise TypeError("this one does not pickle")
 
 
-def _loaded(marks: str, x: int) -> int:
-    """Unpickling a `Tracked`: note which process did it."""
+def _loaded(marks: str, x: int, delay: float = 0.0) -> int:
+    """Unpickling a `Tracked`: note which process did it (it is loading now), take `delay`."""
     with open(os.path.join(marks, f"loaded-{os.getpid()}"), "a") as f:
         f.write(f"{x}\n")
+    time.sleep(delay)
     return x
 
 
 class Tracked:
     """A value that leaves a marker file of the process that unpickles it, and becomes `x` there."""
 
-    def __init__(self, marks: str, x: int) -> None:
-        self.marks, self.x = marks, x
+    def __init__(self, marks: str, x: int, delay: float = 0.0) -> None:
+        self.marks, self.x, self.delay = marks, x, delay
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (_loaded, (self.marks, self.x))
+        return (_loaded, (self.marks, self.x, self.delay))
 
 
 def track(marks: str, x: int) -> Tracked:
     return Tracked(marks, x)
+
+
+def slow_to_load(marks: str, x: int) -> Tracked:
+    """A value that takes 20 ms to unpickle."""
+    return Tracked(marks, x, 0.02)
 
 
 class ExitsWhenLoaded:

@@ -7,6 +7,7 @@ import importlib.util
 import io
 import itertools
 import os
+import signal
 import threading
 import time
 from collections import Counter
@@ -392,14 +393,14 @@ def test_values_go_on_to_the_next_stage_without_the_parent_unpickling_them(tmp_p
         assert (tmp_path / "killed-13").exists() and stats[1].crashed == 1 and stats[1].retried == 1
 
 
-def test_a_forwarded_value_that_kills_its_loader_fails_its_batch_once() -> None:
+def test_a_forwarded_value_that_kills_its_loader_costs_a_death_per_attempt() -> None:
     """A value of stage 0 whose unpickling calls os._exit: stage 1's worker dies loading its
-    batch. The values of one forwarded batch cannot be told apart, so that batch fails at
-    once (WorkerCrashed, naming why), with one death and no retries, not one per item;
-    every other batch goes on, and no process is left."""
+    batch. The values of one forwarded batch load together and cannot be told apart, so
+    the batch is charged and retried whole (WorkerCrashed, naming why): one death per
+    attempt, not one per item; every other batch goes on, and no process is left."""
     with pq.Pipeline(
         pq.Stage(h.exits_when_loaded_at_13, workers=1, chunksize=50),
-        pq.Stage(h.same, workers=1, chunksize=50, retries=2),
+        pq.Stage(h.same, workers=1, chunksize=50, retries=1, backoff=0.01),
     ) as pipe:
         got = list(pipe.map(range(200), return_exceptions=True))
         stats = at_rest(pipe)
@@ -408,9 +409,43 @@ def test_a_forwarded_value_that_kills_its_loader_fails_its_batch_once() -> None:
     assert all(isinstance(got[i], pq.WorkerCrashed) and stage_of(got[i]).stage == 1 for i in bad)
     assert "the values the stage before made" in str(got[13]) and got[13].exitcode == 7
     assert got[50:] == list(range(50, 200))
-    assert (stats[1].completed, stats[1].failed, stats[1].retried) == (150, 50, 0)
-    assert sum(w.deaths for w in stats[1].workers) == 1
+    assert (stats[1].completed, stats[1].failed, stats[1].retried, stats[1].crashed) == (150, 50, 50, 100)
+    assert sum(w.deaths for w in stats[1].workers) == 2
     assert not leftover_children()
+
+
+def test_a_worker_killed_while_loading_forwarded_values_costs_a_retry(tmp_path: Path) -> None:
+    """SIGKILL from outside while stage 1's worker unpickles a forwarded batch (slowly, 20 ms
+    a value): the batch is charged one attempt and runs again; every item arrives."""
+    marks = str(tmp_path)
+    with pq.Pipeline(
+        pq.Stage(partial(h.slow_to_load, marks), workers=1, chunksize=20),
+        pq.Stage(h.same, workers=1, chunksize=20, retries=1, backoff=0.01),
+    ) as pipe:
+        victim = pipe.stats()[1].workers[0].pid
+        it = pipe.map(range(40))
+        loading = tmp_path / f"loaded-{victim}"
+        deadline = time.monotonic() + 30
+        while not loading.exists() and time.monotonic() < deadline:
+            time.sleep(0.002)
+        os.kill(victim, signal.SIGKILL)
+        got = list(it)
+        stats = at_rest(pipe)
+    assert got == list(range(40))
+    assert stats[1].completed == 40 and stats[1].failed == 0 and stats[1].crashed == stats[1].retried == 20
+
+
+def test_values_slow_to_unpickle_get_their_timeout_each_while_loading(tmp_path: Path) -> None:
+    """A stage's timeout is per task: a worker unpickling a forwarded batch of 20 values,
+    20 ms each (0.4 s in all), is not past a timeout of 0.3 s."""
+    with pq.Pipeline(
+        pq.Stage(partial(h.slow_to_load, str(tmp_path)), workers=1, chunksize=20),
+        pq.Stage(h.same, workers=1, chunksize=20, timeout=0.3),
+    ) as pipe:
+        got = list(pipe.map(range(60), return_exceptions=True))
+        stats = at_rest(pipe)
+    assert got == list(range(60))
+    assert (stats[1].completed, stats[1].timed_out) == (60, 0)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("distributed") is None, reason="needs procqueue[dask]")

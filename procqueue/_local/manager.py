@@ -142,7 +142,7 @@ class Manager:
                 msg = m.RunBatch(
                     batch.batch_id, batch.count, run.handler.id, None if slot.knows(run.handler.id) else blob,
                     run.call, run.attempt, run.retries, sizing.careful(run), run.by_value, run.packed, timed,
-                    None if relay is None else relay[1],
+                    None if relay is None else relay.wire()[1],
                 )  # fmt: skip
                 self.send(slot, framing.frame_parts(msg, payload))
                 self.execute(core.apply(s.sent(batch), later))

@@ -42,11 +42,10 @@ from procqueue._protocol.pickling import (
     loads_body,
     loads_callable,
     pack_exception,
-    salvage_body,
     shm_refs,
     unpack_arguments,
 )
-from procqueue._protocol.relay import Pick, pick, unforwardable
+from procqueue._protocol.relay import Guarded, Loader
 
 # A batch reports what it has so far at least this often, so a crash late in a
 # long batch re-runs little, and the collector's counters stay fresh.
@@ -116,6 +115,7 @@ class _Worker:
         self.slot = slot
         self.side = side
         self.post: Post | None = side.post if side is not None and post_results else None
+        self.relayed = Loader()  # forwarded values: the last body stays unpickled while it is being cut
         self.pid = os.getpid()
         self.task_conn = task_conn
         self.out = out
@@ -190,7 +190,12 @@ class _Worker:
             self.fail_all(msg, m.Fault.HANDLER_UNPICKLE, exc)
             return
         try:
-            items = self.load_items(body, msg.pick)
+            if msg.pick is not None:  # values of another pool's batches (a pipeline's stage before)
+                items, bad = self.relayed.items(body, msg.pick)
+                if bad:  # some did not unpickle: those fail alone
+                    fn = Guarded(fn)
+            else:
+                items = self.load_items(body)
             if msg.packed:
                 items = unpack_arguments(items)
         except BaseException as exc:
@@ -236,19 +241,9 @@ class _Worker:
         if values or start == 0:
             self.flush(msg, start, values, durations, errors)
 
-    def load_items(self, body: memoryview, picks: Pick | None = None) -> Any:
+    def load_items(self, body: memoryview) -> Any:
         """The batch's items; its large buffers mapped from their segments, private:
-        the handler's own copy (copy on write). With `picks`, the body is another
-        batch's values (`procqueue/_protocol/relay.py`): the items are those picked,
-        and a value that does not unpickle fails only a batch that picks it."""
-        if picks is not None:
-            try:
-                return pick(loads_body(body), picks)
-            except BaseException as exc:
-                saved = salvage_body(body)  # None when the failure is not one value's
-                if saved is None or any(i in saved[1] for i in picks):
-                    raise unforwardable(exc) from None
-                return pick(saved[0], picks)
+        the handler's own copy (copy on write)."""
         refs = shm_refs(body)
         if not refs:
             return loads_body(body)

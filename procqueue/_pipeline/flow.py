@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 
 SAFETY_WAKE = 1.0  # seconds: a pump blocked on a stage re-checks that its map is still read
 BYTES = 32 << 20  # the stages hold more than their `capacity` only while it takes less than this in all
-RELAY_SPLITS = 2  # forward a chunk still pickled only to a stage that cuts it in at most this many batches
+RELAY_SPLITS = 4  # forward a chunk still pickled only to a stage that cuts it in at most this many batches
 LEAVE_WITHIN = 5.0  # seconds a pump may take to leave once its map ended (it may be in user code)
 
 
@@ -86,9 +86,16 @@ class Lane:
         return self.span - self.held
 
     def relays(self, n: int) -> bool:
-        """Forward `n` values to it still pickled: each batch cut from them loads them all
-        in its worker, so only where it cuts few batches of them."""
-        return self.relay and n <= RELAY_SPLITS * self.batch
+        """Forward `n` values to it still pickled: each batch cut from them carries their
+        whole body, and each new worker unpickles it whole, so only where it cuts few
+        batches of them, and recycles no worker in between. Until its pace is measured,
+        always (so the first chunks go the way the others will, mostly)."""
+        if not self.relay:
+            return False
+        limit = self.stage.max_tasks_per_worker
+        if limit is not None and n > RELAY_SPLITS * limit:
+            return False
+        return self.feeder.handler.est_ns is None or n <= RELAY_SPLITS * self.batch
 
 
 class Flow:

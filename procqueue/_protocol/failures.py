@@ -75,10 +75,11 @@ def crash_error(
 ) -> BaseException:
     """The error for an attempt that ended with its worker: a crash or a timeout.
     `forwarded`: it ended while unpickling a batch of values a pipeline's stage
-    before made (`relay.py`), which fails that batch whole, without retries."""
+    before made (`relay.py`), which is charged, and retried, whole."""
     whole = (
-        "; it was unpickling the values the stage before made, one of which kills or hangs the process "
-        "that unpickles it, and as they cannot be told apart, every task of that batch failed, unretried"
+        "; it was unpickling the values the stage before made, which load together and cannot be told "
+        "apart, so every task of that batch was charged this attempt (and retried, within its retry budget, "
+        "as one batch): one of the values may kill or hang the process that unpickles it"
         if forwarded
         else ""
     )
@@ -107,7 +108,10 @@ def crash_error(
 
 
 def fault_of(exc: BaseException) -> m.Fault:
-    """RAISED, or REJECTED for an error its class marks final (`procqueue_final = True`)."""
+    """RAISED, or REJECTED for an error its class marks final (`procqueue_final = True`);
+    ARGS_UNPICKLE for a forwarded value that did not unpickle (`relay.unforwardable`)."""
+    if type(exc) is SerializationError and exc.__dict__.get("unforwardable") is True:
+        return m.Fault.ARGS_UNPICKLE
     try:
         final = getattr(exc, "procqueue_final", False) is True
     except BaseException:  # a hostile __getattr__: an ordinary failure

@@ -75,7 +75,8 @@ class RunBatch:
     by_value: bool = False  # the items were pickled by value (a retry after they would not unpickle)
     packed: bool = False  # each item is a pickle of its own (`procqueue/_protocol/pickling.py`)
     timed: bool = False  # unmarked, but each item timed (its future reports its own duration)
-    pick: range | tuple[int, ...] | None = None  # the body is another batch's values; these are the items (relay.py)
+    # The body is other batches' values (relay.py): (key, bytes, picks) per body; the picked are the items.
+    pick: tuple[tuple[int, int, range | tuple[int, ...]], ...] | None = None
 
 
 @dataclass(frozen=True)

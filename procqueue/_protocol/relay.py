@@ -3,86 +3,213 @@
 Between two stages of a pipeline (`procqueue/_pipeline/flow.py`) the parent
 does not unpickle what stage k's workers sent, nor pickle it again for stage
 k + 1: the body of a finished batch (the pickled list of its values) goes to
-stage k + 1's worker as the body of its `RunBatch`, with `pick` saying which
-of those values are that batch's items. The parent runs no user code for
-them, and spends nothing per item but the bookkeeping.
+stage k + 1's workers as the body of a `RunBatch`, with `pick` saying which
+of its values are that batch's items. The parent runs no user code for them,
+and spends nothing per item but the bookkeeping.
 
-A worker loads the whole body and keeps the picked values; if one value in
-it does not unpickle, the others are salvaged (`salvage.py`) and only a batch
-that holds the bad one fails, so the scheduler runs its items again one by
-one, and the bad value fails alone.
+A worker (`Loader`) unpickles a body once, however many batches it is cut
+into, as long as those batches reach it in a row and none takes an item twice
+(a retry gets a fresh copy). A value in it that does not unpickle fails only
+its own task, final at once: sending the same bytes again would fail the same
+way.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from typing import Any
 
 from procqueue._errors import SerializationError
+from procqueue._protocol.pickling import loads_body, salvage_body
 
 Pick = range | tuple[int, ...]  # which values of a body are a batch's items, in order
+Wire = tuple[tuple[int, int, Pick], ...]  # RunBatch.pick: (body key, body bytes, picks) per body
+
+_keys = itertools.count(1)
+
+
+class Body:
+    """One batch's values, still pickled, with a number unique in this process."""
+
+    __slots__ = ("data", "key")
+
+    def __init__(self, data: memoryview) -> None:
+        self.key = next(_keys)
+        self.data = data
 
 
 class Forwarded:
-    """Items that are values still pickled in another batch's body: the values at `picks`.
+    """Items that are values still pickled in other batches' bodies: per body, the values at its picks.
 
     It stands where a run's list of items would (`procqueue/_scheduler/tasks.py`):
     it has a length and slices, and nothing else, so nothing in the parent can
     unpickle it by mistake."""
 
-    __slots__ = ("body", "picks")
+    __slots__ = ("n", "parts")
 
-    def __init__(self, body: memoryview, picks: Pick) -> None:
-        self.body = body
-        self.picks = picks
+    def __init__(self, parts: tuple[tuple[Body, Pick], ...]) -> None:
+        self.parts = parts
+        self.n = sum(len(p) for _, p in parts)
 
     def __len__(self) -> int:
-        return len(self.picks)
+        return self.n
 
     def __getitem__(self, key: slice) -> Forwarded:
-        if not isinstance(key, slice):
+        if not isinstance(key, slice) or key.step not in (None, 1):
             raise TypeError("forwarded items are taken in slices, never one by one in the parent")
-        return Forwarded(self.body, self.picks[key])
+        lo, hi, _ = key.indices(self.n)
+        out: list[tuple[Body, Pick]] = []
+        at = 0
+        for body, picks in self.parts:
+            a, b = max(lo - at, 0), min(hi - at, len(picks))
+            if a < b:
+                out.append((body, picks[a:b]))
+            at += len(picks)
+        return Forwarded(tuple(out))
+
+    def __add__(self, other: Forwarded) -> Forwarded:
+        return Forwarded(self.parts + other.parts)
+
+    @property
+    def loads(self) -> int:
+        """How many values its worker unpickles at most: every value of each body up to the last picked."""
+        return sum(p[-1] + 1 for _, p in self.parts if len(p))
+
+    def wire(self) -> tuple[list[memoryview], Wire]:
+        """The bodies, as the buffers of a frame body, and the `RunBatch.pick` that reads them."""
+        return [b.data for b, _ in self.parts], tuple((b.key, b.data.nbytes, p) for b, p in self.parts)
 
     def __repr__(self) -> str:
-        return f"<{len(self.picks)} values forwarded still pickled, from a body of {len(self.body)} bytes>"
+        return f"<{self.n} values forwarded still pickled, from {len(self.parts)} bodies>"
 
 
-def joined(body: memoryview, picks: list[range]) -> Forwarded:
+def joined(body: Body, picks: list[range]) -> Forwarded:
     """One `Forwarded` for several runs of values of the same body."""
     if len(picks) == 1:
-        return Forwarded(body, picks[0])
-    return Forwarded(body, tuple(i for r in picks for i in r))
+        return Forwarded(((body, picks[0]),))
+    return Forwarded(((body, tuple(i for r in picks for i in r)),))
 
 
-def forwarded(segments: Sequence[tuple[Any, int, int]]) -> tuple[memoryview, Pick] | None:
-    """The body and picks of a batch of forwarded items (a run of them is never
-    batched with another run), or None for a batch of ordinary items."""
+def forwarded(segments: Sequence[tuple[Any, int, int]]) -> Forwarded | None:
+    """The items of a batch of forwarded items (a run of them is never batched with
+    another run), or None for a batch of ordinary items."""
     run, start, count = segments[0]
     items = run.items
     if type(items) is not Forwarded:
         return None
     if len(segments) != 1:
         raise ValueError("a batch of forwarded items was merged with another run; forwarded runs go alone")
-    return items.body, items.picks[start : start + count]
+    return items[start : start + count]
 
 
 def unforwardable(exc: BaseException) -> SerializationError:
-    """In the worker: the error of a batch whose forwarded values did not unpickle."""
+    """In the worker: the error of a forwarded value that did not unpickle, reported
+    as such (`failures.fault_of`); final, as the same bytes would fail the same way again."""
     try:
         text = f"{type(exc).__name__}: {exc}"
     except BaseException:  # a __str__ that raises
         text = type(exc).__name__
-    return SerializationError(
+    err = SerializationError(
         f"a value the stage before made could not be unpickled in this stage's worker: {text}",
         stage="argument",
         what=type(exc).__name__,
         task_id=None,
     )
+    err.unforwardable = True  # type: ignore[attr-defined]
+    return err
 
 
-def pick(values: list[Any], picks: Pick) -> list[Any]:
-    """In the worker: the batch's items among the body's values."""
-    if type(picks) is range and picks.step == 1:
-        return values[picks.start : picks.stop]
-    return [values[i] for i in picks]
+class Unloaded:
+    """In the worker: where a forwarded value that did not unpickle would be."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+
+class Guarded:
+    """In the worker: the handler, for a batch holding an `Unloaded` item, which fails it."""
+
+    __slots__ = ("fn",)
+
+    def __init__(self, fn: Any) -> None:
+        self.fn = fn
+
+    def __call__(self, item: Any) -> Any:
+        if type(item) is Unloaded:
+            raise item.error
+        return self.fn(item)
+
+
+class Loader:
+    """In a worker: a batch's forwarded items from the bodies it was sent. The last
+    body stays unpickled until all its values were handed out, so a body cut into
+    several batches in a row unpickles once; a batch that asks for a value handed
+    out before (a retry) gets a fresh copy."""
+
+    def __init__(self) -> None:
+        self.key = 0
+        self.values: list[Any] | None = None
+        self.error: BaseException | None = None
+        self.used = bytearray()
+        self.left = 0  # values of the loaded body not handed out yet
+        self.bad = False  # some of them are `Unloaded`
+
+    def items(self, body: memoryview, wire: Wire) -> tuple[list[Any], bool]:
+        """The items, and whether one of them is `Unloaded`. Raises a `SerializationError`
+        when a body fails to unpickle and its values cannot be told apart."""
+        out: list[Any] = []
+        bad = False
+        pos = 0
+        for key, size, picks in wire:
+            data = body[pos : pos + size]
+            pos += size
+            got, some_bad = self._pick(key, data, picks)
+            out.extend(got)
+            bad = bad or some_bad
+        return out, bad
+
+    def _pick(self, key: int, data: memoryview, picks: Pick) -> tuple[list[Any], bool]:
+        if key != self.key or (self.error is None and self._taken(picks)):
+            self._load(key, data)
+        if self.error is not None:
+            raise self.error
+        values = self.values
+        assert values is not None
+        if type(picks) is range and picks.step == 1:
+            got = values[picks.start : picks.stop]
+            self.used[picks.start : picks.stop] = b"\x01" * len(picks)
+        else:
+            got = [values[i] for i in picks]
+            for i in picks:
+                self.used[i] = 1
+        self.left -= len(picks)
+        bad = self.bad and any(type(v) is Unloaded for v in got)
+        if self.left <= 0:  # every value handed out: let them go with their batches
+            self.key, self.values = 0, None
+        return got, bad
+
+    def _taken(self, picks: Pick) -> bool:
+        used = self.used
+        if type(picks) is range and picks.step == 1:
+            return used.find(1, picks.start, picks.stop) >= 0
+        return any(used[i] for i in picks)
+
+    def _load(self, key: int, data: memoryview) -> None:
+        self.key, self.values, self.error, self.bad = key, None, None, False
+        try:
+            values = loads_body(data)
+        except BaseException as exc:  # SystemExit from a __setstate__ too: these values' problem
+            saved = salvage_body(data)  # which values failed, if that can be told
+            if saved is None:
+                self.error = unforwardable(exc)
+                return
+            values, failed = saved
+            for i, cause in failed.items():
+                values[i] = Unloaded(unforwardable(cause))
+            self.bad = bool(failed)
+        self.values = values
+        self.used = bytearray(len(values))
+        self.left = len(values)

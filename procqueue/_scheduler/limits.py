@@ -5,6 +5,8 @@ worker runs; this decides."""
 
 from __future__ import annotations
 
+from procqueue._protocol.layout import LOADING
+from procqueue._protocol.relay import Forwarded
 from procqueue._scheduler.books import Seat
 from procqueue._scheduler.instructions import KillReason
 
@@ -29,11 +31,15 @@ def limit_in(seat: Seat, running: tuple[int, int, float] | None, now: float, clo
     seat.idle_since = None
     if not timeouts:
         return None
-    batch_id, _, started = running
+    batch_id, index, started = running
     batch = seat.batches.get(batch_id)
     if batch is None or batch.head.timeout is None:
         return POLL_UNSTARTED
-    return max(0.0, started + batch.head.timeout - clock)
+    limit = batch.head.timeout
+    items = batch.head.items
+    if index == LOADING and isinstance(items, Forwarded):  # it unpickles whole bodies: each value its timeout
+        limit *= max(1, items.loads)
+    return max(0.0, started + limit - clock)
 
 
 def verdict(running: tuple[int, int, float] | None) -> KillReason:

@@ -53,7 +53,7 @@ class PendingQueue:
 
     def push_delayed(self, run: Run, due: float) -> None:
         heapq.heappush(self.delayed, (due, next(self.seq), run))
-        self.waiting += 1
+        self.waiting += len(run.items)  # one task, but a forwarded batch retries whole
 
     def next_due(self) -> float | None:
         dues = [*self.throttled_due.values(), *([self.delayed[0][0]] if self.delayed else [])]
@@ -67,9 +67,10 @@ class PendingQueue:
         delayed = self.delayed
         while delayed and delayed[0][0] <= now:
             run = heapq.heappop(delayed)[2]
-            self.waiting -= 1
+            self.waiting -= len(run.items)
             if self.ledger is not None:
-                self.ledger.move(run.first_id, states.TaskState.PENDING)
+                for task_id in range(run.first_id, run.first_id + len(run.items)):
+                    self.ledger.move(task_id, states.TaskState.PENDING)
             self.push(run, fresh=False)
         self.feed_due = None  # set again by this round's look at the maps
         for key, due in list(self.throttled_due.items()):

@@ -79,24 +79,16 @@ class Settlement:
         out.append(NOTIFY)
 
     def failed_attempt(
-        self,
-        run: Run,
-        j: int,
-        fault: m.Fault,
-        count: int,
-        make_error: Any,
-        pid: int | None,
-        now: float,
-        final: bool = False,
+        self, run: Run, j: int, fault: m.Fault, count: int, make_error: Any, pid: int | None, now: float
     ) -> None:
-        """One failed attempt of item `j` of `run` (in a batch of `count`): judge it (`final`:
-        no retry whatever its budget), count it, settle it."""
+        """One failed attempt of item `j` of `run` (in a batch of `count`): judge it, count it, settle it."""
         t = self.t
         if fault in (m.Fault.CRASHED, m.Fault.TIMED_OUT):
             t.moves(run, j, 1, S.CRASHED if fault == m.Fault.CRASHED else S.TIMED_OUT)
         p = t.policy
         decision: Decision = Final()
-        if not final:
+        # Forwarded values that did not unpickle (relay.py): the same bytes would fail the same way
+        if not (fault == m.Fault.ARGS_UNPICKLE and isinstance(run.items, Forwarded)):
             decision = decide(fault, run.attempt, run.retries, count, run.by_value, p.backoff, p.backoff_max, t.rng)
         match decision:
             case Requeue():
@@ -138,14 +130,13 @@ class Settlement:
             again: list[tuple[Run, int]] = []
             suspects: list[tuple[Run, int]] = []  # it died loading (or, on Dask, running) these: one is the poison
             loading = charged and lost.running is not None and lost.running == (batch.batch_id, layout.LOADING)
-            # Values forwarded still pickled (relay.py) load all together, whichever are picked: one
-            # that kills (or hangs) its loader would do so again in every half and every retry.
-            # They cannot be told apart, so the batch fails at once: one death, not one per item.
-            whole = loading and isinstance(batch.head.items, Forwarded)
+            if loading and isinstance(batch.head.items, Forwarded):
+                self.lost_loading(batch, fault, pid, lost, now)
+                continue
             for k in range(batch.done, batch.count):
                 run, j = batch.item(k)
                 culprit = charged and lost.running == (batch.batch_id, k)
-                if loading and (batch.count - batch.done == 1 or whole):
+                if loading and batch.count - batch.done == 1:
                     culprit = True  # it died in a batch of one: that task is the poison
                 if culprit:
                     if fault == m.Fault.CRASHED:
@@ -155,9 +146,9 @@ class Settlement:
                     t.books.attempts += 1
                     error = partial(
                         crash_error, fault, run.first_id + j, run.attempt, pid, lost.exitcode, run.timeout,
-                        lost.fault_text, whole,
+                        lost.fault_text,
                     )  # fmt: skip
-                    self.failed_attempt(run, j, fault, 1, error, pid, now, final=whole)
+                    self.failed_attempt(run, j, fault, 1, error, pid, now)
                 else:  # it never ran (or its outcome was lost with the worker): again, uncharged
                     t.moves(run, j, 1, S.PENDING)
                     (suspects if loading else again).append((run, j))
@@ -166,6 +157,39 @@ class Settlement:
             t.books.in_flight -= batch.count - batch.done
             t.batches.pop(batch.batch_id, None)
         t.out.append(NOTIFY)
+
+    def lost_loading(self, batch: Batch, fault: m.Fault, pid: int, lost: Lost, now: float) -> None:
+        """Its worker died unpickling a batch of forwarded values (`relay.py`). They load all
+        together, whichever are picked, so halves or single items would load (and die on) the
+        same bytes again: the batch is charged one attempt, and retried or failed, whole."""
+        t = self.t
+        run, start, _ = batch.segments[0]  # forwarded runs go alone
+        j, n = start + batch.done, batch.count - batch.done
+        if fault == m.Fault.CRASHED:
+            t.books.crashed += n
+        else:
+            t.books.timed_out += n
+        t.books.attempts += n
+        t.moves(run, j, n, S.CRASHED if fault == m.Fault.CRASHED else S.TIMED_OUT)
+        p = t.policy
+        match decide(fault, run.attempt, run.retries, n, run.by_value, p.backoff, p.backoff_max, t.rng):
+            case Retry(delay=delay):
+                t.books.retried += n
+                t.moves(run, j, n, S.RETRYING)
+                again = run.part(j, n)
+                again.attempt = run.attempt + 1
+                t.queue.push_delayed(again, now + delay)
+            case _:
+                t.books.failed += n
+                t.moves(run, j, n, S.FAILED)
+                for jj in range(j, j + n):
+                    error = partial(
+                        crash_error, fault, run.first_id + jj, run.attempt, pid, lost.exitcode, run.timeout,
+                        lost.fault_text, True,
+                    )  # fmt: skip
+                    t.out.append(Fail(run, jj, error, run.attempt, pid))
+        t.books.in_flight -= n
+        t.batches.pop(batch.batch_id, None)
 
     def bisect(self, suspects: list[tuple[Run, int]]) -> None:
         """A batch of several died with no item to blame: run it again in two halves,
