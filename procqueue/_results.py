@@ -39,15 +39,17 @@ class Values:
     """A batch's pickled values, unpickled once by the first thread that asks:
     never the manager's."""
 
-    __slots__ = ("_body", "_error", "_lock", "_shared", "_values", "bad", "nbytes", "recount")
+    __slots__ = ("_body", "_error", "_lock", "_shared", "_values", "bad", "count", "nbytes", "recount")
 
     def __init__(
         self,
         body: memoryview,
         recount: Callable[[int], None] | None = None,
         shared: list[Any] | BaseException = [],  # noqa: B006 (never changed)
+        count: int = 0,
     ) -> None:
         self.recount = recount  # moves n tasks from completed to failed in the books
+        self.count = count  # how many values the body holds (0: not known)
         self._body: memoryview | None = body
         self.nbytes = len(body) + sum(getattr(seg, "nbytes", 0) for seg in (shared if isinstance(shared, list) else ()))
         self._values: list[Any] | None = None
@@ -350,7 +352,7 @@ class Chunk:
             assert data is not None
             if values is not last:
                 picks = []
-                body = Body(_own(data))
+                body = Body(_own(data), values.count or hi)
                 out.append(([], joined(body, [range(0)])))
                 last = values
             assert body is not None

@@ -155,3 +155,22 @@ class ExitsWhenLoaded:
 
 def exits_when_loaded_at_13(x: int) -> Any:
     return ExitsWhenLoaded() if x == 13 else x
+
+
+def _refuse_load() -> None:
+    raise ValueError("will not load")
+
+
+class RefusesLoad:
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_refuse_load, ())
+
+
+def deep_bad_at_13(x: int) -> Any:
+    """At 13: a value that will not unpickle, nested deeper than salvage looks (its whole batch fails to load)."""
+    if x != 13:
+        return x
+    v: Any = RefusesLoad()
+    for _ in range(80):
+        v = [v]
+    return v

@@ -395,9 +395,10 @@ def test_values_go_on_to_the_next_stage_without_the_parent_unpickling_them(tmp_p
 
 def test_a_forwarded_value_that_kills_its_loader_costs_a_death_per_attempt() -> None:
     """A value of stage 0 whose unpickling calls os._exit: stage 1's worker dies loading its
-    batch. The values of one forwarded batch load together and cannot be told apart, so
-    the batch is charged and retried whole (WorkerCrashed, naming why): one death per
-    attempt, not one per item; every other batch goes on, and no process is left."""
+    batch. The values of one forwarded batch load together and cannot be told apart: the
+    first death runs the batch again uncharged (it may have been a SIGKILL), each later one
+    charges it, whole, one attempt (WorkerCrashed, naming why): a death per attempt, not
+    per item; every other batch goes on, and no process is left."""
     with pq.Pipeline(
         pq.Stage(h.exits_when_loaded_at_13, workers=1, chunksize=50),
         pq.Stage(h.same, workers=1, chunksize=50, retries=1, backoff=0.01),
@@ -410,17 +411,17 @@ def test_a_forwarded_value_that_kills_its_loader_costs_a_death_per_attempt() -> 
     assert "the values the stage before made" in str(got[13]) and got[13].exitcode == 7
     assert got[50:] == list(range(50, 200))
     assert (stats[1].completed, stats[1].failed, stats[1].retried, stats[1].crashed) == (150, 50, 50, 100)
-    assert sum(w.deaths for w in stats[1].workers) == 2
+    assert sum(w.deaths for w in stats[1].workers) == 3  # uncharged, attempt 1, attempt 2
     assert not leftover_children()
 
 
 def test_a_worker_killed_while_loading_forwarded_values_costs_a_retry(tmp_path: Path) -> None:
     """SIGKILL from outside while stage 1's worker unpickles a forwarded batch (slowly, 20 ms
-    a value): the batch is charged one attempt and runs again; every item arrives."""
+    a value), with no retry budget: the batch runs again uncharged; every item arrives."""
     marks = str(tmp_path)
     with pq.Pipeline(
         pq.Stage(partial(h.slow_to_load, marks), workers=1, chunksize=20),
-        pq.Stage(h.same, workers=1, chunksize=20, retries=1, backoff=0.01),
+        pq.Stage(h.same, workers=1, chunksize=20),
     ) as pipe:
         victim = pipe.stats()[1].workers[0].pid
         it = pipe.map(range(40))
@@ -432,20 +433,40 @@ def test_a_worker_killed_while_loading_forwarded_values_costs_a_retry(tmp_path: 
         got = list(it)
         stats = at_rest(pipe)
     assert got == list(range(40))
-    assert stats[1].completed == 40 and stats[1].failed == 0 and stats[1].crashed == stats[1].retried == 20
+    assert (stats[1].completed, stats[1].failed, stats[1].crashed, stats[1].retried) == (40, 0, 0, 0)
+    assert sum(w.deaths for w in stats[1].workers) == 1
+
+
+@pytest.mark.parametrize("fault", ["unloadable", "exits"])
+def test_a_bad_body_costs_only_its_own_items_in_a_merged_batch(fault: str) -> None:
+    """Stage 0 sends one body per item; stage 1 cuts batches of 10 across 10 bodies. Item 13's
+    body fails to load whole (its bad value hides past where salvage looks), or kills the
+    worker loading it: only item 13 fails, the other bodies' items of its batch go on."""
+    first = h.deep_bad_at_13 if fault == "unloadable" else h.exits_when_loaded_at_13
+    with pq.Pipeline(
+        pq.Stage(first, workers=1, chunksize=1), pq.Stage(h.same, workers=1, chunksize=10), capacity=100
+    ) as pipe:
+        got = list(pipe.map(range(40), return_exceptions=True))
+        stats = at_rest(pipe)
+    bad = [i for i, g in enumerate(got) if isinstance(g, BaseException)]
+    assert bad == [13]
+    expected = pq.SerializationError if fault == "unloadable" else pq.WorkerCrashed
+    assert isinstance(got[13], expected) and stage_of(got[13]).stage == 1
+    assert [g for i, g in enumerate(got) if i != 13] == [i for i in range(40) if i != 13]
+    assert (stats[1].completed, stats[1].failed) == (39, 1)
 
 
 def test_values_slow_to_unpickle_get_their_timeout_each_while_loading(tmp_path: Path) -> None:
-    """A stage's timeout is per task: a worker unpickling a forwarded batch of 20 values,
-    20 ms each (0.4 s in all), is not past a timeout of 0.3 s."""
+    """A stage's timeout is per task: a worker unpickling a forwarded body of 40 values,
+    20 ms each (0.8 s in all), for a batch of 10 of them, is not past a timeout of 0.1 s."""
     with pq.Pipeline(
-        pq.Stage(partial(h.slow_to_load, str(tmp_path)), workers=1, chunksize=20),
-        pq.Stage(h.same, workers=1, chunksize=20, timeout=0.3),
+        pq.Stage(partial(h.slow_to_load, str(tmp_path)), workers=1, chunksize=40),
+        pq.Stage(h.same, workers=1, chunksize=10, timeout=0.1),
     ) as pipe:
-        got = list(pipe.map(range(60), return_exceptions=True))
+        got = list(pipe.map(range(80), return_exceptions=True))
         stats = at_rest(pipe)
-    assert got == list(range(60))
-    assert (stats[1].completed, stats[1].timed_out) == (60, 0)
+    assert got == list(range(80))
+    assert (stats[1].completed, stats[1].timed_out) == (80, 0)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("distributed") is None, reason="needs procqueue[dask]")
@@ -511,6 +532,24 @@ def test_ending_the_pipeline_under_a_reader_tells_the_reader(how: str) -> None:
     assert 0 < len(got) < 100_000
     if how != "terminate":
         at_rest(pipe)
+
+
+@pytest.mark.parametrize("how", ["close", "drop"])
+def test_a_map_closed_or_dropped_before_its_first_item_ends(how: str) -> None:
+    """Its results generator never started, so no `finally` of it runs: the map must end anyway."""
+    with pq.Pipeline(pq.Stage(h.inc, workers=1), pq.Stage(h.double, workers=1), capacity=64) as pipe:
+        it = pipe.map(iter(range(1_000_000)))
+        time.sleep(0.3)
+        if how == "close":
+            it.close()
+        else:
+            del it
+        deadline = time.monotonic() + 20
+        while not all(balanced(s) for s in pipe.stats()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert sum(pipe.depths()) == 0
+        stats = at_rest(pipe)
+    assert stats[0].submitted < 1_000_000
 
 
 def test_an_unread_map_does_not_hold_up_shutdown() -> None:

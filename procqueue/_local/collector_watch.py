@@ -68,7 +68,9 @@ class CollectorWatch:
                     self.deaths = 0
                     self.heard = time.monotonic()
                     # empty: a FileOutput took them
-                    values = Values(body, self.unloadable, self.mapped_shm(msg.pid, body)) if len(body) else None
+                    values = (
+                        Values(body, self.unloadable, self.mapped_shm(msg.pid, body), msg.count) if len(body) else None
+                    )
                     with core.cv:
                         self.forget_handler_if_unloaded(msg)
                         self.execute(core.apply(s.batch_done(msg, values, time.monotonic()), later))

@@ -105,6 +105,9 @@ class Pipeline:
         pieces = flow.pieces()
         results = cast(PipelineIterator, PipelineIterator.from_iterable(pieces))
         results.pieces = pieces
+        results.flow = flow
+        # Dropped, even before its first item (a generator never started runs no `finally`): the map ends.
+        weakref.finalize(results, flow.close)
         return results
 
     def stats(self) -> list[Stats]:
@@ -173,6 +176,8 @@ class PipelineIterator(itertools.chain):  # type: ignore[type-arg]
     (items not started are cancelled at every stage)."""
 
     pieces: Generator[Iterable[Any], None, None]
+    flow: Flow
 
     def close(self) -> None:
         self.pieces.close()
+        self.flow.close()  # also before the first item, when the generator never started

@@ -32,11 +32,12 @@ _keys = itertools.count(1)
 class Body:
     """One batch's values, still pickled, with a number unique in this process."""
 
-    __slots__ = ("data", "key")
+    __slots__ = ("count", "data", "key")
 
-    def __init__(self, data: memoryview) -> None:
+    def __init__(self, data: memoryview, count: int) -> None:
         self.key = next(_keys)
         self.data = data
+        self.count = count  # values in it (a worker unpickles them all)
 
 
 class Forwarded:
@@ -73,8 +74,12 @@ class Forwarded:
 
     @property
     def loads(self) -> int:
-        """How many values its worker unpickles at most: every value of each body up to the last picked."""
-        return sum(p[-1] + 1 for _, p in self.parts if len(p))
+        """How many values its worker unpickles at most: every value of each body."""
+        return sum(b.count for b, _ in self.parts)
+
+    def spans(self) -> list[int]:
+        """How many of its items each body holds, in order."""
+        return [len(p) for _, p in self.parts]
 
     def wire(self) -> tuple[list[memoryview], Wire]:
         """The bodies, as the buffers of a frame body, and the `RunBatch.pick` that reads them."""
@@ -159,14 +164,20 @@ class Loader:
 
     def items(self, body: memoryview, wire: Wire) -> tuple[list[Any], bool]:
         """The items, and whether one of them is `Unloaded`. Raises a `SerializationError`
-        when a body fails to unpickle and its values cannot be told apart."""
+        when the only body fails to unpickle and its values cannot be told apart (of several
+        bodies, the items of one that fails so are each `Unloaded`)."""
+        if len(wire) == 1:  # one body: it fails whole, as the batch
+            return self._pick(wire[0][0], body[: wire[0][1]], wire[0][2])
         out: list[Any] = []
         bad = False
         pos = 0
         for key, size, picks in wire:
             data = body[pos : pos + size]
             pos += size
-            got, some_bad = self._pick(key, data, picks)
+            try:
+                got, some_bad = self._pick(key, data, picks)
+            except SerializationError as exc:  # that body's items fail, not the other bodies'
+                got, some_bad = [Unloaded(exc)] * len(picks), True
             out.extend(got)
             bad = bad or some_bad
         return out, bad

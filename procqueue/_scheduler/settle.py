@@ -159,12 +159,25 @@ class Settlement:
         t.out.append(NOTIFY)
 
     def lost_loading(self, batch: Batch, fault: m.Fault, pid: int, lost: Lost, now: float) -> None:
-        """Its worker died unpickling a batch of forwarded values (`relay.py`). They load all
-        together, whichever are picked, so halves or single items would load (and die on) the
-        same bytes again: the batch is charged one attempt, and retried or failed, whole."""
+        """Its worker died unpickling a batch of forwarded values (`relay.py`). The values of
+        one body load together, whichever are picked, so halves or single items of it would
+        load (and die on) the same bytes again. Several bodies run again apart, uncharged; one
+        runs again once, uncharged (the death may not be its: a SIGKILL, the OOM killer); a
+        body that kills its loader a second time is charged one attempt, retried or failed whole."""
         t = self.t
         run, start, _ = batch.segments[0]  # forwarded runs go alone
         j, n = start + batch.done, batch.count - batch.done
+        t.books.in_flight -= n
+        t.batches.pop(batch.batch_id, None)
+        items = run.items
+        assert isinstance(items, Forwarded)
+        spans = items[j : j + n].spans()
+        if len(spans) > 1 or not run.careful:
+            t.moves(run, j, n, S.PENDING)
+            for size in spans if len(spans) > 1 else [n]:
+                t.queue.push(run.part(j, size, careful=True, solo=True), fresh=False)
+                j += size
+            return
         if fault == m.Fault.CRASHED:
             t.books.crashed += n
         else:
@@ -188,8 +201,6 @@ class Settlement:
                         lost.fault_text, True,
                     )  # fmt: skip
                     t.out.append(Fail(run, jj, error, run.attempt, pid))
-        t.books.in_flight -= n
-        t.batches.pop(batch.batch_id, None)
 
     def bisect(self, suspects: list[tuple[Run, int]]) -> None:
         """A batch of several died with no item to blame: run it again in two halves,
