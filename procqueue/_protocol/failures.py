@@ -53,7 +53,7 @@ def remote_error(info: m.ErrorInfo, task_id: int, attempts: int, pid: int, mater
     }[m.Fault(fault)]
     text = info.message
     name = (info.type_name or "").removeprefix("builtins.")
-    if name and name != "SerializationError" and not text.startswith(name):
+    if name and name not in ("SerializationError", "procqueue.SerializationError") and not text.startswith(name):
         text = f"{name}: {text}"  # "SystemExit: 9", not a bare "9"
     return SerializationError(
         f"task {task_id}: {text} (in worker pid {pid}); {advice}",
