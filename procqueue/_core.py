@@ -184,10 +184,6 @@ class Core:
         feeds = self.scheduler.feeds
         return 2 * feeds.t.policy.workers * feeds.batch_size(feed)
 
-    def feed_batch(self, feed: Feed) -> int:
-        """Items a batch cut from a map takes now (lock held)."""
-        return self.scheduler.feeds.batch_size(feed)
-
     def wait_until(self, ready: Callable[[], bool], deadline: float | None) -> None:
         """Sleep until `ready()` (checked under the lock) or the deadline (TimeoutError)."""
         with self.cv:

@@ -393,6 +393,25 @@ def test_values_go_on_to_the_next_stage_without_the_parent_unpickling_them(tmp_p
         assert (tmp_path / "killed-13").exists() and stats[1].crashed == 1 and stats[1].retried == 1
 
 
+def test_a_quick_stage_feeding_a_slow_one_sends_each_body_once_per_worker(tmp_path: Path) -> None:
+    """Stage 0 sends batches of 200 values; stage 1 cuts them into batches of 4. Each of its
+    2 workers unpickles a body once and then gets its key alone, so each value is unpickled
+    at most twice (once in each worker), and never in the parent."""
+    marks = str(tmp_path)
+    with pq.Pipeline(
+        pq.Stage(partial(h.track, marks), workers=1, chunksize=200),
+        pq.Stage(h.same, workers=2, chunksize=4),
+    ) as pipe:
+        got = list(pipe.map(range(400)))
+        stats = at_rest(pipe)
+    assert got == list(range(400))
+    loaded = {int(p.name.split("-")[1]): p.read_text().split() for p in tmp_path.glob("loaded-*")}
+    assert os.getpid() not in loaded and len(loaded) <= 2
+    per_value = Counter(x for xs in loaded.values() for x in xs)
+    assert set(per_value) == {str(x) for x in range(400)} and max(per_value.values()) <= 2, per_value.most_common(3)
+    assert stats[1].completed == 400
+
+
 def test_a_forwarded_value_that_kills_its_loader_costs_a_death_per_attempt() -> None:
     """A value of stage 0 whose unpickling calls os._exit: stage 1's worker dies loading its
     batch. The values of one forwarded batch load together and cannot be told apart: the

@@ -139,10 +139,14 @@ class Manager:
                 slot = self.sup.slots[batch.seat]
                 timed = any(r.receiver.timed_each for r, _, _ in batch.segments)
                 relay = forwarded(batch.segments)
+                pick = None
+                if relay is not None:  # a body it holds goes as its key; a retry gets a fresh copy
+                    bodies, pick = relay.wire(0 if run.attempt > 1 or run.careful else slot.held_body)
+                    payload = list(bodies)
+                    slot.held_body = relay.last_key
                 msg = m.RunBatch(
                     batch.batch_id, batch.count, run.handler.id, None if slot.knows(run.handler.id) else blob,
-                    run.call, run.attempt, run.retries, sizing.careful(run), run.by_value, run.packed, timed,
-                    None if relay is None else relay.wire()[1],
+                    run.call, run.attempt, run.retries, sizing.careful(run), run.by_value, run.packed, timed, pick,
                 )  # fmt: skip
                 self.send(slot, framing.frame_parts(msg, payload))
                 self.execute(core.apply(s.sent(batch), later))

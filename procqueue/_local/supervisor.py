@@ -61,6 +61,7 @@ class Slot:
     spawn_failures: int = 0
     collector_generation: int = 0  # the collector its socket was handed to
     side: Side | None = None  # our end of its side socket: shared memory segments both ways
+    held_body: int = 0  # key of the forwarded body it loaded last, which it still holds (relay.Loader)
 
     @property
     def alive(self) -> bool:
@@ -133,6 +134,7 @@ class Supervisor:
         slot.generation += 1
         slot.out = []
         slot.known.clear()
+        slot.held_body = 0
         slot.kill_reason = None
         slot.respawn_at = None
         slot.spawn_failures = 0

@@ -183,6 +183,12 @@ class _Worker:
         marks[mark + 2] = time.perf_counter_ns()
         marks[mark + 1] = layout.LOADING  # a crash from here on is charged to this batch
         marks[mark] = msg.batch_id + 1
+        relayed: tuple[list[Any], bool] | BaseException | None = None
+        if msg.pick is not None:  # values of another pool's batches (a pipeline's stage before),
+            try:  # loaded first, whatever the handler does: the parent counts on our holding them now
+                relayed = self.relayed.items(body, msg.pick)
+            except BaseException as exc:
+                relayed = exc
         try:
             fn = self.handler(msg)
         except BaseException as exc:
@@ -190,8 +196,10 @@ class _Worker:
             self.fail_all(msg, m.Fault.HANDLER_UNPICKLE, exc)
             return
         try:
-            if msg.pick is not None:  # values of another pool's batches (a pipeline's stage before)
-                items, bad = self.relayed.items(body, msg.pick)
+            if isinstance(relayed, BaseException):
+                raise relayed
+            if relayed is not None:
+                items, bad = relayed
                 if bad:  # some did not unpickle: those fail alone
                     fn = Guarded(fn)
             else:

@@ -8,8 +8,8 @@ has room; pump k takes stage k's finished chunks in the order its map gives
 them, sends the errors to the outbox and pushes the values on to stage k + 1
 once that stage has room. Values go on still pickled, as the body they came
 in (`procqueue/_protocol/relay.py`): the parent neither unpickles nor pickles
-them; where it must (a chunk the next stage would cut into many batches, values
-in shared memory, the last stage's for your loop), the pump unpickles them on
+them; where it must (values in shared memory, values for a stage that recycles
+its workers, the last stage's for your loop), the pump unpickles them on
 its own thread, never a pool's manager thread. So a slow stage stops the ones
 before it, back to the input, and at most the capacities' sum of items is
 inside at any time.
@@ -34,7 +34,6 @@ if TYPE_CHECKING:
 
 SAFETY_WAKE = 1.0  # seconds: a pump blocked on a stage re-checks that its map is still read
 BYTES = 32 << 20  # the stages hold more than their `capacity` only while it takes less than this in all
-RELAY_SPLITS = 4  # forward a chunk still pickled only to a stage that cuts it in at most this many batches
 LEAVE_WITHIN = 5.0  # seconds a pump may take to leave once its map ended (it may be in user code)
 
 
@@ -53,7 +52,6 @@ class Lane:
         size = None if stage.chunksize == "auto" else stage.chunksize
         self.relay = relay  # it takes the stage before's values still pickled
         self.feeder = Feeder(core, pool.options(), handler, Pushed(), m.Call.ONE, size, ordered, True, relay)
-        self.batch = 1  # items its pool puts in a batch, as last seen
         self.positions = Positions()
         self.capacity = capacity
         self.span = capacity  # the room it gets: capacity, or a batch in hand and one ready per worker
@@ -68,13 +66,12 @@ class Lane:
         them. Beyond `capacity` it grows only while the items it holds stay under its share
         of BYTES, and only once both the items' size and the stage's pace are measured
         (before that, an untimed stage would ask for a huge batch)."""
-        core = self.feeder.core
-        with core.lock:
-            busy = core.feed_span(self.feeder)
-            self.batch = core.feed_batch(self.feeder)
         if not self.sized or self.feeder.handler.est_ns is None:
             self.span = self.capacity
             return
+        core = self.feeder.core
+        with core.lock:
+            busy = core.feed_span(self.feeder)
         self.span = max(self.capacity, min(busy, int(self.budget / max(self.item_bytes, 1.0))))
 
     def saw(self, nbytes: float) -> None:
@@ -85,17 +82,11 @@ class Lane:
     def room(self) -> int:
         return self.span - self.held
 
-    def relays(self, n: int) -> bool:
-        """Forward `n` values to it still pickled: each batch cut from them carries their
-        whole body, and each new worker unpickles it whole, so only where it cuts few
-        batches of them, and recycles no worker in between. Until its pace is measured,
-        always (so the first chunks go the way the others will, mostly)."""
-        if not self.relay:
-            return False
-        limit = self.stage.max_tasks_per_worker
-        if limit is not None and n > RELAY_SPLITS * limit:
-            return False
-        return self.feeder.handler.est_ns is None or n <= RELAY_SPLITS * self.batch
+    @property
+    def relays(self) -> bool:
+        """It takes the stage before's values still pickled. Not where it recycles workers
+        (`max_tasks_per_worker`): each new worker would unpickle a whole body again."""
+        return self.relay and self.stage.max_tasks_per_worker is None
 
 
 class Flow:
@@ -243,9 +234,9 @@ class Flow:
             lane.saw(per_item)
             if after is not None:
                 after.saw(per_item)
-        # On to the next stage still pickled (relay.py) where it cuts batches about as big;
-        # else unpickled here, not on the pool's manager thread.
-        relayed = chunk.forward() if after is not None and after.relays(chunk.size) else None
+        # On to the next stage still pickled (relay.py); else unpickled here, not on the
+        # pool's manager thread.
+        relayed = chunk.forward() if after is not None and after.relays else None
         if relayed is None:
             chunk.materialize()
         values = chunk.values

@@ -96,9 +96,8 @@ def encode_batch(
     rejected: list[tuple[Any, int, BaseException]] = []
     try:
         blob = wire()
-        relay = forwarded(segments)
-        if relay is not None:  # values of other pools' batches, still pickled: sent as they came
-            return blob, list(relay.wire()[0]), rejected
+        if forwarded(segments) is not None:  # values of other pools' batches, still pickled: the
+            return blob, [], rejected  # backend sends them as they came (`relay.Forwarded.wire`)
         parts, _ = encode_items(segments, lambda run, j, exc: rejected.append((run, j, exc)), post)
     except BaseException as exc:  # a handler that will not pickle (or a bug): its tasks fail, not the pool
         err = exc if isinstance(exc, ProcQueueError) else _batch_failure(exc)

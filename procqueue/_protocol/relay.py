@@ -9,7 +9,8 @@ and spends nothing per item but the bookkeeping.
 
 A worker (`Loader`) unpickles a body once, however many batches it is cut
 into, as long as those batches reach it in a row and none takes an item twice
-(a retry gets a fresh copy). A value in it that does not unpickle fails only
+(a retry gets a fresh copy); the manager sends such a body's bytes only the
+first time (`Slot.held_body`), then its key. A value in it that does not unpickle fails only
 its own task, final at once: sending the same bytes again would fail the same
 way.
 """
@@ -81,9 +82,19 @@ class Forwarded:
         """How many of its items each body holds, in order."""
         return [len(p) for _, p in self.parts]
 
-    def wire(self) -> tuple[list[memoryview], Wire]:
-        """The bodies, as the buffers of a frame body, and the `RunBatch.pick` that reads them."""
-        return [b.data for b, _ in self.parts], tuple((b.key, b.data.nbytes, p) for b, p in self.parts)
+    def wire(self, held: int = 0) -> tuple[list[memoryview], Wire]:
+        """The bodies, as the buffers of a frame body, and the `RunBatch.pick` that reads
+        them. The first body goes as its key alone (0 bytes) when it is `held`: the body
+        the worker loaded last, which it still holds (`Loader`)."""
+        parts = self.parts
+        skip = bool(parts) and parts[0][0].key == held
+        data = [b.data for b, _ in parts[skip:]]
+        return data, tuple((b.key, 0 if i == 0 and skip else b.data.nbytes, p) for i, (b, p) in enumerate(parts))
+
+    @property
+    def last_key(self) -> int:
+        """The key of the body a worker holds after loading these (0: none)."""
+        return self.parts[-1][0].key if self.parts else 0
 
     def __repr__(self) -> str:
         return f"<{self.n} values forwarded still pickled, from {len(self.parts)} bodies>"
@@ -184,6 +195,11 @@ class Loader:
 
     def _pick(self, key: int, data: memoryview, picks: Pick) -> tuple[list[Any], bool]:
         if key != self.key or (self.error is None and self._taken(picks)):
+            if not data:  # sent as held: the parent's record of what we hold is wrong
+                raise RuntimeError(
+                    f"procqueue: a batch names a body (key {key}) this worker no longer holds; "
+                    "this is a bug in procqueue, please report it"
+                )
             self._load(key, data)
         if self.error is not None:
             raise self.error

@@ -159,3 +159,18 @@ def test_the_buffer_gives_back_what_went_in_in_order(data: st.DataObject) -> Non
     while pos < len(buf):
         cut(5)
     assert out == model
+
+
+def test_a_body_the_worker_holds_goes_as_its_key_alone() -> None:
+    body = body_of(list(range(10)))
+    fw = joined(body, [range(0, 10)])
+    data, wire = fw[0:4].wire()
+    assert [bytes(d) for d in data] == [bytes(body.data)] and wire == ((body.key, body.data.nbytes, range(0, 4)),)
+    loader = Loader()
+    assert loader.items(memoryview(b"".join(bytes(d) for d in data)), wire)[0] == [0, 1, 2, 3]
+    data, wire = fw[4:7].wire(held=body.key)
+    assert data == [] and wire == ((body.key, 0, range(4, 7)),)
+    assert loader.items(memoryview(b""), wire)[0] == [4, 5, 6]
+    assert fw.last_key == body.key
+    with pytest.raises(RuntimeError, match="no longer holds"):
+        Loader().items(memoryview(b""), wire)  # a worker that never loaded it
