@@ -140,9 +140,14 @@ class Manager:
                 timed = any(r.receiver.timed_each for r, _, _ in batch.segments)
                 relay = forwarded(batch.segments)
                 pick = None
-                if relay is not None:  # a body it holds goes as its key; a retry gets a fresh copy
-                    bodies, pick = relay.wire(0 if run.attempt > 1 or run.careful else slot.held_body)
+                # A body the worker holds goes as its key. Safe because a live worker is never sent,
+                # at attempt 1 and not careful, a value it handed out before: every path that runs
+                # values again (retries, requeues after a death) raises the attempt or sets careful.
+                if relay is not None:
+                    held = 0 if run.attempt > 1 or run.careful else slot.held_body
+                    bodies, pick = relay.wire(held)
                     payload = list(bodies)
+                    batch.loads = relay.loads(held)
                     slot.held_body = relay.last_key
                 msg = m.RunBatch(
                     batch.batch_id, batch.count, run.handler.id, None if slot.knows(run.handler.id) else blob,

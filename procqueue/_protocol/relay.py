@@ -73,10 +73,11 @@ class Forwarded:
     def __add__(self, other: Forwarded) -> Forwarded:
         return Forwarded(self.parts + other.parts)
 
-    @property
-    def loads(self) -> int:
-        """How many values its worker unpickles at most: every value of each body."""
-        return sum(b.count for b, _ in self.parts)
+    def loads(self, held: int = 0) -> int:
+        """How many values its worker unpickles: every value of each body sent (not `held`, see `wire`)."""
+        parts = self.parts
+        skip = bool(parts) and parts[0][0].key == held
+        return sum(b.count for b, _ in parts[skip:])
 
     def spans(self) -> list[int]:
         """How many of its items each body holds, in order."""

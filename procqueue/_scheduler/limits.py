@@ -6,7 +6,6 @@ worker runs; this decides."""
 from __future__ import annotations
 
 from procqueue._protocol.layout import LOADING
-from procqueue._protocol.relay import forwarded
 from procqueue._scheduler.books import Seat
 from procqueue._scheduler.instructions import KillReason
 
@@ -36,8 +35,8 @@ def limit_in(seat: Seat, running: tuple[int, int, float] | None, now: float, clo
     if batch is None or batch.head.timeout is None:
         return POLL_UNSTARTED
     limit = batch.head.timeout
-    if index == LOADING and (items := forwarded(batch.segments)) is not None:
-        limit *= max(1, items.loads)  # it unpickles whole bodies: each value its timeout
+    if index == LOADING:
+        limit *= max(1, batch.loads)  # it unpickles whole bodies it was sent: each value its timeout
     return max(0.0, started + limit - clock)
 
 

@@ -167,6 +167,7 @@ class Batch:
     seat: int = -1  # the worker position it went to
     done: int = 0  # items reported so far (workers report in order)
     sent: bool = False  # the backend has sent it (booked batches go out in order, after the booking)
+    loads: int = 0  # forwarded values its worker unpickles before it starts (relay.py), as sent
 
     @property
     def head(self) -> Run:

@@ -34,7 +34,7 @@ def test_forwarded_items_slice_and_pick_the_values_they_name() -> None:
     assert len(fw) == 4 and fw.parts == ((body, (0, 1, 3, 4)),)
     part = fw[1:3]
     assert isinstance(part, Forwarded) and part.parts == ((body, (1, 3)),)
-    assert load(part) == [11, 13] and part.loads == 5
+    assert load(part) == [11, 13] and part.loads() == 5 and part.loads(held=body.key) == 0
     other = joined(body_of([20, 21, 22]), [range(1, 3)])
     both = fw + other
     assert len(both) == 6 and load(both) == [10, 11, 13, 14, 21, 22]
