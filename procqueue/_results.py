@@ -344,21 +344,18 @@ class Chunk:
         if any(body is None for body in bodies):
             return None
         self.pieces = []
-        out: list[tuple[list[range], Forwarded]] = []
-        last: Values | None = None
-        picks: list[range] = []
-        body = None
+        # Pieces of one batch (split where an item failed) go on as one Forwarded.
+        groups: list[tuple[Values, memoryview, list[range], list[range]]] = []  # values, body, places, picks
         for (index, values, lo, hi), data in sorted(zip(pieces, bodies, strict=True), key=lambda p: p[0][0]):
             assert data is not None
-            if values is not last:
-                picks = []
-                body = Body(_own(data), values.count or hi)
-                out.append(([], joined(body, [range(0)])))
-                last = values
-            assert body is not None
-            out[-1][0].append(range(index, index + hi - lo))
-            picks.append(range(lo, hi))
-            out[-1] = (out[-1][0], joined(body, picks))
+            if not groups or groups[-1][0] is not values:
+                groups.append((values, data, [], []))
+            groups[-1][2].append(range(index, index + hi - lo))
+            groups[-1][3].append(range(lo, hi))
+        out = [
+            (places, joined(Body(_own(data), values.count or picks[-1].stop), picks))
+            for values, data, places, picks in groups
+        ]
         self._build_errors()
         return out
 

@@ -9,7 +9,7 @@ from typing import Any, Protocol
 from procqueue._errors import ProcQueueError, SerializationError
 from procqueue._protocol import messages as m
 from procqueue._protocol.pickling import Post, _text, dumps, dumps_body, name_bad_argument
-from procqueue._protocol.relay import forwarded
+from procqueue._protocol.relay import Forwarded
 
 
 class Items(Protocol):
@@ -96,7 +96,7 @@ def encode_batch(
     rejected: list[tuple[Any, int, BaseException]] = []
     try:
         blob = wire()
-        if forwarded(segments) is not None:  # values of other pools' batches, still pickled: the
+        if type(segments[0][0].items) is Forwarded:  # other pools' values, still pickled: the
             return blob, [], rejected  # backend sends them as they came (`relay.Forwarded.wire`)
         parts, _ = encode_items(segments, lambda run, j, exc: rejected.append((run, j, exc)), post)
     except BaseException as exc:  # a handler that will not pickle (or a bug): its tasks fail, not the pool

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from procqueue._errors import SerializationError
-from procqueue._protocol.pickling import loads_body, salvage_body
+from procqueue._protocol.pickling import _text, loads_body, salvage_body
 
 Pick = range | tuple[int, ...]  # which values of a body are a batch's items, in order
 Wire = tuple[tuple[int, int, Pick], ...]  # RunBatch.pick: (body key, body bytes, picks) per body
@@ -73,11 +73,13 @@ class Forwarded:
     def __add__(self, other: Forwarded) -> Forwarded:
         return Forwarded(self.parts + other.parts)
 
+    def _skips(self, held: int) -> bool:
+        """Its first body goes as its key alone: the worker holds it (see `wire`)."""
+        return bool(self.parts) and self.parts[0][0].key == held
+
     def loads(self, held: int = 0) -> int:
-        """How many values its worker unpickles: every value of each body sent (not `held`, see `wire`)."""
-        parts = self.parts
-        skip = bool(parts) and parts[0][0].key == held
-        return sum(b.count for b, _ in parts[skip:])
+        """How many values its worker unpickles: every value of each body sent (not `held`)."""
+        return sum(b.count for b, _ in self.parts[self._skips(held) :])
 
     def spans(self) -> list[int]:
         """How many of its items each body holds, in order."""
@@ -88,7 +90,7 @@ class Forwarded:
         them. The first body goes as its key alone (0 bytes) when it is `held`: the body
         the worker loaded last, which it still holds (`Loader`)."""
         parts = self.parts
-        skip = bool(parts) and parts[0][0].key == held
+        skip = self._skips(held)
         data = [b.data for b, _ in parts[skip:]]
         return data, tuple((b.key, 0 if i == 0 and skip else b.data.nbytes, p) for i, (b, p) in enumerate(parts))
 
@@ -123,12 +125,9 @@ def forwarded(segments: Sequence[tuple[Any, int, int]]) -> Forwarded | None:
 def unforwardable(exc: BaseException) -> SerializationError:
     """In the worker: the error of a forwarded value that did not unpickle, reported
     as such (`failures.fault_of`); final, as the same bytes would fail the same way again."""
-    try:
-        text = f"{type(exc).__name__}: {exc}"
-    except BaseException:  # a __str__ that raises
-        text = type(exc).__name__
     err = SerializationError(
-        f"a value the stage before made could not be unpickled in this stage's worker: {text}",
+        f"a value the stage before made could not be unpickled in this stage's worker: "
+        f"{type(exc).__name__}: {_text(exc)}",
         stage="argument",
         what=type(exc).__name__,
         task_id=None,
