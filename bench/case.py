@@ -46,8 +46,9 @@ def timed_runs(
     peer.map(fn, items[: max(1, min(len(items), 200))], cs)  # warm: workers up, handler known
     n = fitted(len(items), spec["budget"], lambda k: _time(lambda: peer.map(fn, items[:k], cs)))
     items = items[:n]
-    times, per_loop = [], []
-    for _ in range(spec["repeats"]):
+    times: list[float] = []
+    per_loop = []
+    for _ in repeats(spec, times):
         if probe:
             sample = items[::4]
             t = time.perf_counter()
@@ -59,6 +60,19 @@ def timed_runs(
         times.append(time.perf_counter() - t)
         assert len(out) == n, f"{peer.name} returned {len(out)} results for {n} tasks"
     return {"n": n, "times": times, "per_loop": per_loop}
+
+
+FILL_MAX = 25  # most timed runs a case makes to fill its `fill` seconds
+
+
+def repeats(spec: Spec, times: list[float]) -> Iterator[int]:
+    """Count the timed runs of a case: `repeats` of them, then more while they add up to
+    under `fill` seconds (at most FILL_MAX). A map of tiny tasks takes ~30 ms, so three
+    runs are a weak median on a noisy machine; a second of them is a steady one."""
+    k = 0
+    while k < spec["repeats"] or (k < FILL_MAX and sum(times) < spec.get("fill", 0.0)):
+        yield k
+        k += 1
 
 
 def _time(fn: Callable[[], object]) -> float:
@@ -98,9 +112,9 @@ def payload_out(peer: Peer, spec: Spec) -> dict[str, Any]:
     items = [spec["mb"] * 1024 + i for i in range(spec["n"])]
     cs = spec.get("chunksize")
     peer.map(w.fresh_array, items[:4], cs)  # warm: workers up, handler known
-    times = []
+    times: list[float] = []
     with peak_rss() as growth:
-        for _ in range(spec["repeats"]):
+        for _ in repeats(spec, times):
             t = time.perf_counter()
             got = sum(1 for a in peer.imap(w.fresh_array, items, cs) if a.sum() >= 0)
             times.append(time.perf_counter() - t)
@@ -136,8 +150,9 @@ def stream(peer: Peer, spec: Spec) -> dict[str, Any]:
     for _ in peer.imap(w.tiny, w.numbers(1000), cs):  # warm
         pass
     n = fitted(spec["n"], spec["budget"], lambda k: _time(lambda: sum(1 for _ in peer.imap(w.tiny, w.numbers(k), cs))))
-    times, growth = [], []
-    for _ in range(spec["repeats"]):
+    times: list[float] = []
+    growth: list[int] = []
+    for _ in repeats(spec, times):
         with peak_rss() as grew:
             t = time.perf_counter()
             count = sum(1 for _ in peer.imap(w.tiny, w.numbers(n), cs))

@@ -144,7 +144,8 @@ def spec_for(wl: Workload, lpm: int, args: argparse.Namespace) -> dict[str, Any]
     return {
         "workload": wl.name, "peer": "procqueue", "chunksize": None, "options": {},
         "n": wl.quick_n if args.quick else wl.n, "repeats": args.repeats, "workers": args.workers,
-        "loops_per_ms": lpm, "budget": 3.0 if args.quick else 8.0, "seconds": 0.3 if args.quick else 1.0, **wl.extra,
+        "loops_per_ms": lpm, "budget": 3.0 if args.quick else 8.0, "seconds": 0.3 if args.quick else 1.0,
+        "fill": 0.3 if args.quick else 1.0, **wl.extra,
     }  # fmt: skip
 
 

@@ -309,7 +309,8 @@ def main(argv: list[str] | None = None) -> int:
                 "options": setting.get("options", {}), "n": n,
                 "repeats": 1 if wl.interleave or wl.name == "faults" else repeats,
                 "workers": args.workers, "loops_per_ms": lpm, "budget": 3.0 if quick else 8.0,
-                "seconds": 0.3 if quick else 1.0, **wl.spec_extra(quick), **({"rounds": rounds} if wl.interleave else {}),
+                "seconds": 0.3 if quick else 1.0, **wl.spec_extra(quick),
+                **({"rounds": rounds, "fill": 0.3 if quick else 1.0} if wl.interleave else {}),
                 **setting.get("spec", {}),
             }  # fmt: skip
             specs.append(spec)

@@ -9,6 +9,7 @@ fails these tests instead of passing them slowly."""
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import signal
@@ -17,6 +18,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -306,45 +308,53 @@ def test_a_tiny_dev_shm_is_no_error(tmp_path: Path) -> None:
 # --- the side socket, as a hostile or broken peer would use it ----------------------------------
 
 
-def test_side_socket_checks_what_arrives() -> None:
+@pytest.fixture
+def sides() -> Iterator[tuple[shm.Side, shm.Side]]:
+    """The two ends of a side socket: the parent's, and a worker's."""
     a_sock, b_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    sender, receiver = shm.Side(a_sock), shm.Side(b_sock)
+    pair = shm.Side(a_sock), shm.Side(b_sock)
     try:
-        data = memoryview(bytes(range(256)) * 4096)
-        first = sender.post(data)
-        second = sender.post(data)
-        assert (first, second) == (0, 1)
-        # Frames are taken in order; one nobody asked for (a dropped frame) is skipped.
-        got = receiver.take(1, data.nbytes, private=True)
-        assert bytes(got[:256]) == bytes(range(256))
-        got[0] = 99  # private: the sender's copy is not changed
-        with pytest.raises(shm.ShmLost):
-            receiver.take(2, data.nbytes, private=False)  # never posted
-        # An unsealed memfd (which its sender could shrink under our mapping: SIGBUS) is refused.
-        fd = os.memfd_create("procqueue", os.MFD_CLOEXEC)
-        os.write(fd, b"x" * 4096)
-        socket.send_fds(a_sock, [(3).to_bytes(8, "little")], [fd])
-        os.close(fd)
-        with pytest.raises(shm.ShmLost, match="unsealed"):
-            receiver.take(3, 4096, private=False)
-        # A sealed one of another size than the frame says is refused.
-        fd = shm.to_shm(memoryview(b"y" * 100))
-        socket.send_fds(a_sock, [(4).to_bytes(8, "little")], [fd])
-        os.close(fd)
-        with pytest.raises(shm.ShmLost, match="arrived as 100 bytes"):
-            receiver.take(4, 4096, private=False)
-        # Garbage (no descriptor, a short message) is skipped, not trusted.
-        a_sock.send(b"junk")
-        fd = shm.to_shm(memoryview(b"z" * 8))
-        socket.send_fds(a_sock, [(5).to_bytes(8, "little")], [fd])
-        os.close(fd)
-        assert bytes(receiver.take(5, 8, private=False)) == b"z" * 8
-        fd = shm.to_shm(memoryview(b"s"))
-        assert fcntl.fcntl(fd, fcntl.F_GET_SEALS) & fcntl.F_SEAL_SHRINK
-        os.close(fd)
+        yield pair
     finally:
-        sender.close()
-        receiver.close()
+        for side in pair:
+            side.close()
+
+
+def test_side_socket_checks_what_arrives(sides: tuple[shm.Side, shm.Side]) -> None:
+    sender, receiver = sides
+    a_sock = sender.sock
+    data = memoryview(bytes(range(256)) * 4096)
+    first = sender.post(data)
+    second = sender.post(data)
+    assert (first, second) == (0, 1)
+    # Frames are taken in order; one nobody asked for (a dropped frame) is skipped.
+    got = receiver.take(1, data.nbytes, private=True)
+    assert bytes(got[:256]) == bytes(range(256))
+    got[0] = 99  # private: the sender's copy is not changed
+    with pytest.raises(shm.ShmLost):
+        receiver.take(2, data.nbytes, private=False)  # never posted
+    # An unsealed memfd (which its sender could shrink under our mapping: SIGBUS) is refused.
+    fd = os.memfd_create("procqueue", os.MFD_CLOEXEC)
+    os.write(fd, b"x" * 4096)
+    socket.send_fds(a_sock, [(3).to_bytes(8, "little")], [fd])
+    os.close(fd)
+    with pytest.raises(shm.ShmLost, match="unsealed"):
+        receiver.take(3, 4096, private=False)
+    # A sealed one of another size than the frame says is refused.
+    fd = shm.to_shm(memoryview(b"y" * 100))
+    socket.send_fds(a_sock, [(4).to_bytes(8, "little")], [fd])
+    os.close(fd)
+    with pytest.raises(shm.ShmLost, match="arrived as 100 bytes"):
+        receiver.take(4, 4096, private=False)
+    # Garbage (no descriptor, a short message) is skipped, not trusted.
+    a_sock.send(b"junk")
+    fd = shm.to_shm(memoryview(b"z" * 8))
+    socket.send_fds(a_sock, [(5).to_bytes(8, "little")], [fd])
+    os.close(fd)
+    assert bytes(receiver.take(5, 8, private=False)) == b"z" * 8
+    fd = shm.to_shm(memoryview(b"s"))
+    assert fcntl.fcntl(fd, fcntl.F_GET_SEALS) & fcntl.F_SEAL_SHRINK
+    os.close(fd)
 
 
 def test_large_bytes_and_bytearrays_go_out_of_band_too() -> None:
@@ -378,3 +388,113 @@ def test_bytes_results_and_arguments_round_trip() -> None:
         lengths = list(pool.map(len, out))
     assert out == [random_bytes(n) for n in (MB, 3 * MB, MB - 1)]
     assert lengths == [MB, 3 * MB, MB - 1]
+
+
+# --- argument segments, written again once released ----------------------------------------------
+
+
+def checksum(a: np.ndarray) -> tuple[float, float]:
+    return float(a[0]), float(a.sum())
+
+
+def spoil(a: np.ndarray) -> tuple[float, float]:
+    """Read the argument, then write over it (its own copy: copy on write)."""
+    out = checksum(a)
+    a[:] = -1.0
+    return out
+
+
+_KEPT: list[np.ndarray] = []
+
+
+def keep(a: np.ndarray) -> tuple[float, float]:
+    """Keep the argument past the task: its segment stays mapped, and must stay as it came."""
+    _KEPT.append(a)
+    return checksum(a)
+
+
+def kept_now(_: object) -> list[tuple[float, float]]:
+    return [checksum(a) for a in _KEPT]
+
+
+def _memfds() -> int:
+    """Shared memory segments this process holds a descriptor of."""
+    out = 0
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            out += os.readlink(f"/proc/self/fd/{fd}").startswith("/memfd:procqueue")
+    return out
+
+
+def test_argument_segments_are_written_again_and_every_task_sees_its_own(monkeypatch: pytest.MonkeyPatch) -> None:
+    made = []
+    real = os.memfd_create
+    monkeypatch.setattr(os, "memfd_create", lambda *a: made.append(1) or real(*a))  # the parent's only
+    arrays = [_array(2, i) for i in range(30)]
+    want = [checksum(a) for a in arrays]
+    with pq.Pool(workers=2) as pool:
+        rounds = []
+        for fn in (checksum, spoil, checksum, spoil):
+            before = len(made)
+            assert list(pool.map(fn, arrays)) == want
+            rounds.append(len(made) - before)
+        stats = pool.stats()
+    assert rounds[0] >= 10, f"the arguments did not go as shared memory: {rounds}"
+    # One a task, 120, when each argument gets a fresh segment; about one round's worth when reused.
+    assert sum(rounds) <= 45, f"segments were made anew instead of written again: {rounds}"
+    assert all(np.array_equal(a, _array(2, i)) for i, a in enumerate(arrays))  # the caller's, untouched
+    assert stats.completed == 120 and balanced(stats)
+    assert _memfds() == 0
+
+
+def test_an_argument_the_handler_keeps_is_never_written_over() -> None:
+    firsts = [_array(2, i) for i in range(10)]
+    with pq.Pool(workers=1) as pool:
+        kept = list(pool.map(keep, firsts))
+        for r in range(3):  # more arrays than the kept ones, in segments written again meanwhile
+            others = [_array(2, 100 + 10 * r + i) for i in range(20)]
+            assert list(pool.map(checksum, others)) == [checksum(a) for a in others]
+        assert pool.submit(kept_now, None).result(timeout=60) == kept == [checksum(a) for a in firsts]
+
+
+def test_kept_segments_go_once_the_pool_is_idle(monkeypatch: pytest.MonkeyPatch) -> None:
+    from procqueue._local import manager
+
+    monkeypatch.setattr(manager, "IDLE_LET_GO", 0.3)
+    with pq.Pool(workers=2) as pool:
+        assert len(list(pool.map(checksum, [_array(2, i) for i in range(20)]))) == 20
+        assert _memfds() > 0  # kept for the next arguments
+        deadline = time.monotonic() + 10
+        while _memfds() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _memfds() == 0, "the pool kept its argument segments while idle"
+        assert pool.submit(checksum, _array(2, 0)).result(timeout=60) == checksum(_array(2, 0))
+
+
+def test_a_release_frees_a_lent_segment_and_nothing_else(sides: tuple[shm.Side, shm.Side]) -> None:
+    parent, worker = sides
+    b_sock = worker.sock
+    data = memoryview(bytes(range(256)) * 4096)
+    seq = parent.lend(data)
+    assert seq == 0 and list(parent.lent) == [0] and not parent.warm
+    got = worker.take(0, data.nbytes, private=True)
+    got[0] = 7  # copy on write: the segment is not changed
+    # Junk the parent must not trust: a release of a segment never lent, a long one, a short one.
+    b_sock.send(b"R" + (5).to_bytes(8, "little"))
+    b_sock.send(b"R" + bytes(16))
+    b_sock.send(b"R")
+    parent.read_releases()
+    assert list(parent.lent) == [0] and not parent.warm
+    worker.send_releases()
+    assert not worker.released  # nothing was unmapped yet
+    del got
+    assert worker.released == [0]
+    worker.send_releases()
+    parent.read_releases()
+    assert not parent.lent and len(parent.warm) == 1
+    # Written again, and what the worker maps is the new content.
+    again = memoryview(bytes(reversed(range(256))) * 4096)
+    assert parent.lend(again) == 1 and not parent.warm
+    assert bytes(worker.take(1, again.nbytes, private=True)[:3]) == bytes([255, 254, 253])
+    parent.close()
+    assert _memfds() == 0

@@ -32,6 +32,7 @@ from procqueue._scheduler.books import Death
 from procqueue._scheduler.tasks import Batch
 
 STOP_GRACE = 5.0  # seconds an idle worker gets to exit after Stop
+IDLE_LET_GO = 2.0  # seconds with no batch out before the argument segments kept for reuse go
 
 
 class Manager:
@@ -44,6 +45,7 @@ class Manager:
         self.sup = wiring.supervisor
         self.collector = CollectorWatch(wiring, self.execute, self.finish)
         self.stop_deadline = float("inf")
+        self.idle_since: float | None = None  # when the pool last had no batch out
 
     def run(self) -> None:
         self.core.run_backend(self.serve, self.close, "manager thread")
@@ -63,6 +65,7 @@ class Manager:
             self.send_batches(sends)
             with core.lock:
                 self.advance_phase()
+                self.idle_check(now)
             if self.done():
                 break
             self.collector.watch_outbox()
@@ -128,7 +131,7 @@ class Manager:
             run = batch.head
             side = self.sup.slots[batch.seat].side  # the manager's own thread is the only one that changes it
             blob, payload, rejected = encode_batch(
-                run.handler.wire, batch.segments, None if side is None else side.post
+                run.handler.wire, batch.segments, None if side is None else side.lend
             )
             with core.cv:
                 if not s.holds(batch):
@@ -186,6 +189,26 @@ class Manager:
             running_msg = None if charged_at is None else m.Running(*charged_at)
             b.send_control(m.WorkerLost(slot.index, pid, exitcode, timed_out, running_msg))
 
+    def idle_check(self, now: float) -> None:
+        """After `IDLE_LET_GO` seconds with no batch out, the workers' argument segments
+        kept for reuse are let go (lock held): a burst of large arrays leaves nothing."""
+        if self.s.batches:
+            self.idle_since = None
+        elif self.idle_since is None:
+            self.idle_since = now
+        elif now - self.idle_since >= IDLE_LET_GO:
+            for slot in self.sup.slots:
+                if slot.side is not None and slot.side.holds_segments():
+                    slot.side.let_go()
+
+    def _segments_due(self) -> float | None:
+        """When `idle_check` lets the segments go, if any are kept."""
+        if self.idle_since is None or not any(
+            sl.side is not None and sl.side.holds_segments() for sl in self.sup.slots
+        ):
+            return None
+        return self.idle_since + IDLE_LET_GO
+
     def retire_over_memory(self) -> None:
         for index, pid in self.b.recycle_due:
             slot = self.sup.slots[index]
@@ -216,6 +239,9 @@ class Manager:
         for slot in self.sup.slots:
             if slot.respawn_at is not None:
                 due = slot.respawn_at if due is None else min(due, slot.respawn_at)
+        let_go = self._segments_due()
+        if let_go is not None:
+            due = let_go if due is None else min(due, let_go)
         wait = None if due is None else max(0.0, due - now)
         return limit if wait is None else wait if limit is None else min(wait, limit)
 

@@ -305,6 +305,8 @@ class _Worker:
         )
         self.send(header, body)
         self.marks[self.mark] = 0
+        if self.side is not None and self.side.released:
+            self.side.send_releases()  # arguments it unmapped: the parent may write them again
 
 
 def main(
