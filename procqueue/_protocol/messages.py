@@ -3,7 +3,7 @@
 The wiring of the processes is drawn in `procqueue/_local/__init__.py`; this
 module only says what travels on each channel (framing: `framing.py`). A frame on any channel is the length prefix that
 `multiprocessing.connection` uses, then a 4-byte header length, the pickled
-header (one of the dataclasses below) and an optional body of raw bytes that
+header (one of the records below) and an optional body of raw bytes that
 the collector forwards without unpickling.
 
     parent  -> worker     RunBatch, Stop                 (one pipe per worker)
@@ -24,7 +24,7 @@ allocating it.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from typing import NamedTuple
 
 # --- failure kinds a worker reports for one task --------------------------------
 
@@ -52,8 +52,7 @@ class Call(enum.IntEnum):
 # --- parent -> worker -------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class RunBatch:
+class RunBatch(NamedTuple):
     """Run the items in the frame's body (a pickled list) with handler `handler_id`.
 
     `handler` carries the cloudpickled handler the first time this worker sees
@@ -65,7 +64,7 @@ class RunBatch:
     """
 
     batch_id: int
-    count: int
+    count: int  # type: ignore[assignment]  # a field named as a tuple method: the field wins
     handler_id: int
     handler: bytes | None
     call: Call
@@ -79,16 +78,16 @@ class RunBatch:
     pick: tuple[tuple[int, int, range | tuple[int, ...]], ...] | None = None
 
 
-@dataclass(frozen=True)
 class Stop:
     """Finish what is queued, say Bye and exit."""
+
+    __slots__ = ()
 
 
 # --- worker -> collector ----------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class BatchDone:
+class BatchDone(NamedTuple):
     """Outcomes of items `start .. start+count-1` of a batch.
 
     The body is the pickled list of values (None where an item failed),
@@ -100,7 +99,7 @@ class BatchDone:
 
     batch_id: int
     start: int
-    count: int
+    count: int  # type: ignore[assignment]  # a field named as a tuple method: the field wins
     attempt: int
     retries: int
     errors: tuple[ErrorInfo, ...]
@@ -108,11 +107,10 @@ class BatchDone:
     by_value: bool = False
 
 
-@dataclass(frozen=True)
-class ErrorInfo:
+class ErrorInfo(NamedTuple):
     """One failed item: where, why, and the exception as far as it pickles."""
 
-    index: int
+    index: int  # type: ignore[assignment]  # a field named as a tuple method: the field wins
     fault: Fault
     blob: bytes | None  # the pickled exception, or None if it would not pickle
     type_name: str
@@ -120,8 +118,7 @@ class ErrorInfo:
     traceback: str
 
 
-@dataclass(frozen=True)
-class InitFailed:
+class InitFailed(NamedTuple):
     """The worker initializer raised."""
 
     slot: int
@@ -129,8 +126,7 @@ class InitFailed:
     traceback: str
 
 
-@dataclass(frozen=True)
-class Bye:
+class Bye(NamedTuple):
     """The worker is leaving cleanly (Stop, or its task limit)."""
 
     slot: int
@@ -140,16 +136,14 @@ class Bye:
 # --- parent -> collector ----------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Running:
+class Running(NamedTuple):
     """The item a worker was in when it died (read from its marker)."""
 
     batch_id: int
-    index: int
+    index: int  # type: ignore[assignment]  # a field named as a tuple method: the field wins
 
 
-@dataclass(frozen=True)
-class WorkerLost:
+class WorkerLost(NamedTuple):
     """A worker process ended: read what it left, then say whether the outcome of
     `running` arrived."""
 
@@ -160,38 +154,36 @@ class WorkerLost:
     running: Running | None
 
 
-@dataclass(frozen=True)
-class OutputRecords:
+class OutputRecords(NamedTuple):
     """Records for the collector's output files (`procqueue/_file_writer.py`): `(seq, target, line)`,
     target 0 the output, 1 the errors file."""
 
     records: list[tuple[int, int, bytes]]
 
 
-@dataclass(frozen=True)
 class Shutdown:
     """Every worker has ended: drain, answer CollectorDone and exit."""
+
+    __slots__ = ()
 
 
 # --- collector -> parent ----------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class BatchResult:
+class BatchResult(NamedTuple):
     """A BatchDone as forwarded by the collector, with the worker's pid; the
     body (the pickled values) follows unread, or is empty when a FileOutput took them."""
 
     batch_id: int
     start: int
-    count: int
+    count: int  # type: ignore[assignment]  # a field named as a tuple method: the field wins
     pid: int
     attempt: int
     errors: tuple[ErrorInfo, ...]
     durations: bytes
 
 
-@dataclass(frozen=True)
-class WorkerGone:
+class WorkerGone(NamedTuple):
     """Everything the dead worker sent has been forwarded. `reported`: the
     outcome of the item it was running (`WorkerLost.running`) was among it."""
 
@@ -202,17 +194,17 @@ class WorkerGone:
     reported: bool
 
 
-@dataclass(frozen=True)
-class OutputFailed:
+class OutputFailed(NamedTuple):
     """The collector could not write a FileOutput file; `broken_pipe`: stdout was closed."""
 
     message: str
     broken_pipe: bool
 
 
-@dataclass(frozen=True)
 class CollectorDone:
     """The collector has forwarded everything and is exiting."""
+
+    __slots__ = ()
 
 
 WorkerMessage = RunBatch | Stop

@@ -8,8 +8,7 @@ retried or whom a crash is charged to.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from procqueue._scheduler.tasks import Batch, Run
 
@@ -23,37 +22,32 @@ class KillReason(enum.Enum):
     SHUTDOWN = "shutdown"  # the pool ended
 
 
-@dataclass(frozen=True, slots=True)
-class Send:
+class Send(NamedTuple):
     """Pickle `batch` and send it to the worker in seat `batch.seat`."""
 
     batch: Batch
 
 
-@dataclass(frozen=True, slots=True)
-class Retire:
+class Retire(NamedTuple):
     """The worker in `seat` finishes what it holds, then exits (its task limit)."""
 
     seat: int
 
 
-@dataclass(frozen=True, slots=True)
-class Kill:
+class Kill(NamedTuple):
     """Kill the worker in `seat` now."""
 
     seat: int
     reason: KillReason
 
 
-@dataclass(frozen=True, slots=True)
-class Start:
+class Start(NamedTuple):
     """Start a worker in `seat` (a dead one's replacement)."""
 
     seat: int
 
 
-@dataclass(frozen=True, slots=True)
-class Resolve:
+class Resolve(NamedTuple):
     """Items `j .. j + hi - lo - 1` of `run` succeeded; their values are
     `values[lo:hi]`, still pickled. `meta` is (attempt, pid, durations, offset)."""
 
@@ -65,8 +59,7 @@ class Resolve:
     meta: tuple[int, int, Any, int]
 
 
-@dataclass(frozen=True, slots=True)
-class Fail:
+class Fail(NamedTuple):
     """Item `j` of `run` ended without a value: `error` is the exception or a
     maker of it (built in the thread that asks). `final` is False only for a
     cancellation that a map's reader sees as CancelledError."""
@@ -79,16 +72,16 @@ class Fail:
     final: bool = True
 
 
-@dataclass(frozen=True, slots=True)
-class Break:
+class Break(NamedTuple):
     """The pool cannot go on: everything outstanding fails with `error`."""
 
     error: BaseException
 
 
-@dataclass(frozen=True, slots=True)
 class Notify:
     """Room freed in the queue, or a map's reader may pull more input: wake who waits."""
+
+    __slots__ = ()
 
 
 NOTIFY = Notify()
