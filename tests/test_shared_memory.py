@@ -20,6 +20,7 @@ import textwrap
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import psutil
@@ -498,3 +499,58 @@ def test_a_release_frees_a_lent_segment_and_nothing_else(sides: tuple[shm.Side, 
     assert bytes(worker.take(1, again.nbytes, private=True)[:3]) == bytes([255, 254, 253])
     parent.close()
     assert _memfds() == 0
+
+
+class _Refuses:
+    def __reduce__(self) -> Any:
+        raise TypeError("this one does not pickle")
+
+
+def first_of_pair(pair: tuple[np.ndarray, object]) -> float:
+    return float(pair[0][0])
+
+
+def test_a_batch_turned_back_frees_the_segments_it_lent(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An item that does not pickle turns its batch back after its neighbours' arrays were
+    sent as segments: no frame names them, so no worker maps them, and they are free again
+    at once (not after the pool has been idle a while, which a busy pool never is)."""
+    from procqueue._local import manager
+
+    monkeypatch.setattr(manager, "IDLE_LET_GO", 3600.0)
+    with pq.Pool(workers=1) as pool:
+        for _ in range(8):
+            items = [(_array(4, i), _Refuses() if i % 4 == 3 else None) for i in range(40)]
+            out = list(pool.map(first_of_pair, items, chunksize=4, return_exceptions=True))
+            assert [isinstance(o, pq.SerializationError) for o in out] == [i % 4 == 3 for i in range(40)]
+            assert [o for i, o in enumerate(out) if i % 4 != 3] == [_array(4, i)[0] for i in range(40) if i % 4 != 3]
+        held = _memfds()
+    assert held <= 24, f"the parent holds {held} segments: those of batches turned back leaked"
+
+
+def fork_a_late_reader(a: np.ndarray, path: str) -> int:
+    """Fork a child that reads the argument after this task has ended (and returned it)."""
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        try:
+            time.sleep(1.0)
+            Path(path).write_text(repr(checksum(a)))
+        finally:
+            os._exit(0)
+    return pid
+
+
+def test_a_child_forked_by_the_handler_keeps_seeing_its_argument(tmp_path: Path) -> None:
+    """MAP_PRIVATE pages a process has not written follow the segment: a segment the
+    handler's child may still map is never written again."""
+    path = tmp_path / "seen"
+    first = _array(2, 0)
+    with pq.Pool(workers=1) as pool:
+        child = pool.submit(fork_a_late_reader, first, str(path)).result(timeout=60)
+        others = [_array(2, 1 + i) for i in range(20)]
+        for _ in range(3):  # same size: the segment would be written again now
+            assert list(pool.map(checksum, others)) == [checksum(a) for a in others]
+        deadline = time.monotonic() + 30
+        while not (path.exists() and path.read_text()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    assert path.read_text() == repr(checksum(first))
+    assert not psutil.pid_exists(child) or psutil.Process(child).status() == psutil.STATUS_ZOMBIE

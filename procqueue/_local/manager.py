@@ -130,15 +130,17 @@ class Manager:
         for batch in batches:
             run = batch.head
             side = self.sup.slots[batch.seat].side  # the manager's own thread is the only one that changes it
+            lent_from = 0 if side is None else side.next_seq
             blob, payload, rejected = encode_batch(
                 run.handler.wire, batch.segments, None if side is None else side.lend
             )
             with core.cv:
-                if not s.holds(batch):
-                    continue  # settled meanwhile (the pool broke, the worker died)
-                if rejected:
-                    core.unsendable(batch, rejected, later)
-                    continue
+                if not s.holds(batch) or rejected:
+                    if side is not None:
+                        side.unlend(lent_from)  # its frame is not written: no worker maps them
+                    if rejected and s.holds(batch):
+                        core.unsendable(batch, rejected, later)
+                    continue  # settled meanwhile (the pool broke, the worker died), or turned back
                 slot = self.sup.slots[batch.seat]
                 timed = any(r.receiver.timed_each for r, _, _ in batch.segments)
                 relay = forwarded(batch.segments)

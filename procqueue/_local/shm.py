@@ -160,6 +160,12 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_close_inherited)
 
 
+def _forked(ref: weakref.ref[Side]) -> None:
+    side = ref()
+    if side is not None:
+        side.mapped.clear()
+
+
 class Side:
     """One end of a worker's side socket (a SOCK_SEQPACKET pair): posts segments
     one way and takes them the other, each way numbered from 0. Non-blocking: a
@@ -182,8 +188,11 @@ class Side:
         self.peak_bytes = 0  # the most ever out at once, since the last `let_go`
         self.warm: list[tuple[int, int]] = []  # (fd, capacity), oldest first
         self.warm_bytes = 0
-        # The worker's end: the numbers of arguments it has unmapped, to tell the parent.
+        # The worker's end: argument segments mapped now, and those to tell the parent it let go.
+        self.mapped: set[int] = set()
         self.released: list[int] = []
+        self.watching = False  # for forks (`_watch_forks`)
+        self.parents = parents
         if parents:  # the parent's end: no child of the parent may keep it
             _live.add(self)
 
@@ -298,18 +307,50 @@ class Side:
         self.lent.clear()
         self.warm_bytes = self.lent_bytes = self.peak_bytes = 0
 
+    def unlend(self, since: int) -> None:
+        """The frame naming segments `since` and after was never written (its batch was
+        settled meanwhile, or turned back): nothing will map them, so they are free."""
+        for seq in [k for k in self.lent if k >= since]:
+            fd, cap = self.lent.pop(seq)
+            self.lent_bytes -= cap
+            self._keep(fd, cap)
+
     def take(self, seq: int, size: int, private: bool) -> memoryview:
         """The segment numbered `seq`, mapped: private (an argument, copy on write: the
         handler's own; its release is sent once it is unmapped) or shared (a result);
         raises `ShmLost`."""
         fd = self._receive(seq)
         try:
-            unmapped = functools.partial(self.released.append, seq) if private else None
-            return map_shm(fd, size, private, unmapped)
+            view = map_shm(fd, size, private, functools.partial(self._unmapped, seq) if private else None)
         except (OSError, ValueError) as exc:
+            self._not_mapped(seq)
             raise ShmLost(f"segment {seq} could not be mapped: {exc}") from exc
+        except BaseException:
+            self._not_mapped(seq)
+            raise
         finally:
             os.close(fd)
+        if private:
+            self._watch_forks()
+            self.mapped.add(seq)
+        return view
+
+    def _unmapped(self, seq: int) -> None:
+        if seq in self.mapped:  # else a child forked meanwhile may map it still: never released
+            self.mapped.discard(seq)
+            self.released.append(seq)
+
+    def _not_mapped(self, seq: int) -> None:
+        """An argument segment this end received (or skipped) and never mapped: free."""
+        if not self.parents:
+            self.released.append(seq)
+
+    def _watch_forks(self) -> None:
+        """A process forked here (by a handler) inherits the argument mappings of that
+        moment and may read them after this process let go: those are never released."""
+        if not self.watching:
+            self.watching = True
+            os.register_at_fork(after_in_parent=functools.partial(_forked, weakref.ref(self)))
 
     def send_releases(self) -> None:
         """Tell the parent which argument segments this worker has unmapped (its end)."""
@@ -326,6 +367,7 @@ class Side:
             if old == seq:
                 return fd
             os.close(fd)
+            self._not_mapped(old)
         while True:
             try:
                 data, fds, flags, _ = socket.recv_fds(self.sock, _MSG_MAX, 2, _CLOEXEC)
@@ -336,6 +378,8 @@ class Side:
             if flags & socket.MSG_CTRUNC:  # the kernel dropped the descriptor: none was free here
                 for fd in fds:
                     os.close(fd)
+                if len(data) == _SEQ.size:
+                    self._not_mapped(_SEQ.unpack(data)[0])
                 raise ShmLost(
                     f"segment {seq} arrived without its descriptor: process {os.getpid()} is out of file "
                     "descriptors (close some, or raise `ulimit -n`)"
@@ -351,6 +395,7 @@ class Side:
                 self.ahead[got] = fds[0]
                 raise ShmLost(f"segment {seq} is missing")
             os.close(fds[0])  # posted for a frame that was never read (dropped, settled meanwhile)
+            self._not_mapped(got)
 
     def close(self) -> None:
         """Close the socket and every descriptor held (reading nothing: in a forked
