@@ -210,7 +210,10 @@ def wait_for_pid(path: str, timeout: float = 30.0) -> int:
 def parent_script(method: str, mode: str) -> str:
     """Source of a child Python that runs a pool and reports its pids (for orphan tests)."""
     return f"""
-import os, sys, time
+import os, signal, sys, time
+# Ctrl-C raises here, as in a program started from a terminal: a runner started in the
+# background (`bash .ci/run &`) hands its children SIGINT ignored.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})
 import procqueue as pq, handlers as h
 pool = pq.Pool(workers=2, start_method={method!r})
