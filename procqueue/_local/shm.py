@@ -220,7 +220,7 @@ class Side:
                 fd, cap = self.warm.pop(min(fits, key=lambda k: self.warm[k][1]))
                 self.warm_bytes -= cap
             else:  # none fits: free ones that do not make room for a new one first
-                while self.warm and self.warm_bytes + self.lent_bytes + n > max(WARM_MIN_BYTES, self.peak_bytes):
+                while self.warm and self.warm_bytes + self.lent_bytes + n > self._room():
                     self._close_oldest()
                 fd, cap = os.memfd_create("procqueue", os.MFD_CLOEXEC), n
         except OSError as exc:
@@ -274,11 +274,19 @@ class Side:
         for fd in fds:
             os.close(fd)
         if len(data) == _SEQ.size + 1 and data[:1] == _RELEASE:
-            got = self.lent.pop(_SEQ.unpack_from(data, 1)[0], None)
-            if got is not None:
-                self.lent_bytes -= got[1]
-                self._keep(*got)
+            self._free(_SEQ.unpack_from(data, 1)[0])
         return None
+
+    def _free(self, seq: int) -> None:
+        """Lent segment `seq` (if it is one) is read by nobody any more: kept to write again."""
+        got = self.lent.pop(seq, None)
+        if got is not None:
+            self.lent_bytes -= got[1]
+            self._keep(*got)
+
+    def _room(self) -> int:
+        """Bytes of segments to keep, free and lent: the most ever out at once (or the minimum)."""
+        return max(WARM_MIN_BYTES, self.peak_bytes)
 
     def _keep(self, fd: int, cap: int) -> None:
         """`fd` is free to be written again: kept, the oldest closed past the most that
@@ -286,7 +294,7 @@ class Side:
         what is kept and out together stays about what was out before)."""
         self.warm.append((fd, cap))
         self.warm_bytes += cap
-        while self.warm_bytes > max(WARM_MIN_BYTES, self.peak_bytes):
+        while self.warm_bytes > self._room():
             self._close_oldest()
 
     def _close_oldest(self) -> None:
@@ -311,9 +319,7 @@ class Side:
         """The frame naming segments `since` and after was never written (its batch was
         settled meanwhile, or turned back): nothing will map them, so they are free."""
         for seq in [k for k in self.lent if k >= since]:
-            fd, cap = self.lent.pop(seq)
-            self.lent_bytes -= cap
-            self._keep(fd, cap)
+            self._free(seq)
 
     def take(self, seq: int, size: int, private: bool) -> memoryview:
         """The segment numbered `seq`, mapped: private (an argument, copy on write: the
